@@ -1,0 +1,35 @@
+// Package gguf holds the small pieces of GGUF file handling that shard, quant and the model
+// synthesizer share on top of the engine's fs/ggml.
+package gguf
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+
+	fsggml "github.com/ollama/ollama/fs/ggml"
+)
+
+// WriteAtomic writes a GGUF through a temporary file and renames it into place, so a crash
+// never leaves a half-written file where a cache lookup would find it.
+func WriteAtomic(dst string, kv fsggml.KV, ts []*fsggml.Tensor) error {
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return fmt.Errorf("write %s: %w", dst, err)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(dst), ".tmp-"+filepath.Base(dst)+"-*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", dst, err)
+	}
+	defer os.Remove(tmp.Name())
+	if err := fsggml.WriteGGUF(tmp, kv, ts); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", dst, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", dst, err)
+	}
+	if err := os.Rename(tmp.Name(), dst); err != nil {
+		return fmt.Errorf("write %s: %w", dst, err)
+	}
+	return nil
+}

@@ -1,0 +1,225 @@
+package shard
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+
+	fsggml "github.com/ollama/ollama/fs/ggml"
+)
+
+// sliceOfKey marks a slice file with the digest of the model it was cut from, so a stage
+// loaded from a cached slice still names the whole model it belongs to.
+const sliceOfKey = "general.strata.slice_of"
+
+// ModelInfo is what Strata needs to know about a GGUF model without loading its weights.
+type ModelInfo struct {
+	Path          string
+	Name          string
+	Arch          string
+	FileType      string
+	Layers        int
+	Hidden        int
+	Heads         int
+	KVHeads       int
+	HeadDim       int
+	FFN           int
+	Vocab         int
+	ContextLength int
+	ChatTemplate  string
+	TiedEmbedding bool   // no output.weight: the LM head reuses token_embd
+	SliceOf       string // for a slice file: the sha256 of the whole model it was cut from
+
+	LayerBytes  []int64 // weight bytes of each block
+	EmbedBytes  int64   // token_embd
+	HeadBytes   int64   // output_norm + output (or token_embd when tied)
+	TotalBytes  int64   // all tensor bytes in the file
+	FileSize    int64
+	TensorCount int
+}
+
+// KVBytesPerToken is the KV cache size of one token in one layer for a cache of the given
+// bytes per element (4 for F32, 2 for F16).
+func (m *ModelInfo) KVBytesPerToken(elemBytes int) int64 {
+	return int64(2 * m.KVHeads * m.HeadDim * elemBytes)
+}
+
+// RangeBytes is the weight bytes a stage serving r loads.
+func (m *ModelInfo) RangeBytes(r Range) int64 {
+	var n int64
+	for l := r.Start; l < r.End && l < len(m.LayerBytes); l++ {
+		n += m.LayerBytes[l]
+	}
+	if r.Start == 0 {
+		n += m.EmbedBytes
+	}
+	if r.End == m.Layers {
+		n += m.HeadBytes
+	}
+	return n
+}
+
+// ReadModelInfo reads a GGUF file's metadata and tensor table. It reads no tensor data.
+func ReadModelInfo(path string) (*ModelInfo, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open model: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("stat model: %w", err)
+	}
+	meta, err := decodeGGUF(f)
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", filepath.Base(path), err)
+	}
+	return modelInfo(path, st.Size(), meta)
+}
+
+// decodeGGUF decodes metadata and the tensor table, turning the decoder's panics on hostile
+// files into errors.
+func decodeGGUF(r io.ReadSeeker) (meta *fsggml.GGML, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("corrupt GGUF: %v", p)
+		}
+	}()
+	meta, err = fsggml.Decode(r, -1)
+	if err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil, fmt.Errorf("truncated GGUF: %w", err)
+		}
+		return nil, fmt.Errorf("not a valid GGUF: %w", err)
+	}
+	return meta, nil
+}
+
+func modelInfo(path string, size int64, meta *fsggml.GGML) (*ModelInfo, error) {
+	kv := meta.KV()
+	arch := kv.Architecture()
+	if arch != "llama" {
+		return nil, fmt.Errorf("unsupported architecture %q: Strata runs llama-architecture models", arch)
+	}
+	m := &ModelInfo{
+		Path:          path,
+		Name:          kv.String("general.name"),
+		Arch:          arch,
+		FileType:      kv.FileType().String(),
+		Layers:        int(kv.BlockCount()),
+		Hidden:        int(kv.EmbeddingLength()),
+		Heads:         int(kv.HeadCountMax()),
+		KVHeads:       int(kv.HeadCountKVMax()),
+		HeadDim:       int(kv.Uint("attention.key_length")),
+		ContextLength: int(kv.ContextLength()),
+		ChatTemplate:  kv.ChatTemplate(),
+		FileSize:      size,
+		SliceOf:       kv.String(sliceOfKey),
+	}
+	if ffn := kv.FFNLength(); len(ffn) > 0 {
+		m.FFN = int(ffn[0])
+	}
+	m.Vocab = len(kv.Strings("tokenizer.ggml.tokens"))
+	if m.Layers <= 0 || m.Hidden <= 0 || m.Heads <= 0 {
+		return nil, fmt.Errorf("model metadata incomplete: block_count=%d embedding_length=%d head_count=%d", m.Layers, m.Hidden, m.Heads)
+	}
+	if m.KVHeads == 0 {
+		m.KVHeads = m.Heads
+	}
+	if m.HeadDim == 0 {
+		m.HeadDim = m.Hidden / m.Heads
+	}
+	if m.Heads%m.KVHeads != 0 {
+		return nil, fmt.Errorf("model metadata inconsistent: %d heads are not a multiple of %d KV heads", m.Heads, m.KVHeads)
+	}
+	m.LayerBytes = make([]int64, m.Layers)
+	var hasOutput bool
+	var embd int64
+	for _, t := range meta.Tensors().Items() {
+		m.TensorCount++
+		sz := int64(t.Size())
+		m.TotalBytes += sz
+		switch layer, ok := blockOf(t.Name); {
+		case ok && layer >= m.Layers:
+			return nil, fmt.Errorf("tensor %s is beyond block_count %d", t.Name, m.Layers)
+		case ok:
+			m.LayerBytes[layer] += sz
+		case strings.HasPrefix(t.Name, "token_embd."):
+			embd += sz
+			if m.Vocab == 0 && len(t.Shape) == 2 {
+				m.Vocab = int(t.Shape[1])
+			}
+		case strings.HasPrefix(t.Name, "output."):
+			hasOutput = true
+			m.HeadBytes += sz
+		case strings.HasPrefix(t.Name, "output_norm."):
+			m.HeadBytes += sz
+		}
+	}
+	m.EmbedBytes = embd
+	if !hasOutput {
+		m.TiedEmbedding = true
+		m.HeadBytes += embd
+	}
+	return m, nil
+}
+
+// blockOf returns the layer index of a "blk.N." tensor name.
+func blockOf(name string) (int, bool) {
+	rest, ok := strings.CutPrefix(name, "blk.")
+	if !ok {
+		return 0, false
+	}
+	n := 0
+	i := 0
+	for ; i < len(rest) && rest[i] >= '0' && rest[i] <= '9'; i++ {
+		n = n*10 + int(rest[i]-'0')
+		if n > math.MaxInt32 {
+			return 0, false
+		}
+	}
+	if i == 0 || i >= len(rest) || rest[i] != '.' {
+		return 0, false
+	}
+	return n, true
+}
+
+// FileSHA256 hashes a file. Models are large, so the digest is remembered beside the data
+// dir's cache keyed by path, size and modification time.
+func FileSHA256(path string, cacheDir string) (string, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return "", fmt.Errorf("hash model: %w", err)
+	}
+	var memo string
+	if cacheDir != "" {
+		abs, _ := filepath.Abs(path)
+		key := sha256.Sum256(fmt.Appendf(nil, "%s|%d|%d", abs, st.Size(), st.ModTime().UnixNano()))
+		memo = filepath.Join(cacheDir, "sha256-"+hex.EncodeToString(key[:8]))
+		if b, err := os.ReadFile(memo); err == nil && len(b) == 64 {
+			return string(b), nil
+		}
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("hash model: %w", err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", fmt.Errorf("hash model: %w", err)
+	}
+	sum := hex.EncodeToString(h.Sum(nil))
+	if memo != "" {
+		if err := os.MkdirAll(cacheDir, 0o755); err == nil {
+			_ = os.WriteFile(memo, []byte(sum), 0o644)
+		}
+	}
+	return sum, nil
+}

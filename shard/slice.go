@@ -1,0 +1,144 @@
+package shard
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"maps"
+	"os"
+	"path/filepath"
+	"strings"
+
+	fsggml "github.com/ollama/ollama/fs/ggml"
+
+	"github.com/strata-llm/strata/internal/gguf"
+)
+
+// sliceTensor reports whether a tensor of the whole model belongs in the slice file for r.
+// Names are kept as they are and block_count stays the model's, so the engine places each
+// layer at its true index and leaves the others empty.
+func sliceTensor(name string, r Range, layers int, tied bool) bool {
+	if l, ok := blockOf(name); ok {
+		return r.Contains(l)
+	}
+	first, last := r.Start == 0, r.End == layers
+	switch {
+	case strings.HasPrefix(name, "token_embd."):
+		return first || (last && tied)
+	case strings.HasPrefix(name, "output_norm."), strings.HasPrefix(name, "output."):
+		return last
+	case strings.HasPrefix(name, "rope_freqs."):
+		return true // shared by every layer
+	}
+	return first // anything else model-wide travels with the embeddings
+}
+
+// WriteSlice writes a GGUF at dst holding only the tensors a stage serving r needs, with the
+// model's metadata unchanged but for a key naming the model (srcSHA256) it was cut from. It reads only those tensors' bytes from src. progress, if not
+// nil, is called with the fraction written.
+func WriteSlice(ctx context.Context, src, srcSHA256 string, r Range, dst string, progress func(float32)) error {
+	f, err := os.Open(src)
+	if err != nil {
+		return fmt.Errorf("write slice: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("write slice: %w", err)
+	}
+	meta, err := decodeGGUF(f)
+	if err != nil {
+		return fmt.Errorf("write slice of %s: %w", filepath.Base(src), err)
+	}
+	info, err := modelInfo(src, st.Size(), meta)
+	if err != nil {
+		return fmt.Errorf("write slice: %w", err)
+	}
+	if err := r.Validate(info.Layers); err != nil {
+		return err
+	}
+
+	base := meta.Tensors().Offset
+	var (
+		keep  []*fsggml.Tensor
+		total int64
+	)
+	for _, t := range meta.Tensors().Items() {
+		if !sliceTensor(t.Name, r, info.Layers, info.TiedEmbedding) {
+			continue
+		}
+		total += int64(t.Size())
+		keep = append(keep, t)
+	}
+	var done progressCounter
+	done.total, done.report = total, progress
+	out := make([]*fsggml.Tensor, 0, len(keep))
+	for _, t := range keep {
+		sec := io.NewSectionReader(f, int64(base+t.Offset), int64(t.Size()))
+		out = append(out, &fsggml.Tensor{
+			Name:     t.Name,
+			Kind:     t.Kind,
+			Shape:    t.Shape,
+			WriterTo: &copyTensor{ctx: ctx, src: sec, done: &done},
+		})
+	}
+	kv := maps.Clone(meta.KV())
+	kv[sliceOfKey] = srcSHA256
+	return gguf.WriteAtomic(dst, kv, out)
+}
+
+type copyTensor struct {
+	ctx  context.Context
+	src  io.Reader
+	done *progressCounter
+}
+
+func (c *copyTensor) WriteTo(w io.Writer) (int64, error) {
+	buf := make([]byte, 1<<20)
+	var n int64
+	for {
+		if err := c.ctx.Err(); err != nil {
+			return n, err
+		}
+		k, err := c.src.Read(buf)
+		if k > 0 {
+			if _, werr := w.Write(buf[:k]); werr != nil {
+				return n, werr
+			}
+			n += int64(k)
+			c.done.add(int64(k))
+		}
+		if err == io.EOF {
+			return n, nil
+		}
+		if err != nil {
+			return n, err
+		}
+	}
+}
+
+// SliceCache keeps slice files in a directory, keyed by the model's sha256 and the range, so a
+// node that serves the same layers again starts without cutting the model anew.
+type SliceCache struct {
+	Dir string
+}
+
+// Path is where the slice of the model with the given digest for r lives.
+func (c SliceCache) Path(modelSHA256 string, r Range) string {
+	return filepath.Join(c.Dir, fmt.Sprintf("%s-%d-%d.gguf", modelSHA256[:min(16, len(modelSHA256))], r.Start, r.End))
+}
+
+// Ensure returns the path of the slice of model for r, writing it if it is not cached.
+func (c SliceCache) Ensure(ctx context.Context, model, modelSHA256 string, r Range, progress func(float32)) (string, error) {
+	p := c.Path(modelSHA256, r)
+	if _, err := os.Stat(p); err == nil {
+		if progress != nil {
+			progress(1)
+		}
+		return p, nil
+	}
+	if err := WriteSlice(ctx, model, modelSHA256, r, p, progress); err != nil {
+		return "", err
+	}
+	return p, nil
+}

@@ -1,0 +1,391 @@
+package shard
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+
+	"github.com/ollama/ollama/kvcache"
+	"github.com/ollama/ollama/ml"
+	_ "github.com/ollama/ollama/ml/backend" // registers the ggml backend
+)
+
+// StageOption configures LoadStage.
+type StageOption func(*stageConfig)
+
+type stageConfig struct {
+	threads     int
+	maxSessions int
+	maxContext  int
+	maxBatch    int
+	cacheType   ml.DType
+	sliceDir    string
+	modelSHA256 string
+	logger      *slog.Logger
+	progress    func(float32)
+}
+
+// WithThreads sets the CPU threads ggml uses (default: all cores).
+func WithThreads(n int) StageOption { return func(c *stageConfig) { c.threads = n } }
+
+// WithMaxSessions bounds the sessions open at once (KV cache sequences; default 8).
+func WithMaxSessions(n int) StageOption { return func(c *stageConfig) { c.maxSessions = n } }
+
+// WithMaxContext bounds a session's tokens (default: the model's context length, at most 4096).
+func WithMaxContext(n int) StageOption { return func(c *stageConfig) { c.maxContext = n } }
+
+// WithMaxBatch bounds the tokens of one forward over all sessions (default 512).
+func WithMaxBatch(n int) StageOption { return func(c *stageConfig) { c.maxBatch = n } }
+
+// WithCacheType sets the KV cache element type: "f16" (default, half the memory) or "f32"
+// (what the correctness oracles use: ~7e-6 from a float64 reference against ~8e-3 for f16).
+func WithCacheType(t string) StageOption {
+	return func(c *stageConfig) {
+		switch t {
+		case "f32":
+			c.cacheType = ml.DTypeF32
+		case "f16", "":
+			c.cacheType = ml.DTypeF16
+		default:
+			c.cacheType = ml.DTypeOther
+		}
+	}
+}
+
+// WithSliceDir is where slice files are cut and cached when the model file holds more layers
+// than the stage serves (default: a strata-slices directory in the system temp dir).
+func WithSliceDir(dir string) StageOption { return func(c *stageConfig) { c.sliceDir = dir } }
+
+// WithModelSHA256 gives the whole model's digest when the caller already knows it, saving a
+// pass over a large file.
+func WithModelSHA256(sum string) StageOption { return func(c *stageConfig) { c.modelSHA256 = sum } }
+
+// WithLogger sets the stage's logger.
+func WithLogger(l *slog.Logger) StageOption { return func(c *stageConfig) { c.logger = l } }
+
+// WithProgress reports cutting and loading progress, each as a fraction from 0 to 1.
+func WithProgress(f func(float32)) StageOption { return func(c *stageConfig) { c.progress = f } }
+
+// Stage is a loaded slice of a model: layers [Start, End) with their KV caches, and the
+// embeddings or LM head when it is the first or last stage.
+type Stage struct {
+	info    StageInfo
+	model   *ModelInfo
+	backend ml.Backend
+	weights *weights
+	opts    llamaOptions
+	log     *slog.Logger
+
+	queue chan *request
+	quit  chan struct{}
+	done  chan struct{}
+
+	mu       sync.Mutex // guards everything below, and the cache
+	cache    *kvcache.Causal
+	sessions map[uint64]*session
+	freeSeqs []int
+	closed   bool
+}
+
+type session struct {
+	seq  int
+	next int32 // the position the next step must start at
+}
+
+type request struct {
+	ctx   context.Context
+	step  Step
+	reply chan response
+}
+
+type response struct {
+	out Output
+	err error
+}
+
+// LoadStage loads the layers r of the GGUF model at path. If the file holds more than r needs,
+// the slice is cut into the slice dir first, so the stage's memory follows its slice.
+func LoadStage(ctx context.Context, path string, r Range, opts ...StageOption) (st *Stage, err error) {
+	cfg := stageConfig{maxSessions: 8, maxBatch: 512, cacheType: ml.DTypeF16, threads: runtime.NumCPU()}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	if cfg.cacheType == ml.DTypeOther {
+		return nil, errors.New("load stage: KV cache type must be f16 or f32")
+	}
+	if cfg.logger == nil {
+		cfg.logger = slog.Default()
+	}
+	if cfg.sliceDir == "" {
+		cfg.sliceDir = filepath.Join(os.TempDir(), "strata-slices")
+	}
+	info, err := ReadModelInfo(path)
+	if err != nil {
+		return nil, fmt.Errorf("load stage: %w", err)
+	}
+	if err := r.Validate(info.Layers); err != nil {
+		return nil, fmt.Errorf("load stage: %w", err)
+	}
+	if cfg.maxContext <= 0 {
+		cfg.maxContext = min(max(info.ContextLength, 256), 4096)
+	}
+	if cfg.maxSessions <= 0 || cfg.maxBatch <= 0 {
+		return nil, errors.New("load stage: max sessions and max batch must be positive")
+	}
+	sum := cfg.modelSHA256
+	if info.SliceOf != "" {
+		sum = info.SliceOf
+	}
+	if sum == "" {
+		if sum, err = FileSHA256(path, cfg.sliceDir); err != nil {
+			return nil, fmt.Errorf("load stage: %w", err)
+		}
+	}
+	file := path
+	if holdsMoreThan(info, r) {
+		file, err = SliceCache{Dir: cfg.sliceDir}.Ensure(ctx, path, sum, r, cfg.progress)
+		if err != nil {
+			return nil, fmt.Errorf("load stage: cut slice %s: %w", r, err)
+		}
+	}
+
+	backend, err := newBackend(file, cfg.threads)
+	if err != nil {
+		return nil, fmt.Errorf("load stage %s: %w", r, err)
+	}
+	defer func() {
+		if err != nil {
+			backend.Close()
+		}
+	}()
+	progress := cfg.progress
+	if progress == nil {
+		progress = func(float32) {}
+	}
+	if err := backend.Load(ctx, progress); err != nil {
+		return nil, fmt.Errorf("load stage %s: read weights: %w", r, err)
+	}
+	w, err := bindWeights(backend, info, r)
+	if err != nil {
+		return nil, fmt.Errorf("load stage %s: %w", r, err)
+	}
+
+	s := &Stage{
+		info: StageInfo{
+			ModelSHA256: sum,
+			Range:       r,
+			Layers:      info.Layers,
+			Hidden:      info.Hidden,
+			Vocab:       info.Vocab,
+			MaxContext:  cfg.maxContext,
+			MaxSessions: cfg.maxSessions,
+			MaxBatch:    cfg.maxBatch,
+		},
+		model:    info,
+		backend:  backend,
+		weights:  w,
+		opts:     newLlamaOptions(backend, info),
+		log:      cfg.logger.With("range", r.String()),
+		queue:    make(chan *request, 4*cfg.maxSessions),
+		quit:     make(chan struct{}),
+		done:     make(chan struct{}),
+		sessions: make(map[uint64]*session),
+	}
+	if w.output != nil && s.info.Vocab == 0 {
+		s.info.Vocab = w.output.Dim(1)
+	}
+	s.cache = kvcache.NewCausalCache(s.shift)
+	s.cache.Init(backend, cfg.cacheType, cfg.maxSessions, cfg.maxContext, cfg.maxBatch)
+	for i := cfg.maxSessions - 1; i >= 0; i-- {
+		s.freeSeqs = append(s.freeSeqs, i)
+	}
+	go s.run()
+	s.log.Info("stage loaded", "model", info.Name, "layers", info.Layers, "weights_bytes", info.RangeBytes(r),
+		"threads", cfg.threads, "max_context", cfg.maxContext, "max_sessions", cfg.maxSessions)
+	return s, nil
+}
+
+// newBackend opens a ggml backend, turning panics in the engine's loader into errors.
+func newBackend(path string, threads int) (b ml.Backend, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("ggml could not open %s: %v", filepath.Base(path), p)
+		}
+	}()
+	b, err = ml.NewBackend(path, ml.BackendParams{AllocMemory: true, NumThreads: threads})
+	if err != nil {
+		return nil, fmt.Errorf("ggml could not open %s: %w", filepath.Base(path), err)
+	}
+	return b, nil
+}
+
+// holdsMoreThan reports whether the file carries tensors a stage serving r does not need.
+func holdsMoreThan(m *ModelInfo, r Range) bool {
+	for l, b := range m.LayerBytes {
+		if b > 0 && !r.Contains(l) {
+			return true
+		}
+	}
+	if r.Start != 0 && m.EmbedBytes > 0 && !(m.TiedEmbedding && r.End == m.Layers) {
+		return true
+	}
+	return r.End != m.Layers && m.HeadBytes > 0 && !(m.TiedEmbedding && r.Start == 0 && m.HeadBytes == m.EmbedBytes)
+}
+
+// Info describes the stage.
+func (s *Stage) Info() StageInfo { return s.info }
+
+// Model describes the model the stage was cut from.
+func (s *Stage) Model() *ModelInfo { return s.model }
+
+// OpenSession reserves a KV cache sequence for a new session.
+func (s *Stage) OpenSession(id uint64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return ErrClosed
+	}
+	if _, ok := s.sessions[id]; ok {
+		return fmt.Errorf("%w: %d", ErrSessionExists, id)
+	}
+	if len(s.freeSeqs) == 0 {
+		return fmt.Errorf("%w: all %d are in use", ErrTooManySessions, s.info.MaxSessions)
+	}
+	seq := s.freeSeqs[len(s.freeSeqs)-1]
+	s.freeSeqs = s.freeSeqs[:len(s.freeSeqs)-1]
+	s.sessions[id] = &session{seq: seq}
+	return nil
+}
+
+// CloseSession frees a session's KV cache.
+func (s *Stage) CloseSession(id uint64) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	sess, ok := s.sessions[id]
+	if !ok {
+		return fmt.Errorf("%w: %d", ErrUnknownSession, id)
+	}
+	delete(s.sessions, id)
+	if !s.closed {
+		if err := s.cache.Remove(sess.seq, 0, math.MaxInt32); err != nil {
+			s.log.Warn("free session cache", "session", id, "err", err)
+		}
+	}
+	s.freeSeqs = append(s.freeSeqs, sess.seq)
+	return nil
+}
+
+// Sessions is the number of open sessions.
+func (s *Stage) Sessions() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.sessions)
+}
+
+// Forward runs one step of a session through the stage. It is safe for concurrent use:
+// steps of different sessions that arrive together run as one batched graph, since ggml
+// computes one graph at a time per backend.
+func (s *Stage) Forward(ctx context.Context, step Step) (Output, error) {
+	req := &request{ctx: ctx, step: step, reply: make(chan response, 1)}
+	select {
+	case s.queue <- req:
+	case <-s.quit:
+		return Output{}, ErrClosed
+	case <-ctx.Done():
+		return Output{}, ctx.Err()
+	}
+	select {
+	case r := <-req.reply:
+		return r.out, r.err
+	case <-ctx.Done():
+		// The batch may still run; the session's positions then advance, which is what the
+		// caller's cancel means: the session is abandoned.
+		return Output{}, ctx.Err()
+	}
+}
+
+// Close stops the stage and frees its memory. Steps in flight fail with ErrClosed.
+func (s *Stage) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	s.mu.Unlock()
+	close(s.quit)
+	<-s.done
+	s.cache.Close()
+	s.backend.Close()
+	return nil
+}
+
+// run is the stage's one compute loop: it takes the waiting steps, batches those of distinct
+// sessions up to the batch limit, and answers each.
+func (s *Stage) run() {
+	defer close(s.done)
+	var pending []*request
+	for {
+		if len(pending) == 0 {
+			select {
+			case r := <-s.queue:
+				pending = append(pending, r)
+			case <-s.quit:
+				s.drain(pending)
+				return
+			}
+		}
+		// Take whatever else has arrived meanwhile.
+	gather:
+		for {
+			select {
+			case r := <-s.queue:
+				pending = append(pending, r)
+			default:
+				break gather
+			}
+		}
+		var batch []*request
+		var rest []*request
+		seen := make(map[uint64]bool)
+		tokens := 0
+		for _, r := range pending {
+			n := len(r.step.Positions)
+			if r.ctx.Err() != nil {
+				r.reply <- response{err: r.ctx.Err()}
+				continue
+			}
+			if seen[r.step.Session] || (len(batch) > 0 && tokens+n > s.info.MaxBatch) {
+				rest = append(rest, r)
+				continue
+			}
+			seen[r.step.Session] = true
+			tokens += n
+			batch = append(batch, r)
+		}
+		pending = rest
+		if len(batch) > 0 {
+			s.forwardBatch(batch)
+		}
+	}
+}
+
+func (s *Stage) drain(pending []*request) {
+	for _, r := range pending {
+		r.reply <- response{err: ErrClosed}
+	}
+	for {
+		select {
+		case r := <-s.queue:
+			r.reply <- response{err: ErrClosed}
+		default:
+			return
+		}
+	}
+}
