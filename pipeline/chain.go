@@ -1,0 +1,46 @@
+package pipeline
+
+import (
+	"context"
+
+	"github.com/strata-llm/strata/pipeline/sample"
+)
+
+// Chain carries one session's steps through stages that together hold every layer, and
+// samples the next token where the logits are: at the last stage.
+type Chain interface {
+	Step(ctx context.Context, in StepInput) (StepResult, error)
+	Close(ctx context.Context) error
+}
+
+// StepInput is one prefill chunk or one decode token of a session.
+type StepInput struct {
+	Positions  []int32
+	Tokens     []int32
+	Sampling   sample.Params
+	Recent     []int32 // the last tokens, for the repeat penalty
+	WantLogits bool    // return the full logits too (tests and oracles)
+}
+
+// StepResult is the token sampled after the step's last position.
+type StepResult struct {
+	Token   int32
+	Logprob float32
+	Logits  []float32
+}
+
+// Router opens chains over the stages that are alive now. A generation asks again after a
+// chain fails, so a router should route around the peer that failed (see HopError).
+type Router interface {
+	OpenChain(ctx context.Context, session uint64) (Chain, error)
+}
+
+// HopError says which peer of a route failed, so a router can avoid it while membership
+// catches up with its death.
+type HopError struct {
+	Peer string
+	Err  error
+}
+
+func (e *HopError) Error() string { return "stage " + e.Peer + ": " + e.Err.Error() }
+func (e *HopError) Unwrap() error { return e.Err }

@@ -1,0 +1,296 @@
+package pipeline
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"github.com/ollama/ollama/tokenizer"
+
+	"github.com/strata-llm/strata/pipeline/sample"
+	"github.com/strata-llm/strata/shard"
+)
+
+// GeneratorOption configures a Generator.
+type GeneratorOption func(*Generator)
+
+// WithChunk sets the prefill chunk: how many prompt tokens travel in one step (default 128).
+func WithChunk(n int) GeneratorOption { return func(g *Generator) { g.chunk = n } }
+
+// WithMaxContext bounds prompt plus completion tokens (default 2048).
+func WithMaxContext(n int) GeneratorOption { return func(g *Generator) { g.maxContext = n } }
+
+// WithRecovery sets how long a generation keeps trying to rebuild its route after a stage
+// fails, and how many times (default 30 s, 8 tries).
+func WithRecovery(wait time.Duration, tries int) GeneratorOption {
+	return func(g *Generator) { g.recoverFor, g.recoverTries = wait, tries }
+}
+
+// WithGeneratorLogger sets the logger.
+func WithGeneratorLogger(l *slog.Logger) GeneratorOption { return func(g *Generator) { g.log = l } }
+
+// Generator turns requests into text through chains of stages.
+type Generator struct {
+	tok          *shard.Tokenizer
+	router       Router
+	chunk        int
+	maxContext   int
+	recoverFor   time.Duration
+	recoverTries int
+	log          *slog.Logger
+}
+
+// NewGenerator makes a generator that tokenizes with tok and routes through router.
+func NewGenerator(tok *shard.Tokenizer, router Router, opts ...GeneratorOption) *Generator {
+	g := &Generator{tok: tok, router: router, chunk: 128, maxContext: 2048, recoverFor: 30 * time.Second, recoverTries: 8, log: slog.Default()}
+	for _, o := range opts {
+		o(g)
+	}
+	return g
+}
+
+// ErrContextLength means the prompt leaves no room to generate.
+var ErrContextLength = errors.New("prompt exceeds the context length")
+
+// Encode tokenizes a rendered prompt, adding BOS unless the template already wrote it.
+func (g *Generator) Encode(prompt string) ([]int32, error) {
+	addBOS := !strings.HasPrefix(prompt, g.tok.BOS)
+	ids, err := g.tok.Encode(prompt, addBOS)
+	if err != nil {
+		return nil, fmt.Errorf("tokenize prompt: %w", err)
+	}
+	return ids, nil
+}
+
+// Generate runs one completion, handing out text as it becomes final.
+func (g *Generator) Generate(ctx context.Context, req Request, emit func(Delta) error) (Result, error) {
+	prompt, err := g.Encode(req.Prompt)
+	if err != nil {
+		return Result{}, err
+	}
+	if len(prompt) == 0 {
+		return Result{}, fmt.Errorf("%w: empty prompt", ErrContextLength)
+	}
+	if len(prompt) >= g.maxContext {
+		return Result{}, fmt.Errorf("%w: %d prompt tokens, context is %d", ErrContextLength, len(prompt), g.maxContext)
+	}
+	maxNew := g.maxContext - len(prompt)
+	if req.MaxTokens > 0 {
+		maxNew = min(maxNew, req.MaxTokens)
+	}
+	sp := req.Sampling
+	if !sp.Greedy() && sp.Seed == 0 {
+		sp.Seed = rand.Uint64() | 1 // 0 asks for a random seed; fix it for replays
+	}
+
+	s := &run{g: g, tokens: prompt, sampling: sp, out: newTextStream(g.tok, req.Stop, emit)}
+	defer s.close()
+	res := Result{PromptTokens: len(prompt), FinishReason: "length"}
+	next, err := s.prefill(ctx)
+	for err == nil && res.CompletionTokens < maxNew {
+		res.CompletionTokens++
+		if g.tok.Is(next, tokenizer.SpecialEOS) {
+			res.FinishReason = "stop"
+			break
+		}
+		s.tokens = append(s.tokens, next)
+		var stop bool
+		if stop, err = s.out.push(next); err != nil || stop {
+			if stop {
+				res.FinishReason = "stop"
+			}
+			break
+		}
+		if res.CompletionTokens == maxNew {
+			break
+		}
+		next, err = s.step(ctx, len(s.tokens)-1, s.tokens[len(s.tokens)-1:])
+	}
+	if err != nil {
+		return res, err
+	}
+	if err := s.out.flush(); err != nil {
+		return res, err
+	}
+	res.Text = s.out.text()
+	return res, nil
+}
+
+// run is one generation's state: every token so far, so a broken route can be rebuilt by
+// replaying them through a new one.
+type run struct {
+	g        *Generator
+	chain    Chain
+	session  uint64
+	tokens   []int32
+	sampling sample.Params
+	out      *textStream
+}
+
+func (s *run) close() {
+	if s.chain != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = s.chain.Close(ctx)
+		s.chain = nil
+	}
+}
+
+// prefill feeds the prompt in chunks and returns the first sampled token.
+func (s *run) prefill(ctx context.Context) (int32, error) {
+	if err := s.open(ctx); err != nil {
+		return 0, err
+	}
+	return s.step(ctx, 0, s.tokens)
+}
+
+func (s *run) open(ctx context.Context) error {
+	s.session = rand.Uint64()
+	c, err := s.g.router.OpenChain(ctx, s.session)
+	if err != nil {
+		return fmt.Errorf("open route: %w", err)
+	}
+	s.chain = c
+	return nil
+}
+
+// step feeds tokens starting at position from, in chunks, and samples after the last. When a
+// stage fails it rebuilds the route and replays the whole session before trying again.
+func (s *run) step(ctx context.Context, from int, toks []int32) (int32, error) {
+	deadline := time.Now().Add(s.g.recoverFor)
+	for attempt := 0; ; attempt++ {
+		tok, err := s.feed(ctx, from, toks)
+		if err == nil {
+			return tok, nil
+		}
+		if ctx.Err() != nil {
+			return 0, ctx.Err()
+		}
+		var hop *HopError
+		if !errors.As(err, &hop) || attempt >= s.g.recoverTries || time.Now().After(deadline) {
+			return 0, err
+		}
+		s.g.log.Warn("stage failed mid-generation; rebuilding the route", "peer", hop.Peer, "err", hop.Err, "tokens", len(s.tokens), "attempt", attempt+1)
+		s.close()
+		select {
+		case <-time.After(time.Duration(attempt) * 200 * time.Millisecond):
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+		if err := s.open(ctx); err != nil {
+			if errors.As(err, &hop) {
+				continue
+			}
+			s.g.log.Warn("no route yet", "err", err)
+			continue
+		}
+		// Replay everything before `from` to rebuild the new stages' KV caches.
+		from, toks = 0, s.tokens[:from+len(toks)]
+	}
+}
+
+func (s *run) feed(ctx context.Context, from int, toks []int32) (int32, error) {
+	var res StepResult
+	for off := 0; off < len(toks); off += s.g.chunk {
+		end := min(off+s.g.chunk, len(toks))
+		pos := make([]int32, end-off)
+		for i := range pos {
+			pos[i] = int32(from + off + i)
+		}
+		var err error
+		res, err = s.chain.Step(ctx, StepInput{
+			Positions: pos,
+			Tokens:    toks[off:end],
+			Sampling:  s.sampling,
+			Recent:    s.recent(from + end),
+		})
+		if err != nil {
+			return 0, err
+		}
+	}
+	return res.Token, nil
+}
+
+// recent is the window the repeat penalty looks at, ending at position n.
+func (s *run) recent(n int) []int32 {
+	k := s.sampling.RepeatLastN
+	if k <= 0 || s.sampling.RepeatPenalty == 0 || s.sampling.RepeatPenalty == 1 {
+		return nil
+	}
+	return s.tokens[max(0, n-k):n]
+}
+
+// textStream turns tokens into text, holding back what may still change: an incomplete UTF-8
+// sequence, or a tail that could be the start of a stop sequence.
+type textStream struct {
+	tok     *shard.Tokenizer
+	stop    []string
+	emit    func(Delta) error
+	ids     []int32
+	pending []int32
+	sent    int // bytes of the decoded text already emitted
+	full    string
+}
+
+func newTextStream(tok *shard.Tokenizer, stop []string, emit func(Delta) error) *textStream {
+	var st []string
+	for _, s := range stop {
+		if s != "" {
+			st = append(st, s)
+		}
+	}
+	return &textStream{tok: tok, stop: st, emit: emit}
+}
+
+// push adds a generated token; it reports true when a stop sequence has been reached.
+func (t *textStream) push(id int32) (bool, error) {
+	t.ids = append(t.ids, id)
+	t.pending = append(t.pending, id)
+	text, err := t.tok.Decode(t.ids)
+	if err != nil {
+		return false, fmt.Errorf("detokenize: %w", err)
+	}
+	t.full = text
+	for _, s := range t.stop {
+		if i := strings.Index(text[max(0, t.sent-len(s)):], s); i >= 0 {
+			t.full = text[:max(0, t.sent-len(s))+i]
+			return true, t.send(t.full)
+		}
+	}
+	safe := len(text)
+	for !utf8.ValidString(text[t.sent:safe]) && safe > t.sent {
+		safe--
+	}
+	for _, s := range t.stop {
+		for k := min(len(s)-1, safe-t.sent); k > 0; k-- {
+			if strings.HasSuffix(text[:safe], s[:k]) {
+				safe -= k
+				break
+			}
+		}
+	}
+	return false, t.send(text[:max(safe, t.sent)])
+}
+
+func (t *textStream) send(upTo string) error {
+	if len(upTo) <= t.sent {
+		return nil
+	}
+	d := Delta{Text: upTo[t.sent:], Tokens: t.pending}
+	t.sent = len(upTo)
+	t.pending = nil
+	if t.emit == nil {
+		return nil
+	}
+	return t.emit(d)
+}
+
+// flush emits what was held back once the generation is over.
+func (t *textStream) flush() error { return t.send(t.full) }
+
+func (t *textStream) text() string { return t.full }
