@@ -249,8 +249,11 @@ func newTextStream(tok *shard.Tokenizer, stop []string, emit func(Delta) error) 
 
 // push adds a generated token; it reports true when a stop sequence has been reached.
 func (t *textStream) push(id int32) (bool, error) {
-	t.ids = append(t.ids, id)
 	t.pending = append(t.pending, id)
+	if types := t.tok.Vocabulary().Types; int(id) < len(types) && types[id] == tokenizer.TOKEN_TYPE_CONTROL {
+		return false, nil // control tokens are markup, not text: never shown, as llama.cpp does
+	}
+	t.ids = append(t.ids, id)
 	text, err := t.tok.Decode(t.ids)
 	if err != nil {
 		return false, fmt.Errorf("detokenize: %w", err)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs on a fresh Debian machine with Go: the module cache (which
+# also holds the Llama 3 vocabulary the model synthesizer uses) and Chromium for the dashboard
+# test. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+go mod download
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+	apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || echo "chromium not installed: the dashboard test will skip"
+fi
