@@ -1,0 +1,99 @@
+package shard_test
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/strata-llm/strata/internal/testkit"
+	"github.com/strata-llm/strata/shard"
+)
+
+// Benchmarks of the engine. Models are synthesized on first use into the temp dir (the 70b
+// shape with 2 layers is ~2.3 GB as q4_0 and takes a minute to write). Run with
+//   make bench BENCH=Stage   or   go test -run '^$' -bench Stage ./shard/
+// and read tok/s and peak RSS from the reported metrics.
+
+func benchModel(b *testing.B, preset string, layers int, typ string) string {
+	b.Helper()
+	return testkit.Model(b, testkit.SynthOptions{Preset: preset, Layers: layers, Seed: 1, Type: typ})
+}
+
+// BenchmarkStageDecode measures one token through a stage: the whole model, or one layer's
+// worth of a stage (per-token forward of a middle slice).
+func BenchmarkStageDecode(b *testing.B) {
+	for _, c := range []struct {
+		preset string
+		layers int
+		typ    string
+	}{{"small", 0, "f16"}, {"small", 0, "q4_0"}, {"70b", 2, "q4_0"}} {
+		path := benchModel(b, c.preset, c.layers, c.typ)
+		info, err := shard.ReadModelInfo(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, r := range []shard.Range{{Start: 0, End: info.Layers}, {Start: 1, End: 2}} {
+			name := fmt.Sprintf("%s-%dL-%s/%s", c.preset, info.Layers, c.typ, map[bool]string{true: "whole", false: "one-middle-layer"}[r.Start == 0])
+			b.Run(name, func(b *testing.B) {
+				st, err := shard.LoadStage(context.Background(), path, r, shard.WithThreads(runtime.NumCPU()), shard.WithMaxContext(512))
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer st.Close()
+				if err := st.OpenSession(1); err != nil {
+					b.Fatal(err)
+				}
+				hidden := make([]float32, info.Hidden)
+				for i := range hidden {
+					hidden[i] = float32(i%7) / 7
+				}
+				step := func(pos int) {
+					s := shard.Step{Session: 1, Positions: []int32{int32(pos)}}
+					if r.Start == 0 {
+						s.Tokens = []int32{int32(pos % 100)}
+					} else {
+						s.Hidden = hidden
+					}
+					if _, err := st.Forward(context.Background(), s); err != nil {
+						b.Fatal(err)
+					}
+				}
+				pos := 0
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					if pos == 500 {
+						b.StopTimer()
+						_ = st.CloseSession(1)
+						_ = st.OpenSession(1)
+						pos = 0
+						b.StartTimer()
+					}
+					step(pos)
+					pos++
+				}
+				b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "tok/s")
+				b.ReportMetric(float64(peakRSS())/(1<<20), "peakRSS-MiB")
+				b.ReportMetric(float64(info.RangeBytes(r))/(1<<20), "weights-MiB")
+			})
+		}
+	}
+}
+
+// peakRSS reads the process's high-water resident set from /proc (Linux).
+func peakRSS() int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, _ := strconv.ParseInt(strings.Fields(rest)[0], 10, 64)
+			return kb << 10
+		}
+	}
+	return 0
+}
