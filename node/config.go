@@ -1,0 +1,125 @@
+// Package node is the Strata daemon: it joins the swarm, agrees with the other nodes on who
+// serves which layers, loads its slice, serves it to the stage protocol, and answers the
+// OpenAI-compatible API by routing requests through the swarm.
+package node
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/strata-llm/strata/quant"
+)
+
+// Config is what `strata node start` is told. The zero value of each field means its default.
+type Config struct {
+	Model       string   // GGUF path or Ollama model name
+	DataDir     string   // identity, slice cache, multiaddr file (default ~/.strata)
+	Listen      []string // libp2p multiaddrs (default /ip4/0.0.0.0/tcp/4001)
+	API         string   // host:port of the HTTP API (default 127.0.0.1:8080)
+	Join        []string // bootstrap peers' multiaddrs
+	Gossip      string   // host:port of memberlist (default: the libp2p host, port+1)
+	SwarmKey    string   // path of a pre-shared key file: a private swarm (TCP only)
+	MaxMemory   int64    // bytes this node offers for weights and KV cache (default: 80% of free RAM)
+	MDNS        bool     // find peers on the LAN
+	ClientOnly  bool     // serve the API only, hold no layers
+	APIKey      string   // bearer token the API requires, if set
+	Threads     int      // ggml CPU threads (default: all cores)
+	MaxSessions int      // sessions a stage holds at once (default 8)
+	MaxContext  int      // tokens per session (default 2048)
+	Codec       quant.Codec
+	Logger      *slog.Logger
+
+	// Tuning, mostly for tests.
+	ReplanDelay time.Duration // settle time after a membership change (default 300ms)
+	DrainWait   time.Duration // how long a replaced stage waits for its sessions (default 30s)
+}
+
+func (c *Config) setDefaults() error {
+	if c.Model == "" && !c.ClientOnly {
+		return fmt.Errorf("--model is required (a GGUF file or an Ollama model name)")
+	}
+	if c.DataDir == "" {
+		home, err := os.UserHomeDir()
+		if err != nil {
+			return fmt.Errorf("data dir: %w", err)
+		}
+		c.DataDir = filepath.Join(home, ".strata")
+	}
+	if len(c.Listen) == 0 {
+		c.Listen = []string{"/ip4/0.0.0.0/tcp/4001"}
+	}
+	if c.API == "" {
+		c.API = "127.0.0.1:8080"
+	}
+	if c.Threads <= 0 {
+		c.Threads = runtime.NumCPU()
+	}
+	if c.MaxSessions <= 0 {
+		c.MaxSessions = 8
+	}
+	if c.MaxContext <= 0 {
+		c.MaxContext = 2048
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	if c.ReplanDelay <= 0 {
+		c.ReplanDelay = 300 * time.Millisecond
+	}
+	if c.DrainWait <= 0 {
+		c.DrainWait = 30 * time.Second
+	}
+	return nil
+}
+
+// ParseSize reads sizes like "12GiB", "512MB", "8g" or a plain byte count.
+func ParseSize(s string) (int64, error) {
+	s = strings.TrimSpace(strings.ToLower(s))
+	if s == "" {
+		return 0, nil
+	}
+	units := []struct {
+		suffix string
+		mult   float64
+	}{
+		{"tib", 1 << 40}, {"gib", 1 << 30}, {"mib", 1 << 20}, {"kib", 1 << 10},
+		{"tb", 1e12}, {"gb", 1e9}, {"mb", 1e6}, {"kb", 1e3},
+		{"t", 1 << 40}, {"g", 1 << 30}, {"m", 1 << 20}, {"k", 1 << 10}, {"b", 1},
+	}
+	mult := 1.0
+	for _, u := range units {
+		if num, ok := strings.CutSuffix(s, u.suffix); ok {
+			s, mult = strings.TrimSpace(num), u.mult
+			break
+		}
+	}
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil || f < 0 {
+		return 0, fmt.Errorf("bad size %q: want a number with an optional unit such as 12GiB", s)
+	}
+	return int64(f * mult), nil
+}
+
+// freeMemory is the memory available for new allocations, from /proc/meminfo.
+func freeMemory() int64 {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "MemAvailable:"); ok {
+			f := strings.Fields(rest)
+			if len(f) > 0 {
+				kb, _ := strconv.ParseInt(f[0], 10, 64)
+				return kb << 10
+			}
+		}
+	}
+	return 0
+}
