@@ -1,0 +1,1161 @@
+package p2p
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/protocol"
+	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/strata-llm/strata/pipeline/sample"
+	"github.com/strata-llm/strata/quant"
+	"github.com/strata-llm/strata/shard"
+)
+
+// StageProtocol is the libp2p protocol of the stage chain. One stream carries one session
+// between two neighbours of its route, for the session's whole life:
+//
+//	entry --open(rest of route)--> S1 --open(rest)--> S2 ... --> Sn
+//	entry <------opened----------- S1 <---opened----- S2 ... <-- Sn
+//	entry --forward(tokens)------> S1 --forward(acts)> S2 ... --> Sn (samples)
+//	entry <------result----------- S1 <---result----- S2 ... <-- Sn
+//
+// A stage answers every forward with exactly one result or error, so a stream has at most
+// one step in flight. close tears the chain down from the tail (each stage closes its stream
+// after the one downstream has); cancel, a reset or a dead connection abort it at once.
+const StageProtocol protocol.ID = "/strata/stage/1.0.0"
+
+// Executor runs one slice of a model: shard.Stage, or anything with its contract.
+type Executor interface {
+	Info() shard.StageInfo
+	OpenSession(id uint64) error
+	CloseSession(id uint64) error
+	Forward(ctx context.Context, step shard.Step) (shard.Output, error)
+}
+
+// ErrorCode says why a stage refused a frame or a session. Each code is also a counter in
+// StageStats.Rejected, under its String.
+type ErrorCode uint16
+
+const (
+	CodeInternal        ErrorCode = 1 + iota // a bug or a broken invariant on the stage
+	CodeBadRequest                           // undecodable header, or a frame out of protocol order
+	CodeTooLarge                             // header or payload over the limits
+	CodeUnknownKind                          // a frame kind this stage does not know
+	CodeBadCodec                             // unknown codec, or not the session's
+	CodeBadShape                             // positions, tokens, shape and payload disagree with each other or the model
+	CodeNonFinite                            // NaN or Inf in the activations
+	CodeChecksum                             // payload CRC mismatch
+	CodeUnknownSession                       // a session id this stream did not open
+	CodeNoStage                              // no stage here serves the model and layers asked for
+	CodeTooManySessions                      // per-peer or executor session cap
+	CodeBusy                                 // the peer has too many bytes in flight; retry
+	CodeStalled                              // the stream stopped mid-frame or went idle too long
+	CodeContextFull                          // the session reached its context length
+	CodeExec                                 // the executor failed the step
+	CodeUnreachable                          // the next hop could not be reached or died
+	CodeClosing                              // the node is shutting down
+	codeEnd
+)
+
+var codeNames = [...]string{"", "internal", "bad_request", "too_large", "unknown_kind", "bad_codec", "bad_shape",
+	"non_finite", "checksum", "unknown_session", "no_stage", "too_many_sessions", "busy", "stalled",
+	"context_full", "exec", "unreachable", "closing"}
+
+func (c ErrorCode) String() string {
+	if c > 0 && c < codeEnd {
+		return codeNames[c]
+	}
+	return fmt.Sprintf("code(%d)", uint16(c))
+}
+
+// StageError is a stage's refusal, as the entry node sees it.
+type StageError struct {
+	Peer    peer.ID // the stage that refused (or the hop that could not be reached)
+	Code    ErrorCode
+	Message string
+}
+
+func (e *StageError) Error() string {
+	return fmt.Sprintf("stage %s: %s: %s", shortID(e.Peer), e.Code, e.Message)
+}
+
+// Is lets callers match codes with the shard errors they stand for.
+func (e *StageError) Is(target error) bool {
+	switch target {
+	case shard.ErrContextFull:
+		return e.Code == CodeContextFull
+	case shard.ErrTooManySessions:
+		return e.Code == CodeTooManySessions
+	case shard.ErrBadInput:
+		return e.Code == CodeBadShape || e.Code == CodeNonFinite
+	}
+	return false
+}
+
+// StageOption configures ServeStage. The options of the first ServeStage call on a host
+// apply to every stage it serves.
+type StageOption func(*stageConfig)
+
+type stageConfig struct {
+	maxSessionsPerPeer int
+	maxInflightPerPeer int64
+	openTimeout        time.Duration
+	idleTimeout        time.Duration
+	frameTimeout       time.Duration
+	closeTimeout       time.Duration
+	maxHeader          int
+	maxPayload         int
+}
+
+// WithMaxSessionsPerPeer caps the sessions one peer may have open on this node (default 64).
+func WithMaxSessionsPerPeer(n int) StageOption {
+	return func(c *stageConfig) { c.maxSessionsPerPeer = n }
+}
+
+// WithMaxInflightBytes caps the payload bytes one peer may have in this node's hands at once,
+// over all its sessions (default 256 MiB); a frame over it is refused with CodeBusy.
+func WithMaxInflightBytes(n int64) StageOption {
+	return func(c *stageConfig) { c.maxInflightPerPeer = n }
+}
+
+// WithStageTimeouts sets how long a stage waits for an open to complete downstream (default
+// 30 s), for the next frame of an idle session before closing it (default 10 min), and for
+// the rest of a frame once it started (default 30 s). Zero keeps a default.
+func WithStageTimeouts(open, idle, frame time.Duration) StageOption {
+	return func(c *stageConfig) {
+		if open > 0 {
+			c.openTimeout = open
+		}
+		if idle > 0 {
+			c.idleTimeout = idle
+		}
+		if frame > 0 {
+			c.frameTimeout = frame
+		}
+	}
+}
+
+// WithStageFrameLimits bounds frame headers and payloads (defaults DefaultMaxHeader and
+// DefaultMaxPayload).
+func WithStageFrameLimits(maxHeader, maxPayload int) StageOption {
+	return func(c *stageConfig) { c.maxHeader, c.maxPayload = maxHeader, maxPayload }
+}
+
+func (c stageConfig) frameOptions() []FrameOption {
+	return []FrameOption{WithMaxHeader(c.maxHeader), WithMaxPayload(c.maxPayload), WithFrameTimeout(c.frameTimeout)}
+}
+
+// StageStats counts a host's stage traffic.
+type StageStats struct {
+	Sessions int               // open now
+	Opened   uint64            // sessions opened since start
+	Steps    uint64            // forwards completed
+	Rejected map[string]uint64 // refusals by ErrorCode name, plus "reset" for streams that died
+}
+
+type stageKey struct {
+	model string
+	r     shard.Range
+}
+
+type peerLoad struct {
+	sessions int
+	inflight int64
+}
+
+type stageServer struct {
+	h   *Host
+	cfg stageConfig
+	log *slog.Logger
+
+	mu       sync.Mutex
+	execs    map[stageKey]Executor
+	peers    map[peer.ID]*peerLoad
+	sessions map[*stageSession]struct{}
+	closed   bool
+	wg       sync.WaitGroup
+
+	nextLocal atomic.Uint64
+	opened    atomic.Uint64
+	steps     atomic.Uint64
+	rejected  [codeEnd]atomic.Uint64
+	resets    atomic.Uint64
+}
+
+// ServeStage makes this host serve exec's layers on the stage protocol. A host can serve
+// several stages (different models or ranges); a session picks one by model digest and range.
+func (h *Host) ServeStage(exec Executor, opts ...StageOption) error {
+	info := exec.Info()
+	if info.Range.Empty() || info.Range.End > info.Layers || info.Hidden <= 0 || (info.Last() && info.Vocab <= 0) {
+		return fmt.Errorf("serve stage: bad stage info %+v", info)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.stage == nil {
+		cfg := stageConfig{
+			maxSessionsPerPeer: 64,
+			maxInflightPerPeer: 256 << 20,
+			openTimeout:        30 * time.Second,
+			idleTimeout:        10 * time.Minute,
+			frameTimeout:       DefaultFrameTimeout,
+			closeTimeout:       10 * time.Second,
+			maxHeader:          DefaultMaxHeader,
+			maxPayload:         DefaultMaxPayload,
+		}
+		for _, o := range opts {
+			o(&cfg)
+		}
+		srv := &stageServer{
+			h: h, cfg: cfg, log: h.log,
+			execs:    map[stageKey]Executor{},
+			peers:    map[peer.ID]*peerLoad{},
+			sessions: map[*stageSession]struct{}{},
+		}
+		// Executor session ids are the server's own, never the entry's: two entries may pick
+		// the same id, and a stream can only ever reach the session it opened.
+		var seed [8]byte
+		_, _ = rand.Read(seed[:])
+		srv.nextLocal.Store(binary.LittleEndian.Uint64(seed[:]) >> 2)
+		h.stage = srv
+		h.h.SetStreamHandler(StageProtocol, func(s network.Stream) {
+			srv.serve(s, s.Conn().RemotePeer())
+		})
+	}
+	key := stageKey{info.ModelSHA256, info.Range}
+	srv := h.stage
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	if _, dup := srv.execs[key]; dup {
+		return fmt.Errorf("serve stage: layers %s of model %q are already served", info.Range, info.ModelSHA256)
+	}
+	srv.execs[key] = exec
+	h.log.Info("serving stage", "model", short(info.ModelSHA256), "layers", info.Range.String(), "of", info.Layers)
+	return nil
+}
+
+// StopStage stops serving a stage and aborts its sessions. It reports whether it was served.
+func (h *Host) StopStage(model string, r shard.Range) bool {
+	h.mu.Lock()
+	srv := h.stage
+	h.mu.Unlock()
+	if srv == nil {
+		return false
+	}
+	key := stageKey{model, r}
+	srv.mu.Lock()
+	exec, ok := srv.execs[key]
+	delete(srv.execs, key)
+	var victims []*stageSession
+	for ss := range srv.sessions {
+		if ok && ss.exec == exec {
+			victims = append(victims, ss)
+		}
+	}
+	srv.mu.Unlock()
+	for _, ss := range victims {
+		ss.cancel(errStopping)
+	}
+	return ok
+}
+
+// Stats returns the stage counters (zero if the host serves no stage).
+func (h *Host) Stats() StageStats {
+	h.mu.Lock()
+	srv := h.stage
+	h.mu.Unlock()
+	st := StageStats{Rejected: map[string]uint64{}}
+	if srv == nil {
+		return st
+	}
+	srv.mu.Lock()
+	st.Sessions = len(srv.sessions)
+	srv.mu.Unlock()
+	st.Opened = srv.opened.Load()
+	st.Steps = srv.steps.Load()
+	for c := ErrorCode(1); c < codeEnd; c++ {
+		if n := srv.rejected[c].Load(); n > 0 {
+			st.Rejected[c.String()] = n
+		}
+	}
+	if n := srv.resets.Load(); n > 0 {
+		st.Rejected["reset"] = n
+	}
+	return st
+}
+
+var (
+	errStopping  = errors.New("stage stopped")
+	errCancelled = errors.New("cancelled by upstream")
+	errBusy      = errors.New("too many bytes in flight from this peer")
+)
+
+func (srv *stageServer) close() {
+	srv.mu.Lock()
+	srv.closed = true
+	victims := make([]*stageSession, 0, len(srv.sessions))
+	for ss := range srv.sessions {
+		victims = append(victims, ss)
+	}
+	srv.mu.Unlock()
+	srv.h.h.RemoveStreamHandler(StageProtocol)
+	for _, ss := range victims {
+		ss.cancel(errStopping)
+	}
+	srv.wg.Wait()
+}
+
+func (srv *stageServer) lookup(model string, r shard.Range) (Executor, bool) {
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	e, ok := srv.execs[stageKey{model, r}]
+	return e, ok
+}
+
+func (srv *stageServer) admit(ss *stageSession) error {
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	if srv.closed {
+		return errStopping
+	}
+	pl := srv.peers[ss.remote]
+	if pl == nil {
+		pl = &peerLoad{}
+		srv.peers[ss.remote] = pl
+	}
+	if pl.sessions >= srv.cfg.maxSessionsPerPeer {
+		return fmt.Errorf("peer already has %d sessions open here (limit %d)", pl.sessions, srv.cfg.maxSessionsPerPeer)
+	}
+	pl.sessions++
+	srv.sessions[ss] = struct{}{}
+	return nil
+}
+
+func (srv *stageServer) leave(ss *stageSession) {
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	if _, ok := srv.sessions[ss]; !ok {
+		return
+	}
+	delete(srv.sessions, ss)
+	if pl := srv.peers[ss.remote]; pl != nil {
+		pl.sessions--
+		if pl.sessions == 0 && pl.inflight == 0 {
+			delete(srv.peers, ss.remote)
+		}
+	}
+}
+
+func (srv *stageServer) reserve(p peer.ID, n int64) bool {
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	pl := srv.peers[p]
+	if pl == nil {
+		pl = &peerLoad{}
+		srv.peers[p] = pl
+	}
+	if pl.inflight+n > srv.cfg.maxInflightPerPeer {
+		return false
+	}
+	pl.inflight += n
+	return true
+}
+
+func (srv *stageServer) release(p peer.ID, n int64) {
+	if n == 0 {
+		return
+	}
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	if pl := srv.peers[p]; pl != nil {
+		pl.inflight -= n
+		if pl.sessions == 0 && pl.inflight == 0 {
+			delete(srv.peers, p)
+		}
+	}
+}
+
+// stream is what a session needs of a libp2p stream; in-process hops use a pipe.
+type stream interface {
+	io.ReadWriteCloser
+	CloseWrite() error
+	Reset() error
+}
+
+// stageSession is one session on one stage: the stream from upstream, the executor's
+// session, and the stream to the next hop.
+type stageSession struct {
+	srv    *stageServer
+	st     stream
+	remote peer.ID
+	log    *slog.Logger
+	ctx    context.Context
+	cancel context.CancelCauseFunc
+
+	r *Reader
+	w *Writer
+
+	exec   Executor
+	info   shard.StageInfo
+	id     uint64 // the entry's id, in every frame of the session
+	local  uint64 // the executor's id
+	codec  quant.Codec
+	maxCtx int
+	next   *hop
+	tag    string
+
+	sampler  sample.Sampler
+	acts     []float32
+	out      []byte
+	reply    Header
+	graceful bool
+}
+
+// hop is a stream to the next stage.
+type hop struct {
+	peer    peer.ID
+	st      stream
+	r       *Reader
+	w       *Writer
+	fwd     Header // steps sent down; its Positions and Recent alias the upstream frame's
+	hdr     Header // answers read back
+	payload []byte
+}
+
+type slot struct {
+	h        Header
+	payload  []byte
+	err      error
+	reserved int64
+}
+
+func (srv *stageServer) serve(st stream, remote peer.ID) {
+	srv.wg.Add(1)
+	defer srv.wg.Done()
+	ctx, cancel := context.WithCancelCause(context.Background())
+	ss := &stageSession{
+		srv: srv, st: st, remote: remote, ctx: ctx, cancel: cancel,
+		log: srv.log.With("from", shortID(remote)),
+		r:   NewReader(st, append(srv.cfg.frameOptions(), WithIdleTimeout(srv.cfg.openTimeout))...),
+		w:   NewWriter(st, srv.cfg.frameOptions()...),
+	}
+	defer cancel(nil)
+	if !ss.open() {
+		return
+	}
+	defer ss.finish()
+	ss.r.cfg.idleTimeout = srv.cfg.idleTimeout
+	ss.loop()
+}
+
+// reject answers a frame with an error and counts it.
+func (ss *stageSession) reject(step uint64, code ErrorCode, format string, args ...any) error {
+	ss.srv.rejected[code].Add(1)
+	msg := fmt.Sprintf(format, args...)
+	ss.log.Debug("refused frame", "code", code.String(), "msg", msg)
+	h := &ss.reply
+	*h = Header{Kind: KindError, Session: ss.id, Step: step, Code: code, Message: msg, Shape: h.Shape[:0]}
+	return ss.w.WriteFrame(h, nil)
+}
+
+// fatal sends an error frame and resets the stream, without waiting long on a peer that may
+// not be reading.
+func (ss *stageSession) fatal(step uint64, code ErrorCode, format string, args ...any) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = ss.reject(step, code, format, args...)
+	}()
+	select {
+	case <-done:
+	case <-time.After(time.Second):
+	}
+	ss.st.Reset()
+}
+
+// open reads and serves the open frame. It returns false when no session was opened (the
+// stream is then closed or reset).
+func (ss *stageSession) open() bool {
+	h := &ss.reply
+	if err := ss.r.ReadHeader(h); err != nil {
+		ss.readFailed(0, err)
+		return false
+	}
+	if h.Kind != KindOpen {
+		code := CodeBadRequest
+		if h.Kind >= kindEnd {
+			code = CodeUnknownKind
+		}
+		ss.fatal(h.Step, code, "first frame of a stream must be open, got %s", h.Kind)
+		return false
+	}
+	if h.PayloadLen > 0 {
+		if err := ss.r.DiscardPayload(); err != nil {
+			ss.readFailed(0, err)
+			return false
+		}
+	}
+	ss.id = h.Session
+	ss.codec = h.Codec
+	ss.maxCtx = h.MaxContext
+	if !ss.codec.Valid() {
+		ss.fatal(0, CodeBadCodec, "unknown activation codec %d", uint8(h.Codec))
+		return false
+	}
+	exec, ok := ss.srv.lookup(h.Model, h.Range)
+	if !ok {
+		ss.fatal(0, CodeNoStage, "this node does not serve layers %s of model %s", h.Range, short(h.Model))
+		return false
+	}
+	ss.exec, ss.info = exec, exec.Info()
+	if ss.maxCtx > ss.info.MaxContext && ss.info.MaxContext > 0 {
+		ss.fatal(0, CodeContextFull, "session wants %d tokens of context, this stage holds %d", ss.maxCtx, ss.info.MaxContext)
+		return false
+	}
+	hops, err := parseHops(h.NextHops, h.NextRanges)
+	if err != nil {
+		ss.fatal(0, CodeBadRequest, "next hops: %v", err)
+		return false
+	}
+	switch {
+	case ss.info.Last() && len(hops) > 0:
+		ss.fatal(0, CodeBadRequest, "route continues after the last layer (%d more hops)", len(hops))
+		return false
+	case !ss.info.Last() && len(hops) == 0:
+		ss.fatal(0, CodeBadRequest, "route ends at layer %d of %d", ss.info.Range.End, ss.info.Layers)
+		return false
+	case len(hops) > 0 && hops[0].Range.Start != ss.info.Range.End:
+		ss.fatal(0, CodeBadRequest, "next hop starts at layer %d, this stage ends at %d", hops[0].Range.Start, ss.info.Range.End)
+		return false
+	}
+	if err := ss.srv.admit(ss); err != nil {
+		code := CodeTooManySessions
+		if errors.Is(err, errStopping) {
+			code = CodeClosing
+		}
+		ss.fatal(0, code, "%v", err)
+		return false
+	}
+	ss.local = ss.srv.nextLocal.Add(1)
+	if err := ss.exec.OpenSession(ss.local); err != nil {
+		ss.srv.leave(ss)
+		ss.fatal(0, execCode(err), "open session: %v", err)
+		return false
+	}
+	ss.log = ss.log.With("session", ss.id, "layers", ss.info.Range.String())
+	maxCtx := ss.info.MaxContext
+	if len(hops) > 0 {
+		down, err := ss.openNext(hops, h.Model)
+		if err != nil {
+			ss.exec.CloseSession(ss.local)
+			ss.srv.leave(ss)
+			var se *StageError
+			if errors.As(err, &se) { // relay the refusal from downstream as it is
+				ss.srv.rejected[se.Code].Add(1)
+				ss.relayError(se)
+			} else {
+				ss.fatal(0, CodeUnreachable, "next hop %s: %v", shortID(hops[0].Peer.ID), err)
+			}
+			return false
+		}
+		if down > 0 && (maxCtx == 0 || down < maxCtx) {
+			maxCtx = down
+		}
+	}
+	ss.tag = fmt.Sprintf("strata/stage/%d", ss.local)
+	if ss.remote != ss.srv.h.ID() {
+		ss.srv.h.Protect(ss.remote, ss.tag)
+	}
+	ss.srv.opened.Add(1)
+	*h = Header{Kind: KindOpened, Session: ss.id, Range: ss.info.Range, MaxContext: maxCtx, Codec: ss.codec}
+	if err := ss.w.WriteFrame(h, nil); err != nil {
+		ss.log.Debug("write opened", "err", err)
+		ss.cancel(err)
+		ss.finish()
+		return false
+	}
+	ss.log.Debug("session opened", "codec", ss.codec.String())
+	return true
+}
+
+func (ss *stageSession) relayError(se *StageError) {
+	h := &ss.reply
+	*h = Header{Kind: KindError, Session: ss.id, Code: se.Code, Message: se.Message, Origin: string(se.Peer)}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = ss.w.WriteFrame(h, nil)
+	}()
+	select {
+	case <-done:
+		ss.st.Close()
+	case <-time.After(time.Second):
+		ss.st.Reset()
+	}
+}
+
+// openNext opens the session on the rest of the route and returns its max context.
+func (ss *stageSession) openNext(hops []Hop, model string) (int, error) {
+	ctx, cancel := context.WithTimeout(ss.ctx, ss.srv.cfg.openTimeout)
+	defer cancel()
+	nx, err := ss.srv.h.dialStage(ctx, hops[0].Peer, ss.srv.cfg.frameOptions())
+	if err != nil {
+		return 0, err
+	}
+	opened, err := nx.open(ctx, &Header{
+		Kind: KindOpen, Session: ss.id, Model: model, Range: hops[0].Range,
+		MaxContext: ss.maxCtx, Codec: ss.codec,
+	}, hops[1:])
+	if err != nil {
+		nx.st.Reset()
+		return 0, err
+	}
+	ss.next = nx
+	if ss.remote != ss.srv.h.ID() && nx.peer != ss.srv.h.ID() {
+		ss.srv.h.Protect(nx.peer, fmt.Sprintf("strata/stage/%d", ss.local))
+	}
+	return opened.MaxContext, nil
+}
+
+func (ss *stageSession) readFailed(step uint64, err error) {
+	switch {
+	case errors.Is(err, io.EOF):
+		ss.st.Close()
+	case errors.Is(err, ErrFrameTooLarge):
+		ss.fatal(step, CodeTooLarge, "%v", err)
+	case errors.Is(err, ErrMalformed):
+		ss.fatal(step, CodeBadRequest, "%v", err)
+	case errors.Is(err, ErrStalled):
+		ss.fatal(step, CodeStalled, "%v", err)
+	default:
+		ss.srv.resets.Add(1)
+		ss.st.Reset()
+	}
+}
+
+func (ss *stageSession) loop() {
+	var slots [2]slot
+	free := make(chan *slot, len(slots))
+	for i := range slots {
+		free <- &slots[i]
+	}
+	frames := make(chan *slot)
+	readerDone := make(chan struct{})
+	go func() {
+		defer close(readerDone)
+		ss.readLoop(free, frames)
+	}()
+	defer func() {
+		ss.cancel(nil) // stops the reader once it is blocked on us
+		if !ss.graceful {
+			ss.st.Reset()
+		}
+		<-readerDone
+		for i := range slots {
+			ss.srv.release(ss.remote, slots[i].reserved)
+			slots[i].reserved = 0
+		}
+	}()
+	for {
+		var sl *slot
+		select {
+		case sl = <-frames:
+		case <-ss.ctx.Done():
+			return
+		}
+		stop := ss.handle(sl)
+		ss.srv.release(ss.remote, sl.reserved)
+		sl.reserved = 0
+		free <- sl
+		if stop {
+			return
+		}
+	}
+}
+
+// readLoop reads frames while the worker runs the previous one, so that a cancel, a reset
+// or a dead connection interrupt a long step instead of waiting for it.
+func (ss *stageSession) readLoop(free <-chan *slot, frames chan<- *slot) {
+	send := func(sl *slot) bool {
+		select {
+		case frames <- sl:
+			return true
+		case <-ss.ctx.Done():
+			return false
+		}
+	}
+	for {
+		var sl *slot
+		select {
+		case sl = <-free:
+		case <-ss.ctx.Done():
+			return
+		}
+		sl.err = nil
+		if err := ss.r.ReadHeader(&sl.h); err != nil {
+			sl.err = err
+			send(sl)
+			return
+		}
+		if sl.h.Kind == KindCancel {
+			ss.cancel(errCancelled)
+			return
+		}
+		if n := int64(sl.h.PayloadLen); n > 0 {
+			if !ss.srv.reserve(ss.remote, n) {
+				sl.err = errBusy
+				if err := ss.r.DiscardPayload(); err != nil {
+					sl.err = err
+					send(sl)
+					return
+				}
+				if !send(sl) {
+					return
+				}
+				continue
+			}
+			sl.reserved = n
+		}
+		var err error
+		sl.payload, err = ss.r.ReadPayload(sl.payload[:0])
+		if err != nil {
+			sl.err = err
+			if !send(sl) || !errors.Is(err, ErrChecksum) {
+				return
+			}
+			continue
+		}
+		if !send(sl) {
+			return
+		}
+	}
+}
+
+// handle serves one frame and reports whether the session is over.
+func (ss *stageSession) handle(sl *slot) bool {
+	h := &sl.h
+	if sl.err != nil {
+		switch {
+		case errors.Is(sl.err, errBusy):
+			return ss.reject(h.Step, CodeBusy, "%d-byte frame refused: %v (limit %d)", h.PayloadLen, sl.err, ss.srv.cfg.maxInflightPerPeer) != nil
+		case errors.Is(sl.err, ErrChecksum):
+			return ss.reject(h.Step, CodeChecksum, "%v", sl.err) != nil
+		case errors.Is(sl.err, io.EOF):
+			ss.graceful = true // upstream half-closed without a close frame: same thing
+		default:
+			ss.readFailed(h.Step, sl.err)
+		}
+		return true
+	}
+	if h.Kind == 0 || h.Kind >= kindEnd {
+		return ss.reject(h.Step, CodeUnknownKind, "unknown frame kind %d", uint8(h.Kind)) != nil
+	}
+	if h.Session != ss.id {
+		return ss.reject(h.Step, CodeUnknownSession, "session %d is not the one this stream opened", h.Session) != nil
+	}
+	switch h.Kind {
+	case KindForward:
+		return ss.forward(h, sl.payload)
+	case KindClose:
+		ss.graceful = true
+		return true
+	case KindPing:
+		ss.reply = Header{Kind: KindPong, Session: ss.id, Step: h.Step}
+		return ss.w.WriteFrame(&ss.reply, nil) != nil
+	default:
+		return ss.reject(h.Step, CodeBadRequest, "unexpected %s frame in an open session", h.Kind) != nil
+	}
+}
+
+func (ss *stageSession) forward(h *Header, payload []byte) bool {
+	n := len(h.Positions)
+	hidden := ss.info.Hidden
+	switch {
+	case n == 0:
+		return ss.reject(h.Step, CodeBadShape, "forward with no positions") != nil
+	case ss.info.MaxBatch > 0 && n > ss.info.MaxBatch:
+		return ss.reject(h.Step, CodeBadShape, "%d positions in one step, stage batch limit %d", n, ss.info.MaxBatch) != nil
+	case ss.maxCtx > 0 && int(h.Positions[n-1]) >= ss.maxCtx:
+		return ss.reject(h.Step, CodeContextFull, "position %d is past the session's context of %d", h.Positions[n-1], ss.maxCtx) != nil
+	}
+	step := shard.Step{Session: ss.local, Positions: h.Positions}
+	if ss.info.First() {
+		if len(h.Tokens) != n || len(payload) != 0 {
+			return ss.reject(h.Step, CodeBadShape, "first stage wants one token per position: %d positions, %d tokens, %d payload bytes", n, len(h.Tokens), len(payload)) != nil
+		}
+		for _, t := range h.Tokens {
+			if t < 0 || (ss.info.Vocab > 0 && int(t) >= ss.info.Vocab) {
+				return ss.reject(h.Step, CodeBadShape, "token %d outside the vocabulary of %d", t, ss.info.Vocab) != nil
+			}
+		}
+		step.Tokens = h.Tokens
+	} else {
+		if h.Codec != ss.codec {
+			return ss.reject(h.Step, CodeBadCodec, "activations in %s, session uses %s", h.Codec, ss.codec) != nil
+		}
+		if len(h.Shape) != 2 || h.Shape[0] != n || h.Shape[1] != hidden {
+			return ss.reject(h.Step, CodeBadShape, "activation shape %v, want [%d %d]", h.Shape, n, hidden) != nil
+		}
+		if cap(ss.acts) < n*hidden {
+			ss.acts = make([]float32, n*hidden)
+		}
+		ss.acts = ss.acts[:n*hidden]
+		if err := ss.codec.Decode(ss.acts, payload); err != nil {
+			return ss.reject(h.Step, CodeBadShape, "%v", err) != nil
+		}
+		if err := quant.CheckFinite(ss.acts); err != nil {
+			return ss.reject(h.Step, CodeNonFinite, "%v", err) != nil
+		}
+		step.Hidden = ss.acts
+	}
+	out, err := ss.exec.Forward(ss.ctx, step)
+	if err != nil {
+		if ss.ctx.Err() != nil {
+			return true
+		}
+		return ss.reject(h.Step, execCode(err), "%v", err) != nil
+	}
+	if ss.info.Last() {
+		return ss.result(h, out.Logits)
+	}
+	if len(out.Hidden) != n*hidden {
+		return ss.reject(h.Step, CodeInternal, "executor returned %d activations for %d positions of %d", len(out.Hidden), n, hidden) != nil
+	}
+	if ss.out, err = ss.codec.Append(ss.out[:0], out.Hidden); err != nil {
+		return ss.reject(h.Step, CodeInternal, "encode activations: %v", err) != nil
+	}
+	return ss.relay(h)
+}
+
+func (ss *stageSession) result(h *Header, logits []float32) bool {
+	if len(logits) != ss.info.Vocab {
+		return ss.reject(h.Step, CodeInternal, "executor returned %d logits, vocabulary is %d", len(logits), ss.info.Vocab) != nil
+	}
+	n := len(h.Positions)
+	tok, lp := ss.sampler.Sample(logits, h.Sampling, h.Recent, h.Positions[n-1])
+	if tok < 0 {
+		return ss.reject(h.Step, CodeExec, "no usable logit to sample from (all NaN or -Inf)") != nil
+	}
+	ss.srv.steps.Add(1)
+	r := &ss.reply
+	*r = Header{Kind: KindResult, Session: ss.id, Step: h.Step, Token: tok, Logprob: lp, Shape: r.Shape[:0]}
+	var payload []byte
+	if h.WantLogits {
+		r.Codec = quant.CodecF32
+		r.Shape = append(r.Shape, len(logits))
+		ss.out, _ = quant.CodecF32.Append(ss.out[:0], logits)
+		payload = ss.out
+	}
+	if err := ss.w.WriteFrame(r, payload); err != nil {
+		ss.log.Debug("write result", "err", err)
+		return true
+	}
+	return false
+}
+
+// relay sends the step's activations downstream and passes the answer back upstream.
+func (ss *stageSession) relay(h *Header) bool {
+	nx := ss.next
+	fwd := &nx.fwd
+	*fwd = Header{
+		Kind: KindForward, Session: ss.id, Step: h.Step, Positions: h.Positions, Codec: ss.codec,
+		Shape: append(fwd.Shape[:0], len(h.Positions), ss.info.Hidden), Sampling: h.Sampling,
+		Recent: h.Recent, WantLogits: h.WantLogits,
+	}
+	// An abort while waiting downstream resets the next stream, which ends the wait.
+	stop := context.AfterFunc(ss.ctx, func() { nx.st.Reset() })
+	defer stop()
+	if err := nx.w.WriteFrame(fwd, ss.out); err != nil {
+		return ss.downstreamFailed(h.Step, err)
+	}
+	err := nx.r.ReadHeader(&nx.hdr)
+	if err == nil {
+		nx.payload, err = nx.r.ReadPayload(nx.payload[:0])
+	}
+	if err != nil {
+		if errors.Is(err, ErrChecksum) {
+			return ss.reject(h.Step, CodeChecksum, "from the next hop: %v", err) != nil
+		}
+		return ss.downstreamFailed(h.Step, err)
+	}
+	rep := &nx.hdr
+	if rep.Kind != KindResult && rep.Kind != KindError || rep.Step != h.Step {
+		return ss.downstreamFailed(h.Step, fmt.Errorf("answered step %d with %s for step %d", h.Step, rep.Kind, rep.Step))
+	}
+	if rep.Kind == KindResult {
+		ss.srv.steps.Add(1)
+	} else if rep.Origin == "" {
+		rep.Origin = string(nx.peer) // an error names the stage it came from
+	}
+	rep.Session = ss.id
+	if err := ss.w.WriteFrame(rep, nx.payload); err != nil {
+		ss.log.Debug("relay answer upstream", "err", err)
+		return true
+	}
+	return false
+}
+
+func (ss *stageSession) downstreamFailed(step uint64, err error) bool {
+	if ss.ctx.Err() != nil {
+		return true
+	}
+	ss.log.Warn("next hop failed", "next", shortID(ss.next.peer), "err", err)
+	ss.srv.rejected[CodeUnreachable].Add(1)
+	r := &ss.reply
+	*r = Header{Kind: KindError, Session: ss.id, Step: step, Code: CodeUnreachable,
+		Message: fmt.Sprintf("next hop %s: %v", shortID(ss.next.peer), err), Origin: string(ss.next.peer)}
+	_ = ss.w.WriteFrame(r, nil)
+	return true
+}
+
+// finish closes the session here and downstream. After a close frame (or upstream's clean
+// half-close) it closes the next hop first and waits for it, so that when the entry sees
+// its stream end, the whole chain is closed; otherwise it aborts everything at once.
+func (ss *stageSession) finish() {
+	cause := context.Cause(ss.ctx)
+	ss.cancel(nil)
+	if nx := ss.next; nx != nil {
+		if ss.graceful && !errors.Is(cause, errStopping) {
+			closeHop(nx, ss.id, ss.srv.cfg.closeTimeout)
+		} else {
+			abortHop(nx, ss.id)
+		}
+		if nx.peer != ss.srv.h.ID() {
+			ss.srv.h.Unprotect(nx.peer, ss.tag)
+		}
+	}
+	if err := ss.exec.CloseSession(ss.local); err != nil {
+		ss.log.Warn("close session", "err", err)
+	}
+	if ss.remote != ss.srv.h.ID() {
+		ss.srv.h.Unprotect(ss.remote, ss.tag)
+	}
+	ss.srv.leave(ss)
+	if ss.graceful {
+		ss.st.Close()
+	} else {
+		ss.st.Reset()
+	}
+	ss.log.Debug("session closed", "graceful", ss.graceful, "cause", cause)
+}
+
+func closeHop(nx *hop, session uint64, timeout time.Duration) {
+	nx.hdr = Header{Kind: KindClose, Session: session}
+	if err := nx.w.WriteFrame(&nx.hdr, nil); err != nil {
+		nx.st.Reset()
+		return
+	}
+	nx.st.CloseWrite()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		var h Header
+		for {
+			if _, err := nx.r.ReadFrame(&h); err != nil {
+				return
+			}
+		}
+	}()
+	select {
+	case <-done:
+		nx.st.Close()
+	case <-time.After(timeout):
+		nx.st.Reset()
+		<-done
+	}
+}
+
+func abortHop(nx *hop, session uint64) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		h := Header{Kind: KindCancel, Session: session}
+		_ = nx.w.WriteFrame(&h, nil)
+	}()
+	select {
+	case <-done:
+	case <-time.After(200 * time.Millisecond):
+	}
+	nx.st.Reset()
+}
+
+func execCode(err error) ErrorCode {
+	switch {
+	case errors.Is(err, shard.ErrContextFull):
+		return CodeContextFull
+	case errors.Is(err, shard.ErrTooManySessions):
+		return CodeTooManySessions
+	case errors.Is(err, shard.ErrBadInput):
+		return CodeBadShape
+	case errors.Is(err, shard.ErrUnknownSession):
+		return CodeUnknownSession
+	case errors.Is(err, shard.ErrClosed):
+		return CodeClosing
+	}
+	return CodeExec
+}
+
+// Hop is one stage of a route: who serves it and which layers it must run.
+type Hop struct {
+	Peer  peer.AddrInfo
+	Range shard.Range
+}
+
+// hopAddrs is how a hop travels in an open frame: its full multiaddrs, or just /p2p/ID when
+// it has none (the next stage may know its addresses already).
+func hopAddrs(h Hop) ([]string, error) {
+	if h.Peer.ID == "" {
+		return nil, errors.New("hop without a peer ID")
+	}
+	if len(h.Peer.Addrs) == 0 {
+		a, err := ma.NewComponent("p2p", h.Peer.ID.String())
+		if err != nil {
+			return nil, err
+		}
+		return []string{a.String()}, nil
+	}
+	addrs, err := peer.AddrInfoToP2pAddrs(&h.Peer)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]string, len(addrs))
+	for i, a := range addrs {
+		out[i] = a.String()
+	}
+	return out, nil
+}
+
+func encodeHops(hops []Hop) (addrs []string, ranges []shard.Range, err error) {
+	for i, h := range hops {
+		if i > 0 && h.Peer.ID == hops[i-1].Peer.ID {
+			return nil, nil, fmt.Errorf("hops %d and %d are the same peer %s", i-1, i, shortID(h.Peer.ID))
+		}
+		as, err := hopAddrs(h)
+		if err != nil {
+			return nil, nil, fmt.Errorf("hop %d: %w", i, err)
+		}
+		addrs = append(addrs, as...)
+		ranges = append(ranges, h.Range)
+	}
+	return addrs, ranges, nil
+}
+
+// parseHops groups consecutive multiaddrs of one peer into a hop each.
+func parseHops(addrs []string, ranges []shard.Range) ([]Hop, error) {
+	var hops []Hop
+	for _, s := range addrs {
+		a, err := ma.NewMultiaddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("address %q: %w", s, err)
+		}
+		tpt, id := peer.SplitAddr(a)
+		if id == "" {
+			return nil, fmt.Errorf("address %q has no /p2p/ peer ID", s)
+		}
+		if len(hops) == 0 || hops[len(hops)-1].Peer.ID != id {
+			hops = append(hops, Hop{Peer: peer.AddrInfo{ID: id}})
+		}
+		if tpt != nil {
+			last := &hops[len(hops)-1]
+			last.Peer.Addrs = append(last.Peer.Addrs, tpt)
+		}
+	}
+	if len(hops) != len(ranges) {
+		return nil, fmt.Errorf("%d hops but %d layer ranges", len(hops), len(ranges))
+	}
+	for i := range hops {
+		hops[i].Range = ranges[i]
+		if hops[i].Range.Empty() {
+			return nil, fmt.Errorf("hop %d has an empty layer range %s", i, hops[i].Range)
+		}
+		if i > 0 && hops[i].Range.Start != hops[i-1].Range.End {
+			return nil, fmt.Errorf("hop %d starts at layer %d, hop %d ends at %d", i, hops[i].Range.Start, i-1, hops[i-1].Range.End)
+		}
+	}
+	return hops, nil
+}
+
+// dialStage opens a stage stream to p; to this host itself it is an in-process pipe.
+func (h *Host) dialStage(ctx context.Context, p peer.AddrInfo, fopts []FrameOption) (*hop, error) {
+	var st stream
+	if p.ID == h.ID() {
+		h.mu.Lock()
+		srv := h.stage
+		h.mu.Unlock()
+		if srv == nil {
+			return nil, &StageError{Peer: p.ID, Code: CodeNoStage, Message: "this node serves no stage"}
+		}
+		local, remote := newPipe()
+		go srv.serve(remote, h.ID())
+		st = local
+	} else {
+		if err := h.Connect(ctx, p); err != nil {
+			return nil, err
+		}
+		s, err := h.h.NewStream(ctx, p.ID, StageProtocol)
+		if err != nil {
+			return nil, fmt.Errorf("open stage stream to %s: %w", shortID(p.ID), err)
+		}
+		st = s
+	}
+	return &hop{peer: p.ID, st: st, r: NewReader(st, fopts...), w: NewWriter(st, fopts...)}, nil
+}
+
+// open sends an open frame for the rest of the route and waits for the answer.
+func (nx *hop) open(ctx context.Context, req *Header, rest []Hop) (*Header, error) {
+	var err error
+	if req.NextHops, req.NextRanges, err = encodeHops(rest); err != nil {
+		return nil, err
+	}
+	stop := context.AfterFunc(ctx, func() { nx.st.Reset() })
+	defer stop()
+	if err := nx.w.WriteFrame(req, nil); err != nil {
+		return nil, ctxOr(ctx, fmt.Errorf("send open: %w", err))
+	}
+	if _, err := nx.r.ReadFrame(&nx.hdr); err != nil {
+		return nil, ctxOr(ctx, fmt.Errorf("wait for opened: %w", err))
+	}
+	switch nx.hdr.Kind {
+	case KindOpened:
+		return &nx.hdr, nil
+	case KindError:
+		return nil, nx.stageError(&nx.hdr)
+	}
+	return nil, fmt.Errorf("answered open with %s", nx.hdr.Kind)
+}
+
+func (nx *hop) stageError(h *Header) *StageError {
+	p := nx.peer
+	if h.Origin != "" {
+		p = peer.ID(h.Origin)
+	}
+	return &StageError{Peer: p, Code: h.Code, Message: h.Message}
+}
+
+func ctxOr(ctx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return fmt.Errorf("%w (%v)", context.Cause(ctx), err)
+	}
+	return err
+}
+
+func short(s string) string {
+	if len(s) > 12 {
+		return s[:12]
+	}
+	if s == "" {
+		return `""`
+	}
+	return strings.TrimSpace(s)
+}
