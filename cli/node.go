@@ -1,0 +1,145 @@
+package cli
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/strata-llm/strata/node"
+	"github.com/strata-llm/strata/quant"
+)
+
+func newNodeCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "node", Short: "Run a swarm node"}
+	cmd.AddCommand(newNodeStartCommand())
+	return cmd
+}
+
+func newNodeStartCommand() *cobra.Command {
+	var (
+		cfg          node.Config
+		join, maxMem string
+		codec        string
+	)
+	cmd := &cobra.Command{
+		Use:   "start --model MODEL",
+		Short: "Join (or start) a swarm, take a share of the model's layers, and serve the API",
+		Long: `Starts a node: it finds peers (mDNS on the LAN, --join for bootstrap peers), agrees with them
+on which contiguous layers each serves, loads only its slice, and serves the OpenAI-compatible
+API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for others to --join.
+--model is a GGUF path or an Ollama model name found in Ollama's local store.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			var err error
+			if cfg.MaxMemory, err = node.ParseSize(maxMem); err != nil {
+				return fmt.Errorf("--max-memory: %w", err)
+			}
+			if cfg.Codec, err = quant.ParseCodec(codec); err != nil {
+				return err
+			}
+			for _, j := range strings.Split(join, ",") {
+				if j = strings.TrimSpace(j); j != "" {
+					cfg.Join = append(cfg.Join, j)
+				}
+			}
+			cfg.Logger = slog.Default()
+			if !cmd.Flags().Changed("verbose") {
+				setLogger(cmd.ErrOrStderr(), slog.LevelInfo) // a daemon says what it does
+				cfg.Logger = slog.Default()
+			}
+			return node.Run(cmd.Context(), cfg)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.Model, "model", "", "GGUF file or Ollama model name (e.g. llama3.3:70b)")
+	f.StringVar(&cfg.DataDir, "data-dir", "", "identity, slice cache and address files (default ~/.strata)")
+	f.StringSliceVar(&cfg.Listen, "listen", nil, "libp2p listen multiaddrs (default /ip4/0.0.0.0/tcp/4001)")
+	f.StringVar(&cfg.API, "api", "127.0.0.1:8080", "host:port of the OpenAI-compatible API")
+	f.StringVar(&join, "join", "", "comma-separated multiaddrs of peers to join (…/p2p/ID)")
+	f.StringVar(&cfg.Gossip, "gossip", "", "host:port for membership gossip (default: the libp2p port + 1)")
+	f.StringVar(&cfg.SwarmKey, "swarm-key", "", "pre-shared key file: a private swarm (TCP only)")
+	f.StringVar(&maxMem, "max-memory", "", "memory to offer for weights and KV cache, e.g. 12GiB (default: 80% of free RAM)")
+	f.BoolVar(&cfg.MDNS, "mdns", true, "find peers on the local network")
+	f.BoolVar(&cfg.ClientOnly, "client-only", false, "serve the API without holding layers")
+	f.StringVar(&cfg.APIKey, "api-key", os.Getenv("STRATA_API_KEY"), "bearer token the API requires")
+	f.IntVar(&cfg.Threads, "threads", 0, "ggml CPU threads (default: all cores)")
+	f.IntVar(&cfg.MaxSessions, "max-sessions", 8, "sessions a stage holds at once")
+	f.IntVar(&cfg.MaxContext, "context", 2048, "tokens per session")
+	f.StringVar(&codec, "codec", "f16", "activation codec on the wire: f32, f16, q8")
+	return cmd
+}
+
+func newStatusCommand() *cobra.Command {
+	var addr string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "status [--api HOST:PORT]",
+		Short: "Show a node's view of the swarm: readiness, peers and their layers",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			client := &http.Client{Timeout: 5 * time.Second}
+			resp, err := client.Get("http://" + addr + "/health")
+			if err != nil {
+				return fmt.Errorf("no node answers at %s: %w", addr, err)
+			}
+			defer resp.Body.Close()
+			body, err := io.ReadAll(resp.Body)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				_, err = cmd.OutOrStdout().Write(body)
+				return err
+			}
+			var h node.Health
+			if err := json.Unmarshal(body, &h); err != nil {
+				return fmt.Errorf("bad /health answer: %w", err)
+			}
+			printStatus(cmd.OutOrStdout(), h)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&addr, "api", envOr("STRATA_API", "127.0.0.1:8080"), "the node's API address")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the raw JSON")
+	return cmd
+}
+
+func printStatus(w io.Writer, h node.Health) {
+	ready := "READY"
+	if !h.Ready {
+		ready = "NOT READY: " + h.Missing
+	}
+	fmt.Fprintf(w, "swarm  %s\nmodel  %s (%d layers, sha256 %.12s)\nnode   %s (%s)\n\n", ready, h.Model, h.Layers, h.ModelSHA256, h.PeerID, h.State)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tSTATE\tLAYERS\tCHAIN\tMEMORY\tMS/LAYER\tSESSIONS\tAPI")
+	for _, p := range h.Peers {
+		id := p.PeerID
+		if len(id) > 16 {
+			id = "…" + id[len(id)-12:]
+		}
+		if p.Self {
+			id += " *"
+		}
+		layers := "-"
+		if p.Range.End > p.Range.Start {
+			layers = p.Range.String()
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%.2f\t%d\t%s\n", id, p.State, layers, p.Chain, humanBytes(p.Memory), p.MsPerLayer, p.Sessions, p.API)
+	}
+	tw.Flush()
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}

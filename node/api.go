@@ -1,0 +1,140 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/strata-llm/strata/api"
+	"github.com/strata-llm/strata/discovery"
+	"github.com/strata-llm/strata/pipeline"
+	"github.com/strata-llm/strata/shard"
+)
+
+func (n *Node) startAPI() error {
+	srv := api.NewServer(n, api.WithAPIKey(n.cfg.APIKey), api.WithLogger(n.log))
+	srv.Handle("GET /health", http.HandlerFunc(n.serveHealth))
+	for pattern, h := range n.extraRoutes() {
+		srv.Handle(pattern, h)
+	}
+	ln, err := net.Listen("tcp", n.cfg.API)
+	if err != nil {
+		return fmt.Errorf("api listen %s: %w", n.cfg.API, err)
+	}
+	n.apiAddr = ln.Addr().String()
+	n.api = &http.Server{Handler: srv, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := n.api.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			n.log.Error("api server", "err", err)
+		}
+	}()
+	return writeFileAtomic(filepath.Join(n.cfg.DataDir, "api"), []byte(n.apiAddr+"\n"))
+}
+
+// Models lists the model this node's swarm serves.
+func (n *Node) Models(ctx context.Context) ([]pipeline.ModelCard, error) {
+	_, routeErr := n.router.route(0, nil)
+	return []pipeline.ModelCard{{
+		ID:            n.ModelID(),
+		SHA256:        n.sha,
+		ContextLength: n.cfg.MaxContext,
+		ChatTemplate:  n.model.ChatTemplate,
+		BOS:           n.tok.BOS,
+		EOS:           n.tok.EOS,
+		Ready:         routeErr == nil,
+	}}, nil
+}
+
+// ModelID is the name clients use for the model: the --model argument's base name.
+func (n *Node) ModelID() string {
+	id := n.cfg.Model
+	if strings.HasSuffix(id, ".gguf") || strings.Contains(id, string(filepath.Separator)) {
+		id = strings.TrimSuffix(filepath.Base(id), ".gguf")
+	}
+	return id
+}
+
+// Generate runs a completion through the swarm.
+func (n *Node) Generate(ctx context.Context, req pipeline.Request, emit func(pipeline.Delta) error) (pipeline.Result, error) {
+	return n.gen.Generate(ctx, req, emit)
+}
+
+// Health is the node's view of the swarm, served at /health.
+type Health struct {
+	Ready       bool         `json:"ready"`
+	Missing     string       `json:"missing,omitempty"`
+	PeerID      string       `json:"peer_id"`
+	State       string       `json:"state"`
+	Model       string       `json:"model"`
+	ModelSHA256 string       `json:"model_sha256"`
+	Layers      int          `json:"layers"`
+	Range       *shard.Range `json:"range,omitempty"`
+	API         string       `json:"api"`
+	Peers       []PeerHealth `json:"peers"`
+}
+
+// PeerHealth is one member of the swarm as this node sees it.
+type PeerHealth struct {
+	PeerID     string      `json:"peer_id"`
+	State      string      `json:"state"`
+	Range      shard.Range `json:"range"`
+	Chain      int         `json:"chain"`
+	API        string      `json:"api,omitempty"`
+	Gossip     string      `json:"gossip"`
+	Memory     int64       `json:"memory_bytes"`
+	FreeRAM    uint64      `json:"free_ram_bytes"`
+	MsPerLayer float32     `json:"ms_per_layer"`
+	Sessions   uint32      `json:"sessions"`
+	Self       bool        `json:"self,omitempty"`
+}
+
+// Health reports readiness: the swarm has a route through every layer.
+func (n *Node) Health() Health {
+	h := Health{
+		PeerID:      n.host.ID().String(),
+		Model:       n.ModelID(),
+		ModelSHA256: n.sha,
+		Layers:      n.model.Layers,
+		API:         n.apiAddr,
+	}
+	n.mu.Lock()
+	h.State = n.state.String()
+	if n.stage != nil {
+		r := n.stage.Info().Range
+		h.Range = &r
+	}
+	planErr := n.planErr
+	n.mu.Unlock()
+	for _, m := range n.peers() {
+		h.Peers = append(h.Peers, PeerHealth{
+			PeerID: m.PeerID.String(), State: m.State.String(), Range: shard.Range{Start: m.LayerStart, End: m.LayerEnd},
+			Chain: m.Chain, API: m.APIAddr, Gossip: m.Addr, Memory: m.MemoryBytes, FreeRAM: m.FreeRAM,
+			MsPerLayer: m.MsPerLayer, Sessions: m.Sessions, Self: m.PeerID == n.host.ID(),
+		})
+	}
+	_, err := n.router.route(0, nil)
+	h.Ready = err == nil
+	switch {
+	case planErr != nil:
+		h.Missing = planErr.Error()
+	case err != nil:
+		h.Missing = err.Error()
+	}
+	return h
+}
+
+func (n *Node) serveHealth(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(n.Health())
+}
+
+// serving reports the members whose stage can take sessions now.
+func isServing(s discovery.State) bool { return s == discovery.StateServing }

@@ -1,0 +1,479 @@
+package node
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/strata-llm/strata/discovery"
+	"github.com/strata-llm/strata/p2p"
+	"github.com/strata-llm/strata/pipeline"
+	"github.com/strata-llm/strata/shard"
+)
+
+// Node is a running Strata daemon.
+type Node struct {
+	cfg       Config
+	log       *slog.Logger
+	modelPath string
+	model     *shard.ModelInfo
+	sha       string
+	shaBytes  [32]byte
+	tok       *shard.Tokenizer
+	speed     float32
+	host      *p2p.Host
+	members   *discovery.Membership
+	gen       *pipeline.Generator
+	router    *router
+	apiAddr   string
+	api       *http.Server
+
+	mu       sync.Mutex
+	stage    *shard.Stage // the stage served now
+	chain    int
+	state    discovery.State
+	planErr  error
+	reloadCh chan struct{}
+}
+
+// Run starts a node and serves until ctx ends, then drains and leaves the swarm.
+func Run(ctx context.Context, cfg Config) error {
+	n, err := Start(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	return n.Close()
+}
+
+// Start brings a node up: identity, libp2p host, membership, API; the layers follow as the
+// swarm plans them.
+func Start(ctx context.Context, cfg Config) (n *Node, err error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	n = &Node{cfg: cfg, log: cfg.Logger, chain: -1, reloadCh: make(chan struct{}, 1)}
+	defer func() {
+		if err != nil {
+			n.Close()
+		}
+	}()
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	if n.modelPath, err = ResolveModel(cfg.Model, ""); err != nil {
+		return nil, err
+	}
+	if n.model, err = shard.ReadModelInfo(n.modelPath); err != nil {
+		return nil, err
+	}
+	n.log.Info("hashing model", "path", n.modelPath, "size", n.model.FileSize)
+	if n.sha, err = shard.FileSHA256(n.modelPath, filepath.Join(cfg.DataDir, "cache")); err != nil {
+		return nil, err
+	}
+	b, _ := hex.DecodeString(n.sha)
+	copy(n.shaBytes[:], b)
+	if n.tok, err = shard.LoadTokenizer(n.modelPath); err != nil {
+		return nil, err
+	}
+	if !cfg.ClientOnly {
+		n.speed = msPerLayer(slices.Max(n.model.LayerBytes), memoryBandwidth())
+	}
+
+	hostOpts := []p2p.Option{p2p.WithListen(cfg.Listen...), p2p.WithIdentityFile(filepath.Join(cfg.DataDir, "identity.key")), p2p.WithLogger(n.log)}
+	if cfg.SwarmKey != "" {
+		hostOpts = append(hostOpts, p2p.WithSwarmKey(cfg.SwarmKey))
+	}
+	if n.host, err = p2p.New(ctx, hostOpts...); err != nil {
+		return nil, err
+	}
+	if err := n.writeAddrFile(); err != nil {
+		return nil, err
+	}
+
+	gossipHost, gossipPort, err := n.gossipAddr()
+	if err != nil {
+		return nil, err
+	}
+	dopts := []discovery.Option{
+		discovery.WithBindAddr(gossipHost, gossipPort),
+		discovery.WithHost(n.host.Libp2p()),
+		discovery.WithMeta(n.meta()),
+		discovery.WithLogger(n.log),
+	}
+	if cfg.SwarmKey != "" {
+		raw, err := os.ReadFile(cfg.SwarmKey)
+		if err != nil {
+			return nil, fmt.Errorf("swarm key: %w", err)
+		}
+		key, err := discovery.DeriveSecretKey(raw)
+		if err != nil {
+			return nil, err
+		}
+		dopts = append(dopts, discovery.WithSecretKey(key))
+	}
+	if !cfg.MDNS {
+		dopts = append(dopts, discovery.WithoutMDNS())
+	}
+	if n.members, err = discovery.New(ctx, dopts...); err != nil {
+		return nil, err
+	}
+
+	n.router = newRouter(n)
+	n.gen = pipeline.NewGenerator(n.tok, n.router, pipeline.WithMaxContext(cfg.MaxContext), pipeline.WithGeneratorLogger(n.log))
+	if err := n.startAPI(); err != nil {
+		return nil, err
+	}
+	if len(cfg.Join) > 0 {
+		go n.joinLoop(cfg.Join)
+	}
+	go n.planLoop()
+	n.log.Info("node started", "peer", n.host.ID().String(), "model", n.model.Name, "layers", n.model.Layers,
+		"api", n.apiAddr, "gossip", n.members.LocalAddr(), "client_only", cfg.ClientOnly)
+	return n, nil
+}
+
+// writeAddrFile records the node's full multiaddrs, so another node (or a script) can join it.
+func (n *Node) writeAddrFile() error {
+	var lines []string
+	for _, a := range n.host.Addrs() {
+		lines = append(lines, a.String())
+	}
+	if len(lines) == 0 {
+		return errors.New("libp2p host has no addresses")
+	}
+	for _, l := range lines {
+		n.log.Info("listening", "multiaddr", l)
+	}
+	return writeFileAtomic(filepath.Join(n.cfg.DataDir, "multiaddr"), []byte(strings.Join(lines, "\n")+"\n"))
+}
+
+func writeFileAtomic(path string, b []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// gossipAddr is memberlist's bind address: --gossip, else the libp2p TCP port plus one (0 when
+// libp2p picked its port, so memberlist picks too).
+func (n *Node) gossipAddr() (string, int, error) {
+	if n.cfg.Gossip != "" {
+		h, p, err := net.SplitHostPort(n.cfg.Gossip)
+		if err != nil {
+			return "", 0, fmt.Errorf("--gossip %q: %w", n.cfg.Gossip, err)
+		}
+		port, err := strconv.Atoi(p)
+		if err != nil {
+			return "", 0, fmt.Errorf("--gossip %q: bad port", n.cfg.Gossip)
+		}
+		return h, port, nil
+	}
+	a, err := ma.NewMultiaddr(n.cfg.Listen[0])
+	if err != nil {
+		return "", 0, fmt.Errorf("--listen %q: %w", n.cfg.Listen[0], err)
+	}
+	host := "0.0.0.0"
+	if ip, err := a.ValueForProtocol(ma.P_IP4); err == nil {
+		host = ip
+	}
+	port := 0
+	if p, err := a.ValueForProtocol(ma.P_TCP); err == nil {
+		if v, _ := strconv.Atoi(p); v > 0 {
+			port = v + 1
+		}
+	}
+	return host, port, nil
+}
+
+func (n *Node) joinLoop(addrs []string) {
+	for attempt := 0; ; attempt++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		k, err := n.members.Join(ctx, addrs)
+		cancel()
+		if err == nil && k > 0 {
+			n.log.Info("joined the swarm", "through", strings.Join(addrs, ","), "contacted", k)
+			return
+		}
+		n.log.Warn("join failed; retrying", "err", err, "attempt", attempt+1)
+		if n.closing() {
+			return
+		}
+		time.Sleep(min(time.Duration(attempt+1)*500*time.Millisecond, 5*time.Second))
+	}
+}
+
+func (n *Node) closing() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.state == discovery.StateDraining && n.stage == nil
+}
+
+// meta is what this node tells the swarm about itself.
+func (n *Node) meta() discovery.NodeMeta {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	m := discovery.NodeMeta{
+		PeerID:      n.host.ID(),
+		Addrs:       n.host.Libp2p().Addrs(),
+		ModelSHA256: n.shaBytes,
+		State:       n.state,
+		FreeRAM:     uint64(freeMemory()),
+		MsPerLayer:  n.speed,
+		Chain:       n.chain,
+		APIAddr:     n.apiAddr,
+	}
+	if !n.cfg.ClientOnly {
+		m.MemoryBytes = n.cfg.MaxMemory
+		if m.MemoryBytes <= 0 {
+			m.MemoryBytes = int64(m.FreeRAM) * 8 / 10
+		}
+	}
+	if n.stage != nil {
+		r := n.stage.Info().Range
+		m.LayerStart, m.LayerEnd = r.Start, r.End
+		m.Sessions = uint32(n.stage.Sessions())
+	}
+	return m
+}
+
+func (n *Node) announce() {
+	if n.members == nil {
+		return
+	}
+	if err := n.members.UpdateMeta(n.meta(), 2*time.Second); err != nil {
+		n.log.Warn("announce", "err", err)
+	}
+}
+
+// peers returns the live members that serve (or could serve) this node's model.
+func (n *Node) peers() []discovery.NodeMeta {
+	var out []discovery.NodeMeta
+	for _, m := range n.members.Members() {
+		if m.PeerID == "" || m.ModelSHA256 != n.shaBytes {
+			continue
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// planLoop re-plans whenever membership changes, after the view settles.
+func (n *Node) planLoop() {
+	tick := time.NewTicker(2 * time.Second)
+	defer tick.Stop()
+	n.replan()
+	for {
+		select {
+		case _, ok := <-n.members.Events():
+			if !ok {
+				return
+			}
+			time.Sleep(n.cfg.ReplanDelay)
+			for drained := false; !drained; { // coalesce a burst of events
+				select {
+				case <-n.members.Events():
+				default:
+					drained = true
+				}
+			}
+		case <-tick.C:
+		}
+		if n.isDraining() {
+			return
+		}
+		n.replan()
+	}
+}
+
+func (n *Node) isDraining() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.state == discovery.StateDraining
+}
+
+func (n *Node) shape() shard.ModelShape {
+	return shard.ModelShape{
+		Layers:          n.model.Layers,
+		LayerBytes:      slices.Max(n.model.LayerBytes),
+		KVBytesPerToken: n.model.KVBytesPerToken(2),
+		EmbedBytes:      n.model.EmbedBytes,
+		HeadBytes:       n.model.HeadBytes,
+		Context:         n.cfg.MaxContext * n.cfg.MaxSessions,
+	}
+}
+
+// replan computes the swarm's plan from the live view (every node computes the same one) and
+// moves this node to its part of it.
+func (n *Node) replan() {
+	var nodes []shard.NodeCapacity
+	for _, m := range n.peers() {
+		if m.MemoryBytes <= 0 || m.State == discovery.StateDraining {
+			continue
+		}
+		c := shard.NodeCapacity{ID: m.PeerID.String(), MemoryBytes: m.MemoryBytes, MsPerLayer: float64(m.MsPerLayer), CurrentChain: m.Chain}
+		if m.LayerEnd > m.LayerStart {
+			c.Current = shard.Range{Start: m.LayerStart, End: m.LayerEnd}
+		}
+		nodes = append(nodes, c)
+	}
+	if n.cfg.ClientOnly || len(nodes) == 0 {
+		return
+	}
+	plan, err := shard.PlanLayers(n.shape(), nodes)
+	n.mu.Lock()
+	n.planErr = err
+	cur := shard.Range{}
+	if n.stage != nil {
+		cur = n.stage.Info().Range
+	}
+	n.mu.Unlock()
+	if err != nil {
+		n.log.Warn("the swarm cannot hold the model", "err", err)
+		return
+	}
+	mine, _ := plan.Lookup(n.host.ID().String())
+	if mine.Range == cur {
+		n.mu.Lock()
+		changed := n.chain != mine.Chain
+		n.chain = mine.Chain
+		n.mu.Unlock()
+		if changed {
+			n.announce()
+		}
+		return
+	}
+	if err := n.moveTo(mine.Range, mine.Chain); err != nil {
+		n.log.Error("could not load the planned layers", "range", mine.Range.String(), "err", err)
+	}
+}
+
+// moveTo loads r and starts serving it before it stops serving the old range, so the swarm
+// never loses a layer it had while a node changes its slice.
+func (n *Node) moveTo(r shard.Range, chain int) error {
+	n.mu.Lock()
+	old := n.stage
+	if old == nil {
+		n.state = discovery.StateLoading
+	}
+	n.mu.Unlock()
+	n.announce()
+	if r.Empty() {
+		n.retire(old)
+		n.mu.Lock()
+		n.stage, n.state, n.chain = nil, discovery.StateIdle, -1
+		n.mu.Unlock()
+		n.announce()
+		return nil
+	}
+	n.log.Info("loading layers", "range", r.String(), "of", n.model.Layers, "weights", n.model.RangeBytes(r))
+	st, err := shard.LoadStage(context.Background(), n.modelPath, r,
+		shard.WithSliceDir(filepath.Join(n.cfg.DataDir, "slices")),
+		shard.WithModelSHA256(n.sha),
+		shard.WithThreads(n.cfg.Threads),
+		shard.WithMaxSessions(n.cfg.MaxSessions),
+		shard.WithMaxContext(n.cfg.MaxContext),
+		shard.WithLogger(n.log),
+		shard.WithProgress(loadProgress(n.log, r)),
+	)
+	if err != nil {
+		return err
+	}
+	if err := n.host.ServeStage(st); err != nil {
+		st.Close()
+		return err
+	}
+	n.mu.Lock()
+	n.stage, n.chain, n.state = st, chain, discovery.StateServing
+	n.mu.Unlock()
+	n.announce()
+	n.log.Info("serving layers", "range", r.String(), "chain", chain)
+	go n.retire(old)
+	return nil
+}
+
+// retire stops an old stage once its sessions are done (or after DrainWait).
+func (n *Node) retire(old *shard.Stage) {
+	if old == nil {
+		return
+	}
+	deadline := time.Now().Add(n.cfg.DrainWait)
+	for old.Sessions() > 0 && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	n.host.StopStage(n.sha, old.Info().Range)
+	old.Close()
+	n.log.Info("released layers", "range", old.Info().Range.String())
+}
+
+func loadProgress(log *slog.Logger, r shard.Range) func(float32) {
+	var mu sync.Mutex
+	next := float32(0.25)
+	return func(f float32) {
+		mu.Lock()
+		defer mu.Unlock()
+		if f >= next {
+			log.Info("loading", "range", r.String(), "done", fmt.Sprintf("%.0f%%", f*100))
+			for next <= f {
+				next += 0.25
+			}
+		}
+	}
+}
+
+// Close drains the node: it stops taking sessions, lets running ones finish (bounded), leaves
+// the swarm so the others re-plan at once, and frees everything.
+func (n *Node) Close() error {
+	n.mu.Lock()
+	n.state = discovery.StateDraining
+	st := n.stage
+	n.mu.Unlock()
+	if n.members != nil {
+		n.announce()
+		if st != nil {
+			deadline := time.Now().Add(min(n.cfg.DrainWait, 10*time.Second))
+			for st.Sessions() > 0 && time.Now().Before(deadline) {
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+		_ = n.members.Leave(2 * time.Second)
+		_ = n.members.Shutdown()
+	}
+	if n.api != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = n.api.Shutdown(ctx)
+		cancel()
+	}
+	n.mu.Lock()
+	n.stage = nil
+	n.mu.Unlock()
+	if n.host != nil {
+		_ = n.host.Close()
+	}
+	if st != nil {
+		st.Close()
+	}
+	return nil
+}
+
+// ID is the node's peer ID.
+func (n *Node) ID() peer.ID { return n.host.ID() }
+
+// APIAddr is the host:port the API listens on.
+func (n *Node) APIAddr() string { return n.apiAddr }
+

@@ -1,0 +1,171 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/strata-llm/strata/p2p"
+	"github.com/strata-llm/strata/pipeline"
+	"github.com/strata-llm/strata/shard"
+)
+
+// router opens chains through the stages membership shows as serving, and steers around
+// peers that just failed until membership catches up with them.
+type router struct {
+	n *Node
+
+	mu     sync.Mutex
+	failed map[string]time.Time
+
+	// How long OpenChain waits for a route to appear (a node reloading, a re-plan settling)
+	// before it gives up and names the missing layers.
+	wait time.Duration
+}
+
+// avoidFor is how long a failed peer is skipped: longer than memberlist takes to declare a
+// crashed node dead (about 1 s with the tuned config), shorter than a restart.
+const avoidFor = 5 * time.Second
+
+func newRouter(n *Node) *router {
+	return &router{n: n, failed: map[string]time.Time{}, wait: 20 * time.Second}
+}
+
+func (r *router) markFailed(id string) {
+	r.mu.Lock()
+	r.failed[id] = time.Now()
+	r.mu.Unlock()
+}
+
+func (r *router) avoided(id string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	t, ok := r.failed[id]
+	if ok && time.Since(t) > avoidFor {
+		delete(r.failed, id)
+		return false
+	}
+	return ok
+}
+
+// candidates are the stages that can take a session now.
+func (r *router) candidates() []pipeline.Candidate {
+	var out []pipeline.Candidate
+	for _, m := range r.n.peers() {
+		if !isServing(m.State) || m.LayerEnd <= m.LayerStart {
+			continue
+		}
+		c := pipeline.Candidate{
+			ID:         m.PeerID.String(),
+			Range:      shard.Range{Start: m.LayerStart, End: m.LayerEnd},
+			MsPerLayer: float64(m.MsPerLayer),
+			Sessions:   int(m.Sessions),
+		}
+		for _, a := range m.Addrs {
+			c.Addrs = append(c.Addrs, a.String())
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// route picks the stages for a session without opening anything.
+func (r *router) route(session uint64, avoid func(string) bool) ([]pipeline.Candidate, error) {
+	if avoid == nil {
+		avoid = r.avoided
+	}
+	return pipeline.ChooseRoute(r.candidates(), r.n.model.Layers, session, avoid)
+}
+
+// OpenChain opens a route for a session, waiting out short gaps in coverage.
+func (r *router) OpenChain(ctx context.Context, session uint64) (pipeline.Chain, error) {
+	deadline := time.Now().Add(r.wait)
+	for {
+		route, err := r.route(session, nil)
+		if err == nil {
+			var c pipeline.Chain
+			if c, err = r.open(ctx, session, route); err == nil {
+				return c, nil
+			}
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		if time.Now().After(deadline) {
+			return nil, err
+		}
+		select {
+		case <-time.After(200 * time.Millisecond):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+func (r *router) open(ctx context.Context, session uint64, route []pipeline.Candidate) (pipeline.Chain, error) {
+	hops := make([]p2p.Hop, len(route))
+	for i, c := range route {
+		id, err := peer.Decode(c.ID)
+		if err != nil {
+			return nil, fmt.Errorf("route: bad peer id %q: %w", c.ID, err)
+		}
+		ai := peer.AddrInfo{ID: id}
+		for _, m := range r.n.peers() {
+			if m.PeerID == id {
+				ai.Addrs = m.Addrs
+			}
+		}
+		hops[i] = p2p.Hop{Peer: ai, Range: c.Range}
+	}
+	rt, err := r.n.host.OpenRoute(ctx, session, hops, p2p.WithModel(r.n.sha), p2p.WithCodec(r.n.cfg.Codec), p2p.WithMaxContext(r.n.cfg.MaxContext))
+	if err != nil {
+		return nil, r.hopError(err, route[0].ID)
+	}
+	return &remoteChain{r: r, rt: rt, first: route[0].ID}, nil
+}
+
+// hopError marks the peer behind a failure as failed and wraps the error so the generation
+// rebuilds its route; refusals that another route would meet too pass through unchanged.
+func (r *router) hopError(err error, fallback string) error {
+	var se *p2p.StageError
+	peerID := fallback
+	if errors.As(err, &se) {
+		switch se.Code {
+		case p2p.CodeBadShape, p2p.CodeNonFinite, p2p.CodeContextFull, p2p.CodeBadRequest, p2p.CodeBadCodec, p2p.CodeTooLarge:
+			return err
+		}
+		if se.Peer != "" {
+			peerID = se.Peer.String()
+		}
+	}
+	r.markFailed(peerID)
+	return &pipeline.HopError{Peer: peerID, Err: err}
+}
+
+// remoteChain adapts a p2p route to the pipeline.
+type remoteChain struct {
+	r     *router
+	rt    *p2p.Route
+	first string
+}
+
+func (c *remoteChain) Step(ctx context.Context, in pipeline.StepInput) (pipeline.StepResult, error) {
+	res, err := c.rt.Step(ctx, in.Positions, in.Tokens, in.Sampling, in.Recent, in.WantLogits)
+	if err != nil {
+		if ctx.Err() != nil {
+			return pipeline.StepResult{}, ctx.Err()
+		}
+		return pipeline.StepResult{}, c.r.hopError(err, c.first)
+	}
+	out := pipeline.StepResult{Token: res.Token, Logprob: res.Logprob}
+	if in.WantLogits {
+		out.Logits = append([]float32(nil), res.Logits...)
+	}
+	return out, nil
+}
+
+func (c *remoteChain) Close(ctx context.Context) error { return c.rt.Close(ctx) }
