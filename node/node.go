@@ -476,4 +476,3 @@ func (n *Node) ID() peer.ID { return n.host.ID() }
 
 // APIAddr is the host:port the API listens on.
 func (n *Node) APIAddr() string { return n.apiAddr }
-
