@@ -1,0 +1,169 @@
+package discovery
+
+import (
+	"errors"
+	"fmt"
+	"math"
+
+	"github.com/hashicorp/memberlist"
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// MaxMetaSize is the largest encoded NodeMeta memberlist carries. Memberlist panics on a
+// larger one, so every encoding is checked against it first.
+const MaxMetaSize = memberlist.MetaMaxSize
+
+// ErrMetaTooLarge is returned when a NodeMeta encodes to more than MaxMetaSize bytes.
+var ErrMetaTooLarge = errors.New("node metadata too large")
+
+// State is what a node is doing with its layers.
+type State uint8
+
+const (
+	StateIdle     State = iota // serves no layers
+	StateLoading               // loading its range; not ready for requests
+	StateServing               // serving its range
+	StateDraining              // finishing sessions before leaving or changing range
+)
+
+func (s State) String() string {
+	switch s {
+	case StateIdle:
+		return "idle"
+	case StateLoading:
+		return "loading"
+	case StateServing:
+		return "serving"
+	case StateDraining:
+		return "draining"
+	}
+	return fmt.Sprintf("state(%d)", uint8(s))
+}
+
+// NodeMeta is what a node tells the swarm about itself through memberlist. It must encode
+// to at most MaxMetaSize bytes: with an Ed25519 peer ID, binary multiaddrs and a full
+// 32-byte model hash a typical node takes 120-200 bytes. Larger state belongs in libp2p
+// protocols, not here.
+type NodeMeta struct {
+	// Name and Addr come from memberlist (the node's name and its memberlist host:port);
+	// they are filled in by Members and events and are not part of the encoding.
+	Name string
+	Addr string
+
+	PeerID      peer.ID
+	Addrs       []ma.Multiaddr // libp2p addresses, without the /p2p/ part
+	ModelSHA256 [32]byte       // the model the node serves; zero when none
+	LayerStart  int            // the served layer range [LayerStart, LayerEnd); empty when none
+	LayerEnd    int
+	Chain       int // the replica chain of the range in the plan that assigned it
+	State       State
+	MemoryBytes int64   // memory the node offers to its stage (the planner's input)
+	FreeRAM     uint64  // bytes
+	FreeGPU     uint64  // bytes
+	MsPerLayer  float32 // measured ms per layer per token; 0 when not measured
+	Sessions    uint32  // sessions open now
+	APIAddr     string  // host:port of the OpenAI-compatible API, if served
+}
+
+// wireMeta is NodeMeta's encoding: one- or two-letter keys keep it small while leaving room
+// for fields added later (unknown keys are skipped on decode).
+type wireMeta struct {
+	Peer  []byte   `msgpack:"p,omitempty"`
+	Addrs [][]byte `msgpack:"a,omitempty"`
+	Model []byte   `msgpack:"m,omitempty"`
+	Start int      `msgpack:"s,omitempty"`
+	End   int      `msgpack:"e,omitempty"`
+	Chain int      `msgpack:"c,omitempty"`
+	State uint8    `msgpack:"st,omitempty"`
+	Mem   int64    `msgpack:"o,omitempty"`
+	RAM   uint64   `msgpack:"r,omitempty"`
+	GPU   uint64   `msgpack:"g,omitempty"`
+	Ms    float32  `msgpack:"ms,omitempty"`
+	Sess  uint32   `msgpack:"n,omitempty"`
+	API   string   `msgpack:"api,omitempty"`
+}
+
+// Encode returns the metadata as memberlist carries it, or an error wrapping
+// ErrMetaTooLarge when it would not fit.
+func (n NodeMeta) Encode() ([]byte, error) {
+	if n.LayerStart < 0 || n.LayerEnd < n.LayerStart {
+		return nil, fmt.Errorf("encode node metadata: bad layer range [%d,%d)", n.LayerStart, n.LayerEnd)
+	}
+	if math.IsNaN(float64(n.MsPerLayer)) || n.MsPerLayer < 0 {
+		return nil, fmt.Errorf("encode node metadata: bad speed %v ms per layer", n.MsPerLayer)
+	}
+	w := wireMeta{
+		Peer:  []byte(n.PeerID),
+		Start: n.LayerStart,
+		End:   n.LayerEnd,
+		Chain: n.Chain,
+		State: uint8(n.State),
+		Mem:   n.MemoryBytes,
+		RAM:   n.FreeRAM,
+		GPU:   n.FreeGPU,
+		Ms:    n.MsPerLayer,
+		Sess:  n.Sessions,
+		API:   n.APIAddr,
+	}
+	if n.ModelSHA256 != ([32]byte{}) {
+		w.Model = n.ModelSHA256[:]
+	}
+	for _, a := range n.Addrs {
+		if a != nil {
+			w.Addrs = append(w.Addrs, a.Bytes())
+		}
+	}
+	b, err := msgpack.Marshal(&w)
+	if err != nil {
+		return nil, fmt.Errorf("encode node metadata: %w", err)
+	}
+	if len(b) > MaxMetaSize {
+		return nil, fmt.Errorf("%w: %d bytes encoded, memberlist carries at most %d (%d libp2p addresses, API address %d bytes)",
+			ErrMetaTooLarge, len(b), MaxMetaSize, len(n.Addrs), len(n.APIAddr))
+	}
+	return b, nil
+}
+
+// DecodeNodeMeta parses metadata made by Encode.
+func DecodeNodeMeta(b []byte) (NodeMeta, error) {
+	var w wireMeta
+	if err := msgpack.Unmarshal(b, &w); err != nil {
+		return NodeMeta{}, fmt.Errorf("decode node metadata: %w", err)
+	}
+	n := NodeMeta{
+		LayerStart:  w.Start,
+		LayerEnd:    w.End,
+		Chain:       w.Chain,
+		State:       State(w.State),
+		MemoryBytes: w.Mem,
+		FreeRAM:     w.RAM,
+		FreeGPU:     w.GPU,
+		MsPerLayer:  w.Ms,
+		Sessions:    w.Sess,
+		APIAddr:     w.API,
+	}
+	if len(w.Peer) > 0 {
+		id, err := peer.IDFromBytes(w.Peer)
+		if err != nil {
+			return NodeMeta{}, fmt.Errorf("decode node metadata: peer ID: %w", err)
+		}
+		n.PeerID = id
+	}
+	switch len(w.Model) {
+	case 0:
+	case len(n.ModelSHA256):
+		copy(n.ModelSHA256[:], w.Model)
+	default:
+		return NodeMeta{}, fmt.Errorf("decode node metadata: model hash of %d bytes, want 32", len(w.Model))
+	}
+	for _, b := range w.Addrs {
+		a, err := ma.NewMultiaddrBytes(b)
+		if err != nil {
+			return NodeMeta{}, fmt.Errorf("decode node metadata: libp2p address: %w", err)
+		}
+		n.Addrs = append(n.Addrs, a)
+	}
+	return n, nil
+}
