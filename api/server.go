@@ -41,8 +41,9 @@ type Server struct {
 	maxBody   int64
 	templates *templates
 
-	mux     *http.ServeMux
-	handler http.Handler
+	apiMux   *http.ServeMux // /v1/...
+	extraMux *http.ServeMux // everything else, mounted by the node
+	handler  http.Handler
 }
 
 // Option configures a Server.
@@ -83,11 +84,12 @@ func WithMaxBodyBytes(n int64) Option {
 // NewServer returns the API handler for backend.
 func NewServer(backend Backend, opts ...Option) *Server {
 	s := &Server{
-		backend: backend,
-		log:     slog.New(slog.NewTextHandler(io.Discard, nil)),
-		now:     time.Now,
-		maxBody: 16 << 20,
-		mux:     http.NewServeMux(),
+		backend:  backend,
+		log:      slog.New(slog.NewTextHandler(io.Discard, nil)),
+		now:      time.Now,
+		maxBody:  16 << 20,
+		apiMux:   http.NewServeMux(),
+		extraMux: http.NewServeMux(),
 	}
 	for _, o := range opts {
 		o(s)
@@ -96,20 +98,46 @@ func NewServer(backend Backend, opts ...Option) *Server {
 
 	// Methods are checked in the handlers, not in the patterns, so that a wrong method gets
 	// OpenAI's JSON error shape rather than the mux's plain-text 405.
-	s.mux.Handle("/v1/chat/completions", s.auth(s.method(http.MethodPost, s.handleChat)))
-	s.mux.Handle("/v1/completions", s.auth(s.method(http.MethodPost, s.handleCompletion)))
-	s.mux.Handle("/v1/models", s.auth(s.method(http.MethodGet, s.handleModels)))
-	s.mux.Handle("/v1/models/{id...}", s.auth(s.method(http.MethodGet, s.handleModel)))
-	s.mux.Handle("/v1/", s.auth(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	s.apiMux.Handle("/v1/chat/completions", s.method(http.MethodPost, s.handleChat))
+	s.apiMux.Handle("/v1/completions", s.method(http.MethodPost, s.handleCompletion))
+	s.apiMux.Handle("/v1/models", s.method(http.MethodGet, s.handleModels))
+	s.apiMux.Handle("/v1/models/{id...}", s.method(http.MethodGet, s.handleModel))
+	s.apiMux.Handle("/v1/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, invalidRequestCode(http.StatusNotFound, "", "unknown_url", fmt.Sprintf("unknown endpoint %s %s", r.Method, r.URL.Path)))
-	})))
-	s.handler = s.recover(s.mux)
+	}))
+	api := s.auth(s.apiMux)
+	// Two muxes, split on the /v1 prefix: the node's routes (a dashboard at "GET /") would
+	// otherwise conflict with the API's method-less patterns and make ServeMux panic.
+	s.handler = s.recover(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if isAPIPath(r.URL.Path) {
+			api.ServeHTTP(w, r)
+			return
+		}
+		s.extraMux.ServeHTTP(w, r)
+	}))
 	return s
 }
 
-// Handle mounts an extra route on the server's mux, outside API-key auth (patterns as for
-// http.ServeMux; like it, a pattern that conflicts with an existing one panics at setup).
-func (s *Server) Handle(pattern string, h http.Handler) { s.mux.Handle(pattern, h) }
+func isAPIPath(p string) bool { return p == "/v1" || strings.HasPrefix(p, "/v1/") }
+
+// Handle mounts a route of the node's (/health, /metrics, a dashboard at "/") beside the API,
+// with http.ServeMux patterns. Routes outside /v1/ are not covered by the API key: the node
+// decides what they expose. Routes under /v1/ join the API, behind its key; like ServeMux,
+// a pattern that conflicts with an existing one panics at setup.
+func (s *Server) Handle(pattern string, h http.Handler) {
+	path := pattern
+	if i := strings.IndexByte(path, ' '); i >= 0 { // "GET /path"
+		path = strings.TrimLeft(path[i+1:], " \t")
+	}
+	if i := strings.IndexByte(path, '/'); i > 0 { // "host/path"
+		path = path[i:]
+	}
+	if isAPIPath(path) {
+		s.apiMux.Handle(pattern, h)
+		return
+	}
+	s.extraMux.Handle(pattern, h)
+}
 
 // ServeHTTP implements http.Handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.handler.ServeHTTP(w, r) }

@@ -625,8 +625,10 @@ func TestPanicRecovered(t *testing.T) {
 
 func TestAuthAndExtraRoutes(t *testing.T) {
 	srv := NewServer(newEcho(), WithAPIKey("s3cret"), WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
-	srv.Handle("/health", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }))
-	srv.Handle("/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "dashboard") }))
+	// The node's own patterns, methods included: "GET /" must not clash with the API's routes.
+	srv.Handle("GET /health", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok") }))
+	srv.Handle("GET /", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "dashboard") }))
+	srv.Handle("GET /v1/strata/peers", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "peers") }))
 	ts := httptest.NewServer(srv)
 	defer ts.Close()
 	ctx := context.Background()
@@ -649,8 +651,10 @@ func TestAuthAndExtraRoutes(t *testing.T) {
 		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")}}); err != nil {
 		t.Fatal(err)
 	}
-	for path, want := range map[string]string{"/health": "ok", "/": "dashboard", "/app.js": "dashboard"} {
-		resp, err := http.Get(ts.URL + path)
+	for path, want := range map[string]string{"/health": "ok", "/": "dashboard", "/app.js": "dashboard", "/v1/strata/peers": "peers"} {
+		req, _ := http.NewRequest("GET", ts.URL+path, nil)
+		req.Header.Set("Authorization", "Bearer s3cret")
+		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -659,6 +663,13 @@ func TestAuthAndExtraRoutes(t *testing.T) {
 		if resp.StatusCode != 200 || string(body) != want {
 			t.Fatalf("%s: %d %q", path, resp.StatusCode, body)
 		}
+	}
+	// A node route under /v1/ is behind the key; the others are not.
+	if resp, err := http.Get(ts.URL + "/v1/strata/peers"); err != nil || resp.StatusCode != 401 {
+		t.Fatalf("/v1/strata/peers without a key: %v %v", resp.StatusCode, err)
+	}
+	if resp, err := http.Get(ts.URL + "/health"); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("/health without a key: %v %v", resp.StatusCode, err)
 	}
 }
 
