@@ -46,10 +46,14 @@ func (m ModelShape) RangeBytes(r Range) int64 {
 // TotalBytes is the memory one whole copy of the model needs.
 func (m ModelShape) TotalBytes() int64 { return m.RangeBytes(Range{0, m.Layers}) }
 
+// maxPlanLayers bounds the planner's work (quadratic in layers): real models have at most a
+// few hundred.
+const maxPlanLayers = 4096
+
 func (m ModelShape) validate() error {
 	switch {
-	case m.Layers <= 0:
-		return fmt.Errorf("%w: model has %d layers", ErrBadPlanInput, m.Layers)
+	case m.Layers <= 0 || m.Layers > maxPlanLayers:
+		return fmt.Errorf("%w: model has %d layers, want 1 to %d", ErrBadPlanInput, m.Layers, maxPlanLayers)
 	case m.LayerBytes < 0, m.KVBytesPerToken < 0, m.EmbedBytes < 0, m.HeadBytes < 0:
 		return fmt.Errorf("%w: negative byte count in model shape %+v", ErrBadPlanInput, m)
 	case m.Context < 0:

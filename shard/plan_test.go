@@ -492,8 +492,9 @@ func TestPlanBadInput(t *testing.T) {
 		opts  []PlanOption
 	}{
 		{"no layers", ModelShape{}, []NodeCapacity{ok}, nil},
+		{"too many layers", ModelShape{Layers: 1 << 20, LayerBytes: 1}, []NodeCapacity{ok}, nil},
 		{"negative bytes", ModelShape{Layers: 2, LayerBytes: -1}, []NodeCapacity{ok}, nil},
-		{"overflow", ModelShape{Layers: 1 << 20, LayerBytes: math.MaxInt64 / 1000}, []NodeCapacity{ok}, nil},
+		{"overflow", ModelShape{Layers: 4000, LayerBytes: math.MaxInt64 / 1000}, []NodeCapacity{ok}, nil},
 		{"kv overflow", ModelShape{Layers: 2, KVBytesPerToken: math.MaxInt64 / 2, Context: 4}, []NodeCapacity{ok}, nil},
 		{"empty id", shape8B, []NodeCapacity{{MemoryBytes: gib}}, nil},
 		{"duplicate id", shape8B, []NodeCapacity{ok, ok}, nil},
@@ -566,6 +567,27 @@ func ExamplePlanLayers_replicas() {
 	// replicas: 2
 	// chain 0 a [0,12) c [12,24)
 	// chain 1 b [0,12) d [12,24)
+}
+
+// A node joins a running chain: it takes layers from its neighbours, who only drop layers,
+// so the only layers loaded are the newcomer's.
+func ExamplePlanLayers_join() {
+	m := ModelShape{Layers: 30, LayerBytes: 100 * mib}
+	nodes := []NodeCapacity{
+		{ID: "a", MemoryBytes: 2 * gib, Current: Range{0, 15}},
+		{ID: "b", MemoryBytes: 2 * gib, Current: Range{15, 30}},
+		{ID: "c", MemoryBytes: 2 * gib}, // new
+	}
+	p, _ := PlanLayers(m, nodes)
+	for _, s := range p.Chains()[0] {
+		fmt.Println(s.ID, s.Range)
+	}
+	fmt.Println("layers loaded:", p.Moved(nodes))
+	// Output:
+	// a [0,10)
+	// c [10,20)
+	// b [20,30)
+	// layers loaded: 10
 }
 
 func ExampleInsufficientMemoryError() {
