@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmihailenco/msgpack/v5"
+
 	"github.com/strata-llm/strata/pipeline/sample"
 	"github.com/strata-llm/strata/quant"
 	"github.com/strata-llm/strata/shard"
@@ -106,13 +108,14 @@ func writeRaw(t testing.TB, w io.Writer, hdr []byte, payload []byte) {
 	w.Write(payload)
 }
 
+// encodeHeader encodes h as it is, PayloadLen and Checksum included.
 func encodeHeader(t testing.TB, h Header) []byte {
 	t.Helper()
 	var buf bytes.Buffer
-	if err := NewWriter(&buf).WriteFrame(&h, nil); err != nil {
+	if err := h.encode(msgpack.NewEncoder(&buf)); err != nil {
 		t.Fatal(err)
 	}
-	return buf.Bytes()[4:]
+	return buf.Bytes()
 }
 
 func TestFrameErrors(t *testing.T) {

@@ -279,6 +279,7 @@ func newPipe() (a, b *pipeEnd) {
 func (p *pipeEnd) Read(b []byte) (int, error)  { return p.r.Read(b) }
 func (p *pipeEnd) Write(b []byte) (int, error) { return p.w.Write(b) }
 func (p *pipeEnd) CloseWrite() error           { return p.w.Close() }
+func (p *pipeEnd) CloseRead() error            { return p.r.CloseWithError(errPipeReset) }
 
 func (p *pipeEnd) Close() error {
 	p.w.Close()

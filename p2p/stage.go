@@ -390,6 +390,7 @@ func (srv *stageServer) release(p peer.ID, n int64) {
 type stream interface {
 	io.ReadWriteCloser
 	CloseWrite() error
+	CloseRead() error
 	Reset() error
 }
 
@@ -419,7 +420,8 @@ type stageSession struct {
 	acts     []float32
 	out      []byte
 	reply    Header
-	graceful bool
+	graceful bool // closed by a close frame or upstream's half-close
+	ended    bool // the stream was already closed after a final error frame
 }
 
 // hop is a stream to the next stage.
@@ -469,8 +471,9 @@ func (ss *stageSession) reject(step uint64, code ErrorCode, format string, args 
 	return ss.w.WriteFrame(h, nil)
 }
 
-// fatal sends an error frame and resets the stream, without waiting long on a peer that may
-// not be reading.
+// fatal sends an error frame and ends the stream. It closes instead of resetting, because a
+// reset can overtake the frame (yamux drops unread data on a reset) and the peer would never
+// learn why.
 func (ss *stageSession) fatal(step uint64, code ErrorCode, format string, args ...any) {
 	done := make(chan struct{})
 	go func() {
@@ -479,9 +482,11 @@ func (ss *stageSession) fatal(step uint64, code ErrorCode, format string, args .
 	}()
 	select {
 	case <-done:
-	case <-time.After(time.Second):
+		ss.st.Close()
+	case <-time.After(time.Second): // the peer is not reading
+		ss.st.Reset()
 	}
-	ss.st.Reset()
+	ss.ended = true
 }
 
 // open reads and serves the open frame. It returns false when no session was opened (the
@@ -603,6 +608,7 @@ func (ss *stageSession) relayError(se *StageError) {
 	case <-time.After(time.Second):
 		ss.st.Reset()
 	}
+	ss.ended = true
 }
 
 // openNext opens the session on the rest of the route and returns its max context.
@@ -657,10 +663,8 @@ func (ss *stageSession) loop() {
 		ss.readLoop(free, frames)
 	}()
 	defer func() {
-		ss.cancel(nil) // stops the reader once it is blocked on us
-		if !ss.graceful {
-			ss.st.Reset()
-		}
+		ss.cancel(nil)    // stops the reader once it is blocked on us,
+		ss.st.CloseRead() // or in a read; unlike a reset it keeps what we wrote
 		<-readerDone
 		for i := range slots {
 			ss.srv.release(ss.remote, slots[i].reserved)
@@ -705,7 +709,7 @@ func (ss *stageSession) readLoop(free <-chan *slot, frames chan<- *slot) {
 		sl.err = nil
 		if err := ss.r.ReadHeader(&sl.h); err != nil {
 			sl.err = err
-			send(sl)
+			ss.deliverFailure(sl, frames)
 			return
 		}
 		if sl.h.Kind == KindCancel {
@@ -717,7 +721,7 @@ func (ss *stageSession) readLoop(free <-chan *slot, frames chan<- *slot) {
 				sl.err = errBusy
 				if err := ss.r.DiscardPayload(); err != nil {
 					sl.err = err
-					send(sl)
+					ss.deliverFailure(sl, frames)
 					return
 				}
 				if !send(sl) {
@@ -731,7 +735,11 @@ func (ss *stageSession) readLoop(free <-chan *slot, frames chan<- *slot) {
 		sl.payload, err = ss.r.ReadPayload(sl.payload[:0])
 		if err != nil {
 			sl.err = err
-			if !send(sl) || !errors.Is(err, ErrChecksum) {
+			if !errors.Is(err, ErrChecksum) {
+				ss.deliverFailure(sl, frames)
+				return
+			}
+			if !send(sl) {
 				return
 			}
 			continue
@@ -739,6 +747,26 @@ func (ss *stageSession) readLoop(free <-chan *slot, frames chan<- *slot) {
 		if !send(sl) {
 			return
 		}
+	}
+}
+
+// deliverFailure hands the worker a stream failure to answer. If the worker is busy with a
+// step it will not be free soon, so the failure (a reset, a dead connection) aborts the step.
+// A clean half-close lets the step finish.
+func (ss *stageSession) deliverFailure(sl *slot, frames chan<- *slot) {
+	select {
+	case frames <- sl:
+		return
+	case <-ss.ctx.Done():
+		return
+	case <-time.After(50 * time.Millisecond):
+	}
+	if !errors.Is(sl.err, io.EOF) {
+		ss.cancel(fmt.Errorf("upstream stream failed: %w", sl.err))
+	}
+	select {
+	case frames <- sl:
+	case <-ss.ctx.Done():
 	}
 }
 
@@ -915,7 +943,10 @@ func (ss *stageSession) downstreamFailed(step uint64, err error) bool {
 	r := &ss.reply
 	*r = Header{Kind: KindError, Session: ss.id, Step: step, Code: CodeUnreachable,
 		Message: fmt.Sprintf("next hop %s: %v", shortID(ss.next.peer), err), Origin: string(ss.next.peer)}
-	_ = ss.w.WriteFrame(r, nil)
+	if ss.w.WriteFrame(r, nil) == nil {
+		ss.st.Close()
+		ss.ended = true
+	}
 	return true
 }
 
@@ -942,9 +973,11 @@ func (ss *stageSession) finish() {
 		ss.srv.h.Unprotect(ss.remote, ss.tag)
 	}
 	ss.srv.leave(ss)
-	if ss.graceful {
+	switch {
+	case ss.ended: // an error frame said goodbye
+	case ss.graceful:
 		ss.st.Close()
-	} else {
+	default:
 		ss.st.Reset()
 	}
 	ss.log.Debug("session closed", "graceful", ss.graceful, "cause", cause)

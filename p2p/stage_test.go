@@ -1,0 +1,693 @@
+package p2p
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+
+	"github.com/strata-llm/strata/pipeline/sample"
+	"github.com/strata-llm/strata/quant"
+	"github.com/strata-llm/strata/shard"
+)
+
+const testModel = "7e57c0de"
+
+// toyExec is a stand-in for shard.Stage with the same contract. The first stage embeds token
+// t at position p as a row of t+p; every stage adds the number of its layers; the last stage
+// puts its highest logit on round(mean(row)) mod vocab. A chain over L layers therefore
+// predicts (t + p + L) mod vocab, and any lost, reordered or garbled activation shows.
+type toyExec struct {
+	info  shard.StageInfo
+	delay time.Duration
+
+	mu       sync.Mutex
+	sessions map[uint64]int32 // next position
+	forwards atomic.Int64
+	aborted  atomic.Int64 // forwards that ended by context
+}
+
+func newToy(r shard.Range, layers, hidden, vocab int) *toyExec {
+	return &toyExec{
+		info: shard.StageInfo{ModelSHA256: testModel, Range: r, Layers: layers, Hidden: hidden, Vocab: vocab,
+			MaxContext: 1024, MaxSessions: 16, MaxBatch: 512},
+		sessions: map[uint64]int32{},
+	}
+}
+
+func (e *toyExec) Info() shard.StageInfo { return e.info }
+
+func (e *toyExec) OpenSession(id uint64) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if _, ok := e.sessions[id]; ok {
+		return shard.ErrSessionExists
+	}
+	if len(e.sessions) >= e.info.MaxSessions {
+		return shard.ErrTooManySessions
+	}
+	e.sessions[id] = 0
+	return nil
+}
+
+func (e *toyExec) CloseSession(id uint64) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if _, ok := e.sessions[id]; !ok {
+		return shard.ErrUnknownSession
+	}
+	delete(e.sessions, id)
+	return nil
+}
+
+func (e *toyExec) open() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.sessions)
+}
+
+func (e *toyExec) Forward(ctx context.Context, s shard.Step) (shard.Output, error) {
+	e.mu.Lock()
+	next, ok := e.sessions[s.Session]
+	e.mu.Unlock()
+	if !ok {
+		return shard.Output{}, shard.ErrUnknownSession
+	}
+	for i, p := range s.Positions {
+		if p != next+int32(i) {
+			return shard.Output{}, fmt.Errorf("%w: position %d, expected %d", shard.ErrBadInput, p, next+int32(i))
+		}
+	}
+	n, h := len(s.Positions), e.info.Hidden
+	if int(s.Positions[n-1]) >= e.info.MaxContext {
+		return shard.Output{}, shard.ErrContextFull
+	}
+	out := make([]float32, n*h)
+	if e.info.First() {
+		for i, t := range s.Tokens {
+			for j := 0; j < h; j++ {
+				out[i*h+j] = float32(t + s.Positions[i])
+			}
+		}
+	} else {
+		copy(out, s.Hidden)
+	}
+	for i := range out {
+		out[i] += float32(e.info.Range.Len())
+	}
+	if e.delay > 0 {
+		select {
+		case <-time.After(e.delay):
+		case <-ctx.Done():
+			e.aborted.Add(1)
+			return shard.Output{}, ctx.Err()
+		}
+	}
+	e.mu.Lock()
+	if _, ok := e.sessions[s.Session]; ok {
+		e.sessions[s.Session] = next + int32(n)
+	}
+	e.mu.Unlock()
+	e.forwards.Add(1)
+	if !e.info.Last() {
+		return shard.Output{Hidden: out}, nil
+	}
+	var sum float64
+	for _, v := range out[(n-1)*h:] {
+		sum += float64(v)
+	}
+	best := int(math.Round(sum/float64(h))) % e.info.Vocab
+	logits := make([]float32, e.info.Vocab)
+	for i := range logits {
+		logits[i] = -1
+	}
+	logits[best] = 5
+	logits[(best+1)%e.info.Vocab] = 4
+	return shard.Output{Logits: logits}, nil
+}
+
+// testChain is hosts serving toy stages over layers split at the given cuts.
+type testChain struct {
+	hosts []*Host
+	execs []*toyExec
+	hops  []Hop
+	L, V  int
+}
+
+func newTestChain(t testing.TB, cuts []int, hidden, vocab int, opts ...StageOption) *testChain {
+	t.Helper()
+	c := &testChain{L: cuts[len(cuts)-1], V: vocab}
+	for i := 1; i < len(cuts); i++ {
+		h := newTestHost(t)
+		r := shard.Range{Start: cuts[i-1], End: cuts[i]}
+		e := newToy(r, c.L, hidden, vocab)
+		if err := h.ServeStage(e, opts...); err != nil {
+			t.Fatal(err)
+		}
+		c.hosts = append(c.hosts, h)
+		c.execs = append(c.execs, e)
+		c.hops = append(c.hops, Hop{Peer: h.AddrInfo(), Range: r})
+	}
+	return c
+}
+
+func (c *testChain) expect(tok, pos int32) int32 { return (tok + pos + int32(c.L)) % int32(c.V) }
+
+// waitClosed polls until no stage holds a session.
+func (c *testChain) waitClosed(t testing.TB) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		open := 0
+		for i, e := range c.execs {
+			open += e.open() + c.hosts[i].Stats().Sessions
+		}
+		if open == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			for i, e := range c.execs {
+				t.Logf("stage %d: executor sessions %d, host sessions %d", i, e.open(), c.hosts[i].Stats().Sessions)
+			}
+			t.Fatal("sessions still open on the chain")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// generate runs a prefill and decode steps on r and checks every token.
+func generate(t testing.TB, c *testChain, r *Route, prompt []int32, steps int) {
+	t.Helper()
+	ctx := context.Background()
+	pos := make([]int32, len(prompt))
+	for i := range pos {
+		pos[i] = int32(i)
+	}
+	res, err := r.Step(ctx, pos, prompt, sample.Params{}, nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	last, p := prompt[len(prompt)-1], int32(len(prompt)-1)
+	for i := 0; i < steps; i++ {
+		if want := c.expect(last, p); res.Token != want {
+			t.Fatalf("step %d: token %d, want %d", i, res.Token, want)
+		}
+		last, p = res.Token, p+1
+		res, err = r.Step(ctx, []int32{p}, []int32{last}, sample.Params{}, []int32{last}, i == steps/2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i == steps/2 {
+			if len(res.Logits) != c.V || res.Logits[c.expect(last, p)] != 5 {
+				t.Fatalf("logits: %d of them, at the expected token %v", len(res.Logits), res.Logits)
+			}
+			if want := logSoftmaxAt(res.Logits, res.Token); math.Abs(float64(res.Logprob-want)) > 1e-4 {
+				t.Fatalf("logprob %v, want %v", res.Logprob, want)
+			}
+		}
+	}
+}
+
+func logSoftmaxAt(logits []float32, tok int32) float32 {
+	var sum float64
+	for _, l := range logits {
+		sum += math.Exp(float64(l))
+	}
+	return float32(float64(logits[tok]) - math.Log(sum))
+}
+
+func TestChainGeneration(t *testing.T) {
+	c := newTestChain(t, []int{0, 2, 5, 6}, 128, 1000)
+	entry := newTestHost(t)
+	for i, codec := range []quant.Codec{quant.CodecF32, quant.CodecF16, quant.CodecQ8} {
+		t.Run(codec.String(), func(t *testing.T) {
+			r, err := entry.OpenRoute(context.Background(), uint64(100+i), c.hops, WithModel(testModel), WithCodec(codec))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.MaxContext() != 1024 {
+				t.Fatalf("route max context %d", r.MaxContext())
+			}
+			for j, e := range c.execs {
+				if e.open() != 1 {
+					t.Fatalf("stage %d has %d sessions after open", j, e.open())
+				}
+			}
+			generate(t, c, r, []int32{3, 1, 4, 1, 5}, 12)
+			if err := r.Close(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			// Close returns once the whole chain has closed the session.
+			for j, e := range c.execs {
+				if e.open() != 0 {
+					t.Fatalf("stage %d still has %d sessions after Close", j, e.open())
+				}
+			}
+			if _, err := r.Step(context.Background(), []int32{99}, []int32{1}, sample.Params{}, nil, false); !errors.Is(err, ErrRouteClosed) {
+				t.Fatalf("step after close: %v", err)
+			}
+		})
+	}
+	for i, h := range c.hosts {
+		st := h.Stats()
+		if len(st.Rejected) != 0 || st.Opened != 3 {
+			t.Fatalf("stage %d stats %+v", i, st)
+		}
+	}
+}
+
+func TestConcurrentSessions(t *testing.T) {
+	c := newTestChain(t, []int{0, 3, 6}, 64, 500)
+	entry := newTestHost(t)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for s := 0; s < 8; s++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r, err := entry.OpenRoute(context.Background(), 7, c.hops, WithModel(testModel)) // the same id on purpose
+			if err != nil {
+				errs <- err
+				return
+			}
+			generate(t, c, r, []int32{int32(s), 2}, 20)
+			errs <- r.Close(context.Background())
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.waitClosed(t)
+}
+
+func TestSelfHop(t *testing.T) {
+	// The entry serves the first stage itself: its hop is an in-process pipe.
+	c := newTestChain(t, []int{0, 4, 6}, 64, 300)
+	r, err := c.hosts[0].OpenRoute(context.Background(), 1, c.hops, WithModel(testModel), WithCodec(quant.CodecQ8))
+	if err != nil {
+		t.Fatal(err)
+	}
+	generate(t, c, r, []int32{10, 20, 30}, 5)
+	if err := r.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	c.waitClosed(t)
+}
+
+func TestOpenRefusals(t *testing.T) {
+	c := newTestChain(t, []int{0, 2, 4}, 64, 100, WithMaxSessionsPerPeer(2))
+	entry := newTestHost(t)
+	ctx := context.Background()
+	check := func(name string, err error, code ErrorCode) {
+		t.Helper()
+		var se *StageError
+		if !errors.As(err, &se) || se.Code != code {
+			t.Fatalf("%s: got %v, want code %s", name, err, code)
+		}
+	}
+	_, err := entry.OpenRoute(ctx, 1, c.hops, WithModel("other-model"))
+	check("unknown model", err, CodeNoStage)
+	_, err = entry.OpenRoute(ctx, 1, []Hop{c.hops[0], {Peer: c.hops[1].Peer, Range: shard.Range{Start: 2, End: 3}}}, WithModel(testModel))
+	check("range the second stage does not serve", err, CodeNoStage)
+	var se *StageError
+	if errors.As(err, &se) && se.Peer != c.hosts[1].ID() {
+		t.Fatalf("refusal blamed %s, not the second stage", se.Peer)
+	}
+	_, err = entry.OpenRoute(ctx, 1, c.hops[:1], WithModel(testModel))
+	check("route ending early", err, CodeBadRequest)
+	_, err = entry.OpenRoute(ctx, 1, c.hops, WithModel(testModel), WithMaxContext(5000))
+	check("context longer than the stages hold", err, CodeContextFull)
+	if _, err := entry.OpenRoute(ctx, 1, []Hop{c.hops[1], c.hops[0]}, WithModel(testModel)); err == nil {
+		t.Fatal("route not starting at layer 0 accepted")
+	}
+	dead := newTestHost(t)
+	deadInfo := dead.AddrInfo()
+	dead.Close()
+	_, err = entry.OpenRoute(ctx, 1, []Hop{c.hops[0], {Peer: deadInfo, Range: c.hops[1].Range}}, WithModel(testModel))
+	check("dead second hop", err, CodeUnreachable)
+
+	var routes []*Route
+	for i := 0; i < 2; i++ {
+		r, err := entry.OpenRoute(ctx, uint64(i), c.hops, WithModel(testModel))
+		if err != nil {
+			t.Fatal(err)
+		}
+		routes = append(routes, r)
+	}
+	_, err = entry.OpenRoute(ctx, 3, c.hops, WithModel(testModel))
+	check("third session of one peer", err, CodeTooManySessions)
+	for _, r := range routes {
+		r.Close(ctx)
+	}
+	c.waitClosed(t)
+	if n := c.hosts[0].Stats().Rejected["too_many_sessions"]; n != 1 {
+		t.Fatalf("too_many_sessions counted %d times", n)
+	}
+}
+
+func TestStepRefusalsKeepRoute(t *testing.T) {
+	c := newTestChain(t, []int{0, 2, 4}, 64, 100)
+	entry := newTestHost(t)
+	ctx := context.Background()
+	r, err := entry.OpenRoute(ctx, 1, c.hops, WithModel(testModel))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var se *StageError
+	if _, err := r.Step(ctx, []int32{0, 1}, []int32{5}, sample.Params{}, nil, false); !errors.As(err, &se) || se.Code != CodeBadShape {
+		t.Fatalf("tokens and positions disagree: %v", err)
+	}
+	if _, err := r.Step(ctx, []int32{0}, []int32{100}, sample.Params{}, nil, false); !errors.As(err, &se) || se.Code != CodeBadShape {
+		t.Fatalf("token outside the vocabulary: %v", err)
+	}
+	if _, err := r.Step(ctx, []int32{5}, []int32{1}, sample.Params{}, nil, false); !errors.Is(err, shard.ErrBadInput) {
+		t.Fatalf("position gap: %v", err)
+	}
+	// Still usable.
+	generate(t, c, r, []int32{1, 2}, 3)
+	r.Close(ctx)
+}
+
+func TestAbortPropagates(t *testing.T) {
+	c := newTestChain(t, []int{0, 1, 2, 3}, 64, 100)
+	entry := newTestHost(t)
+	ctx := context.Background()
+
+	// Abort: cancel down the chain.
+	r, err := entry.OpenRoute(ctx, 1, c.hops, WithModel(testModel))
+	if err != nil {
+		t.Fatal(err)
+	}
+	generate(t, c, r, []int32{1}, 2)
+	r.Abort()
+	c.waitClosed(t)
+
+	// A step whose context ends mid-way: every stage's forward is cancelled.
+	for _, e := range c.execs {
+		e.delay = 10 * time.Second
+	}
+	r, err = entry.OpenRoute(ctx, 2, c.hops, WithModel(testModel))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	if _, err := r.Step(sctx, []int32{0}, []int32{1}, sample.Params{}, nil, false); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("step with an expiring context: %v", err)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("cancelled step took %v", d)
+	}
+	c.waitClosed(t)
+	if c.execs[0].aborted.Load() != 1 {
+		t.Fatal("the first stage's forward was not cancelled")
+	}
+	for _, e := range c.execs {
+		e.delay = 0
+	}
+
+	// The entry node disappearing closes everything too.
+	entry2 := newTestHost(t)
+	r, err = entry2.OpenRoute(ctx, 3, c.hops, WithModel(testModel))
+	if err != nil {
+		t.Fatal(err)
+	}
+	generate(t, c, r, []int32{1}, 1)
+	entry2.Close()
+	c.waitClosed(t)
+
+	// So does a middle stage dying: the entry learns which one.
+	r, err = entry.OpenRoute(ctx, 4, c.hops, WithModel(testModel))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.hosts[1].Close()
+	_, err = r.Step(ctx, []int32{0}, []int32{1}, sample.Params{}, nil, false)
+	var se *StageError
+	if !errors.As(err, &se) || se.Code != CodeUnreachable || (se.Peer != c.hosts[1].ID() && se.Peer != c.hosts[0].ID()) {
+		t.Fatalf("step through a dead stage: %v", err)
+	}
+	if _, err := r.Step(ctx, []int32{0}, []int32{1}, sample.Params{}, nil, false); !errors.Is(err, ErrRouteClosed) {
+		t.Fatalf("step on a broken route: %v", err)
+	}
+}
+
+// rawSession speaks the stage protocol by hand to one stage, to send what a well-behaved
+// node never would.
+type rawSession struct {
+	st network.Stream
+	w  *Writer
+	r  *Reader
+	h  Header
+}
+
+func openRaw(t testing.TB, from *Host, to Hop, session uint64, codec quant.Codec) *rawSession {
+	t.Helper()
+	ctx := context.Background()
+	if err := from.Connect(ctx, to.Peer); err != nil {
+		t.Fatal(err)
+	}
+	st, err := from.Libp2p().NewStream(ctx, to.Peer.ID, StageProtocol)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs := &rawSession{st: st, w: NewWriter(st), r: NewReader(st)}
+	if session == 0 {
+		return rs
+	}
+	rs.h = Header{Kind: KindOpen, Session: session, Model: testModel, Range: to.Range, Codec: codec}
+	if err := rs.w.WriteFrame(&rs.h, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rs.r.ReadFrame(&rs.h); err != nil || rs.h.Kind != KindOpened {
+		t.Fatalf("raw open: %v %+v", err, rs.h)
+	}
+	return rs
+}
+
+func (rs *rawSession) send(t testing.TB, h Header, payload []byte) *Header {
+	t.Helper()
+	if err := rs.w.WriteFrame(&h, payload); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rs.r.ReadFrame(&rs.h); err != nil {
+		t.Fatalf("no answer to %s: %v", h.Kind, err)
+	}
+	return &rs.h
+}
+
+func TestHostilePeer(t *testing.T) {
+	// A two-stage chain serving layers [0,1) and [1,2); the attacker talks to the last stage
+	// directly, as a first stage would.
+	c := newTestChain(t, []int{0, 1, 2}, 64, 100,
+		WithStageTimeouts(0, 0, 500*time.Millisecond), WithMaxInflightBytes(64<<10), WithStageFrameLimits(4<<10, 1<<20))
+	entry := newTestHost(t)
+	attacker := newTestHost(t)
+	ctx := context.Background()
+
+	// A healthy session runs the whole time.
+	healthy := make(chan error, 1)
+	stop := make(chan struct{})
+	go func() {
+		r, err := entry.OpenRoute(ctx, 1, c.hops, WithModel(testModel))
+		if err != nil {
+			healthy <- err
+			return
+		}
+		last, p := int32(1), int32(0)
+		res, err := r.Step(ctx, []int32{0}, []int32{1}, sample.Params{}, nil, false)
+		for n := 0; err == nil; n++ {
+			if p == 500 { // start over before the context fills
+				if err = r.Close(ctx); err != nil {
+					break
+				}
+				if r, err = entry.OpenRoute(ctx, 1, c.hops, WithModel(testModel)); err != nil {
+					break
+				}
+				last, p = 1, 0
+				if res, err = r.Step(ctx, []int32{0}, []int32{1}, sample.Params{}, nil, false); err != nil {
+					break
+				}
+			}
+			if want := c.expect(last, p); res.Token != want {
+				err = fmt.Errorf("healthy session step %d: token %d, want %d", n, res.Token, want)
+				break
+			}
+			select {
+			case <-stop:
+				healthy <- r.Close(ctx)
+				return
+			default:
+			}
+			last, p = res.Token, p+1
+			res, err = r.Step(ctx, []int32{p}, []int32{last}, sample.Params{}, nil, false)
+		}
+		healthy <- err
+	}()
+
+	last := c.hops[1]
+	hidden := 64
+	acts := make([]float32, 2*hidden)
+	good, _ := quant.CodecF16.Append(nil, acts)
+	fwd := func() Header {
+		return Header{Kind: KindForward, Session: 5, Step: 1, Positions: []int32{0, 1}, Codec: quant.CodecF16, Shape: []int{2, hidden}}
+	}
+	expectCode := func(name string, h *Header, code ErrorCode) {
+		t.Helper()
+		if h.Kind != KindError || h.Code != code {
+			t.Fatalf("%s: answered %s %s %q, want error %s", name, h.Kind, h.Code, h.Message, code)
+		}
+	}
+
+	rs := openRaw(t, attacker, last, 5, quant.CodecF16)
+	h := fwd()
+	h.Shape = []int{2, hidden + 1}
+	expectCode("wrong shape", rs.send(t, h, good), CodeBadShape)
+	expectCode("payload short of the shape", rs.send(t, fwd(), good[:len(good)-2]), CodeBadShape)
+	h = fwd()
+	h.Codec = quant.CodecQ8
+	expectCode("codec not the session's", rs.send(t, h, good), CodeBadCodec)
+	nan := append([]float32(nil), acts...)
+	nan[77] = float32(math.NaN())
+	nanBytes, _ := quant.CodecF16.Append(nil, nan)
+	expectCode("NaN activations", rs.send(t, fwd(), nanBytes), CodeNonFinite)
+	h = fwd()
+	h.Session = 1
+	expectCode("someone else's session", rs.send(t, h, good), CodeUnknownSession)
+	expectCode("unknown kind", rs.send(t, Header{Kind: 77, Session: 5}, nil), CodeUnknownKind)
+	big := make([]byte, 100<<10)
+	h = fwd()
+	h.Positions, h.Shape = make([]int32, 50), []int{50, hidden}
+	for i := range h.Positions {
+		h.Positions[i] = int32(i)
+	}
+	expectCode("over the in-flight byte cap", rs.send(t, h, big), CodeBusy)
+	// A corrupted payload: write the frame, then flip a byte in flight.
+	h = fwd()
+	h.PayloadLen, h.Checksum = uint32(len(good)), Checksum(good)^1
+	var hb = encodeHeader(t, h)
+	writeRaw(t, rs.st, hb, good)
+	if _, err := rs.r.ReadFrame(&rs.h); err != nil {
+		t.Fatal(err)
+	}
+	expectCode("bad checksum", &rs.h, CodeChecksum)
+	// After all that the session still works.
+	res := rs.send(t, fwd(), good)
+	if res.Kind != KindResult {
+		t.Fatalf("a good step after the refusals: %s %s", res.Kind, res.Message)
+	}
+
+	// Frames that cannot be resynchronized end the stream, and only it.
+	fatal := func(name string, raw []byte, code ErrorCode) {
+		t.Helper()
+		rs := openRaw(t, attacker, last, 0, 0)
+		rs.st.Write(raw)
+		var h Header
+		_, err := rs.r.ReadFrame(&h)
+		if err == nil && (h.Kind != KindError || h.Code != code) {
+			t.Fatalf("%s: answered %s %s", name, h.Kind, h.Code)
+		}
+		if err == nil {
+			_, err = rs.r.ReadFrame(&h)
+		}
+		if err == nil {
+			t.Fatalf("%s: stream still open", name)
+		}
+		rs.st.Reset()
+	}
+	rnd := make([]byte, 4000)
+	for i := range rnd {
+		rnd[i] = byte(rand.IntN(256))
+	}
+	rnd[0], rnd[1], rnd[2] = 0, 0, 0x0b // a plausible length, then noise
+	fatal("random bytes", rnd, CodeBadRequest)
+	fatal("oversized length", []byte{0x7f, 0xff, 0xff, 0xff}, CodeTooLarge)
+	fatal("stall mid-frame", []byte{0, 0, 0, 100, 0x85}, CodeStalled)
+	fatal("forward before open", append([]byte{0, 0, 0, byte(len(encodeHeader(t, fwd())))}, encodeHeader(t, fwd())...), CodeBadRequest)
+
+	close(stop)
+	if err := <-healthy; err != nil {
+		t.Fatalf("healthy session: %v", err)
+	}
+	st := c.hosts[1].Stats()
+	for _, reason := range []string{"bad_shape", "bad_codec", "non_finite", "unknown_session", "unknown_kind", "busy", "checksum", "bad_request", "too_large", "stalled"} {
+		if st.Rejected[reason] == 0 {
+			t.Errorf("reason %s not counted: %v", reason, st.Rejected)
+		}
+	}
+	t.Logf("last stage stats: %+v", st)
+	rs.st.Close()
+	c.waitClosed(t)
+}
+
+// BenchmarkHop measures one hop's round trip: activations encoded and sent to a last stage,
+// decoded and checked there, and a sampled token back. The stage's own compute is nil.
+func BenchmarkHop(b *testing.B) {
+	for _, hidden := range []int{4096, 8192} {
+		srv := newTestHost(b)
+		e := &benchExec{info: shard.StageInfo{ModelSHA256: testModel, Range: shard.Range{Start: 1, End: 2}, Layers: 2,
+			Hidden: hidden, Vocab: 32, MaxContext: 4096, MaxSessions: 64, MaxBatch: 512}}
+		if err := srv.ServeStage(e); err != nil {
+			b.Fatal(err)
+		}
+		cli := newTestHost(b)
+		hop := Hop{Peer: srv.AddrInfo(), Range: e.info.Range}
+		for _, tokens := range []int{1, 512} {
+			acts := make([]float32, tokens*hidden)
+			for i := range acts {
+				acts[i] = float32(math.Sin(float64(i)))
+			}
+			pos := make([]int32, tokens)
+			for _, codec := range []quant.Codec{quant.CodecF32, quant.CodecF16, quant.CodecQ8} {
+				size, _ := quant.EncodedSize(codec, len(acts))
+				b.Run(fmt.Sprintf("h%d/t%d/%s", hidden, tokens, codec), func(b *testing.B) {
+					rs := openRaw(b, cli, hop, 1, codec)
+					defer rs.st.Reset()
+					var buf []byte
+					h := Header{Kind: KindForward, Session: 1, Positions: pos, Codec: codec, Shape: []int{tokens, hidden}}
+					b.SetBytes(int64(size))
+					b.ReportAllocs()
+					b.ReportMetric(float64(size)/float64(tokens), "wire-B/token")
+					for b.Loop() {
+						h.Step++
+						buf, _ = codec.Append(buf[:0], acts)
+						if err := rs.w.WriteFrame(&h, buf); err != nil {
+							b.Fatal(err)
+						}
+						if _, err := rs.r.ReadFrame(&rs.h); err != nil || rs.h.Kind != KindResult {
+							b.Fatalf("%v %s %s", err, rs.h.Kind, rs.h.Message)
+						}
+					}
+				})
+			}
+		}
+	}
+}
+
+// benchExec is a last stage that does no compute and allocates nothing.
+type benchExec struct {
+	info   shard.StageInfo
+	logits []float32
+}
+
+func (e *benchExec) Info() shard.StageInfo     { return e.info }
+func (e *benchExec) OpenSession(uint64) error  { return nil }
+func (e *benchExec) CloseSession(uint64) error { return nil }
+func (e *benchExec) Forward(_ context.Context, s shard.Step) (shard.Output, error) {
+	if e.logits == nil {
+		e.logits = make([]float32, e.info.Vocab)
+	}
+	return shard.Output{Logits: e.logits}, nil
+}
