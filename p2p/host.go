@@ -276,8 +276,7 @@ func (h *Host) swarmHint() string {
 // keyed node in plaintext, which the other side cannot decrypt.
 func handshakeFailure(err error) bool {
 	s := err.Error()
-	for _, sub := range []string{"failed to negotiate security protocol", "failed to negotiate stream multiplexer",
-		"connection reset by peer", "privnet", "noise", "EOF"} {
+	for _, sub := range []string{"failed to negotiate security protocol", "failed to negotiate stream multiplexer", "privnet"} {
 		if strings.Contains(s, sub) {
 			return true
 		}
@@ -333,9 +332,13 @@ func (h *Host) Close() error {
 	srv := h.stage
 	h.mu.Unlock()
 	if srv != nil {
-		srv.close()
+		srv.stop()
 	}
-	return h.h.Close() // closes the connection and resource managers too
+	err := h.h.Close() // resets every stream; closes the connection and resource managers too
+	if srv != nil {
+		srv.wg.Wait()
+	}
+	return err
 }
 
 func shortID(id peer.ID) string {

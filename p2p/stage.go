@@ -301,7 +301,9 @@ var (
 	errBusy      = errors.New("too many bytes in flight from this peer")
 )
 
-func (srv *stageServer) close() {
+// stop refuses new sessions and aborts the open ones; the host then closes its connections
+// and waits for srv.wg.
+func (srv *stageServer) stop() {
 	srv.mu.Lock()
 	srv.closed = true
 	victims := make([]*stageSession, 0, len(srv.sessions))
@@ -313,7 +315,6 @@ func (srv *stageServer) close() {
 	for _, ss := range victims {
 		ss.cancel(errStopping)
 	}
-	srv.wg.Wait()
 }
 
 func (srv *stageServer) lookup(model string, r shard.Range) (Executor, bool) {
@@ -628,7 +629,7 @@ func (ss *stageSession) openNext(hops []Hop, model string) (int, error) {
 		return 0, err
 	}
 	ss.next = nx
-	if ss.remote != ss.srv.h.ID() && nx.peer != ss.srv.h.ID() {
+	if nx.peer != ss.srv.h.ID() {
 		ss.srv.h.Protect(nx.peer, fmt.Sprintf("strata/stage/%d", ss.local))
 	}
 	return opened.MaxContext, nil

@@ -615,6 +615,10 @@ func TestHostilePeer(t *testing.T) {
 	fatal("random bytes", rnd, CodeBadRequest)
 	fatal("oversized length", []byte{0x7f, 0xff, 0xff, 0xff}, CodeTooLarge)
 	fatal("stall mid-frame", []byte{0, 0, 0, 100, 0x85}, CodeStalled)
+	badOpen := encodeHeader(t, Header{Kind: KindOpen, Session: 9, Model: testModel, Range: last.Range, Codec: 9})
+	fatal("open with an unknown codec", append([]byte{0, 0, 0, byte(len(badOpen))}, badOpen...), CodeBadCodec)
+	otherModel := encodeHeader(t, Header{Kind: KindOpen, Session: 9, Model: "nope", Range: last.Range, Codec: quant.CodecF16})
+	fatal("open for a model not served here", append([]byte{0, 0, 0, byte(len(otherModel))}, otherModel...), CodeNoStage)
 	fatal("forward before open", append([]byte{0, 0, 0, byte(len(encodeHeader(t, fwd())))}, encodeHeader(t, fwd())...), CodeBadRequest)
 
 	close(stop)
@@ -622,7 +626,7 @@ func TestHostilePeer(t *testing.T) {
 		t.Fatalf("healthy session: %v", err)
 	}
 	st := c.hosts[1].Stats()
-	for _, reason := range []string{"bad_shape", "bad_codec", "non_finite", "unknown_session", "unknown_kind", "busy", "checksum", "bad_request", "too_large", "stalled"} {
+	for _, reason := range []string{"bad_shape", "bad_codec", "no_stage", "non_finite", "unknown_session", "unknown_kind", "busy", "checksum", "bad_request", "too_large", "stalled"} {
 		if st.Rejected[reason] == 0 {
 			t.Errorf("reason %s not counted: %v", reason, st.Rejected)
 		}
@@ -659,7 +663,6 @@ func BenchmarkHop(b *testing.B) {
 					h := Header{Kind: KindForward, Session: 1, Positions: pos, Codec: codec, Shape: []int{tokens, hidden}}
 					b.SetBytes(int64(size))
 					b.ReportAllocs()
-					b.ReportMetric(float64(size)/float64(tokens), "wire-B/token")
 					for b.Loop() {
 						h.Step++
 						buf, _ = codec.Append(buf[:0], acts)
@@ -670,6 +673,7 @@ func BenchmarkHop(b *testing.B) {
 							b.Fatalf("%v %s %s", err, rs.h.Kind, rs.h.Message)
 						}
 					}
+					b.ReportMetric(float64(size)/float64(tokens), "wire-B/token")
 				})
 			}
 		}
