@@ -240,6 +240,12 @@ func TestChainGeneration(t *testing.T) {
 					t.Fatalf("stage %d has %d sessions after open", j, e.open())
 				}
 			}
+			// Pipeline neighbours are protected from the connection manager's trimming.
+			protected := func(h *Host, p *Host) bool { return h.Libp2p().ConnManager().IsProtected(p.ID(), "") }
+			if !protected(entry, c.hosts[0]) || !protected(c.hosts[0], entry) || !protected(c.hosts[0], c.hosts[1]) ||
+				!protected(c.hosts[1], c.hosts[0]) || !protected(c.hosts[2], c.hosts[1]) {
+				t.Fatal("route neighbours are not protected")
+			}
 			generate(t, c, r, []int32{3, 1, 4, 1, 5}, 12)
 			if err := r.Close(context.Background()); err != nil {
 				t.Fatal(err)
@@ -249,6 +255,9 @@ func TestChainGeneration(t *testing.T) {
 				if e.open() != 0 {
 					t.Fatalf("stage %d still has %d sessions after Close", j, e.open())
 				}
+			}
+			if protected(entry, c.hosts[0]) || protected(c.hosts[1], c.hosts[2]) {
+				t.Fatal("neighbours still protected after the route closed")
 			}
 			if _, err := r.Step(context.Background(), []int32{99}, []int32{1}, sample.Params{}, nil, false); !errors.Is(err, ErrRouteClosed) {
 				t.Fatalf("step after close: %v", err)
@@ -289,6 +298,61 @@ func TestConcurrentSessions(t *testing.T) {
 		}
 	}
 	c.waitClosed(t)
+}
+
+// Many sessions pushing multi-megabyte steps through one pair of neighbours at once: the
+// resource limits must let them all through (libp2p's defaults reset such streams).
+func TestParallelLargeActivations(t *testing.T) {
+	if testing.Short() {
+		t.Skip("moves a few hundred MB")
+	}
+	c := newTestChain(t, []int{0, 1, 2}, 4096, 64)
+	entry := newTestHost(t)
+	const sessions, tokens = 12, 256
+	prompt := make([]int32, tokens)
+	for i := range prompt {
+		prompt[i] = int32(i % 7)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, sessions)
+	for s := 0; s < sessions; s++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r, err := entry.OpenRoute(context.Background(), uint64(s), c.hops, WithModel(testModel), WithCodec(quant.CodecF32))
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer r.Close(context.Background())
+			for round := 0; round < 2; round++ {
+				pos := make([]int32, tokens)
+				for i := range pos {
+					pos[i] = int32(round*tokens + i)
+				}
+				res, err := r.Step(context.Background(), pos, prompt, sample.Params{}, nil, false)
+				if err != nil {
+					errs <- err
+					return
+				}
+				if want := c.expect(prompt[tokens-1], pos[tokens-1]); res.Token != want {
+					errs <- fmt.Errorf("session %d: token %d, want %d", s, res.Token, want)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	c.waitClosed(t)
+	for i, h := range c.hosts {
+		if st := h.Stats(); len(st.Rejected) != 0 {
+			t.Fatalf("stage %d refused or lost streams: %v", i, st.Rejected)
+		}
+	}
 }
 
 func TestSelfHop(t *testing.T) {
