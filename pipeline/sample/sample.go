@@ -216,18 +216,19 @@ func (s *Sampler) prepare(logits []float32, p Params, recent []int32) []float32 
 func (s *Sampler) topK(work []float32, k int, maxLogit float32, invT float64) []candidate {
 	s.heap = s.heap[:0]
 	for i, v := range work {
-		c := candidate{id: int32(i), logit: v}
 		if len(s.heap) < k {
-			s.heap = append(s.heap, c)
+			s.heap = append(s.heap, candidate{id: int32(i), logit: v})
 			if len(s.heap) == k {
 				heap.Init(&s.heap)
 			}
 			continue
 		}
-		if better(c, s.heap[0]) < 0 {
-			s.heap[0] = c
-			heap.Fix(&s.heap, 0)
+		// Ids only grow, so a tie with the worst kept token loses; work has no NaN.
+		if v <= s.heap[0].logit {
+			continue
 		}
+		s.heap[0] = candidate{id: int32(i), logit: v}
+		heap.Fix(&s.heap, 0)
 	}
 	cand := append(s.cand[:0], s.heap...)
 	slices.SortFunc(cand, better)
@@ -318,35 +319,36 @@ func argmax(v []float32) (int32, float32) {
 	return int32(best), bv
 }
 
-// logProb is log softmax(logits)[tok], computed stably; NaN logits count as -Inf.
+// logProb is log softmax(logits)[tok], computed stably in one pass (an online log-sum-exp:
+// the running sum is rescaled on the rare occasions the maximum grows); NaN logits count as
+// -Inf and +Inf logits share the probability equally.
 func logProb(logits []float32, tok int32) float32 {
-	m := math.Inf(-1)
-	for _, v := range logits {
-		if float64(v) > m {
-			m = float64(v)
-		}
-	}
-	if math.IsInf(m, 1) {
-		if math.IsInf(float64(logits[tok]), 1) {
-			var count int
-			for _, v := range logits {
-				if math.IsInf(float64(v), 1) {
-					count++
-				}
-			}
-			return float32(-math.Log(float64(count)))
-		}
-		return float32(math.Inf(-1))
-	}
-	var z float64
-	for _, v := range logits {
-		if v == v {
-			z += expNeg(float64(v) - m)
-		}
-	}
 	x := logits[tok]
 	if x != x {
 		return float32(math.Inf(-1))
+	}
+	m := math.Inf(-1)
+	var z float64
+	for _, v := range logits {
+		f := float64(v)
+		if f <= m {
+			z += expNeg(f - m)
+		} else if f > m { // not NaN
+			z = z*expNeg(m-f) + 1
+			m = f
+		}
+	}
+	if math.IsInf(m, 1) {
+		if !math.IsInf(float64(x), 1) {
+			return float32(math.Inf(-1))
+		}
+		var count int
+		for _, v := range logits {
+			if math.IsInf(float64(v), 1) {
+				count++
+			}
+		}
+		return float32(-math.Log(float64(count)))
 	}
 	return float32(float64(x) - m - math.Log(z))
 }
