@@ -12,7 +12,8 @@ import (
 )
 
 // Route is one session's chain of stages, seen from the entry node: it holds the stream to
-// the first stage, which holds the stream to the second, and so on.
+// the first stage, which holds the stream to the second, and so on. Its methods are safe for
+// concurrent use; steps run one at a time.
 type Route struct {
 	h      *Host
 	id     uint64

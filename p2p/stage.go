@@ -568,7 +568,9 @@ func (ss *stageSession) open() bool {
 			ss.srv.leave(ss)
 			var se *StageError
 			if errors.As(err, &se) { // relay the refusal from downstream as it is
-				ss.srv.rejected[se.Code].Add(1)
+				if se.Code < codeEnd {
+					ss.srv.rejected[se.Code].Add(1)
+				}
 				ss.relayError(se)
 			} else {
 				ss.fatal(0, CodeUnreachable, "next hop %s: %v", shortID(hops[0].Peer.ID), err)
