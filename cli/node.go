@@ -136,10 +136,3 @@ func printStatus(w io.Writer, h node.Health) {
 	}
 	tw.Flush()
 }
-
-func envOr(k, def string) string {
-	if v := os.Getenv(k); v != "" {
-		return v
-	}
-	return def
-}

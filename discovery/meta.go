@@ -57,6 +57,11 @@ type NodeMeta struct {
 	ModelSHA256 [32]byte       // the model the node serves; zero when none
 	LayerStart  int            // the served layer range [LayerStart, LayerEnd); empty when none
 	LayerEnd    int
+	// NextStart and NextEnd are a range the node has loaded and serves beside its current one
+	// while it moves to a new plan; it drops the old range only once the swarm's next ranges
+	// cover every layer, so a re-plan never leaves a gap.
+	NextStart   int
+	NextEnd     int
 	Chain       int // the replica chain of the range in the plan that assigned it
 	State       State
 	MemoryBytes int64   // memory the node offers to its stage (the planner's input)
@@ -75,6 +80,8 @@ type wireMeta struct {
 	Model []byte   `msgpack:"m,omitempty"`
 	Start int      `msgpack:"s,omitempty"`
 	End   int      `msgpack:"e,omitempty"`
+	NextS int      `msgpack:"ns,omitempty"`
+	NextE int      `msgpack:"ne,omitempty"`
 	Chain int      `msgpack:"c,omitempty"`
 	State uint8    `msgpack:"st,omitempty"`
 	Mem   int64    `msgpack:"o,omitempty"`
@@ -88,8 +95,8 @@ type wireMeta struct {
 // Encode returns the metadata as memberlist carries it, or an error wrapping
 // ErrMetaTooLarge when it would not fit.
 func (n NodeMeta) Encode() ([]byte, error) {
-	if n.LayerStart < 0 || n.LayerEnd < n.LayerStart {
-		return nil, fmt.Errorf("encode node metadata: bad layer range [%d,%d)", n.LayerStart, n.LayerEnd)
+	if n.LayerStart < 0 || n.LayerEnd < n.LayerStart || n.NextStart < 0 || n.NextEnd < n.NextStart {
+		return nil, fmt.Errorf("encode node metadata: bad layer range [%d,%d) or next range [%d,%d)", n.LayerStart, n.LayerEnd, n.NextStart, n.NextEnd)
 	}
 	if math.IsNaN(float64(n.MsPerLayer)) || n.MsPerLayer < 0 {
 		return nil, fmt.Errorf("encode node metadata: bad speed %v ms per layer", n.MsPerLayer)
@@ -98,6 +105,8 @@ func (n NodeMeta) Encode() ([]byte, error) {
 		Peer:  []byte(n.PeerID),
 		Start: n.LayerStart,
 		End:   n.LayerEnd,
+		NextS: n.NextStart,
+		NextE: n.NextEnd,
 		Chain: n.Chain,
 		State: uint8(n.State),
 		Mem:   n.MemoryBytes,
@@ -135,6 +144,8 @@ func DecodeNodeMeta(b []byte) (NodeMeta, error) {
 	n := NodeMeta{
 		LayerStart:  w.Start,
 		LayerEnd:    w.End,
+		NextStart:   w.NextS,
+		NextEnd:     w.NextE,
 		Chain:       w.Chain,
 		State:       State(w.State),
 		MemoryBytes: w.Mem,

@@ -111,7 +111,16 @@ func (n *Node) Health() Health {
 	}
 	planErr := n.planErr
 	n.mu.Unlock()
+	live := uint32(0)
+	n.mu.Lock()
+	if n.stage != nil {
+		live = uint32(n.stage.Sessions())
+	}
+	n.mu.Unlock()
 	for _, m := range n.peers() {
+		if m.PeerID == n.host.ID() {
+			m.Sessions = live // our own count is live, not as of the last announcement
+		}
 		h.Peers = append(h.Peers, PeerHealth{
 			PeerID: m.PeerID.String(), State: m.State.String(), Range: shard.Range{Start: m.LayerStart, End: m.LayerEnd},
 			Chain: m.Chain, API: m.APIAddr, Gossip: m.Addr, Memory: m.MemoryBytes, FreeRAM: m.FreeRAM,

@@ -44,6 +44,7 @@ type Node struct {
 
 	mu       sync.Mutex
 	stage    *shard.Stage // the stage served now
+	next     *shard.Stage // loaded for the new plan, served beside stage until the swarm has moved
 	chain    int
 	state    discovery.State
 	planErr  error
@@ -249,6 +250,11 @@ func (n *Node) meta() discovery.NodeMeta {
 		m.LayerStart, m.LayerEnd = r.Start, r.End
 		m.Sessions = uint32(n.stage.Sessions())
 	}
+	if n.next != nil {
+		r := n.next.Info().Range
+		m.NextStart, m.NextEnd = r.Start, r.End
+		m.Sessions += uint32(n.next.Sessions())
+	}
 	return m
 }
 
@@ -363,8 +369,9 @@ func (n *Node) replan() {
 	}
 }
 
-// moveTo loads r and starts serving it before it stops serving the old range, so the swarm
-// never loses a layer it had while a node changes its slice.
+// moveTo loads r and serves it beside the old range, announced as the node's next range, and
+// drops the old range only once the swarm's settled ranges cover every layer: a re-plan moves
+// layers between nodes without a moment in which some layer has no server.
 func (n *Node) moveTo(r shard.Range, chain int) error {
 	n.mu.Lock()
 	old := n.stage
@@ -372,46 +379,90 @@ func (n *Node) moveTo(r shard.Range, chain int) error {
 		n.state = discovery.StateLoading
 	}
 	n.mu.Unlock()
-	n.announce()
-	if r.Empty() {
-		n.retire(old)
+	var st *shard.Stage
+	if !r.Empty() {
+		n.announce()
+		n.log.Info("loading layers", "range", r.String(), "of", n.model.Layers, "weights", n.model.RangeBytes(r))
+		var err error
+		st, err = shard.LoadStage(context.Background(), n.modelPath, r,
+			shard.WithSliceDir(filepath.Join(n.cfg.DataDir, "slices")),
+			shard.WithModelSHA256(n.sha),
+			shard.WithThreads(n.cfg.Threads),
+			shard.WithMaxSessions(n.cfg.MaxSessions),
+			shard.WithMaxContext(n.cfg.MaxContext),
+			shard.WithLogger(n.log),
+			shard.WithProgress(loadProgress(n.log, r)),
+		)
+		if err != nil {
+			n.mu.Lock()
+			if n.stage == nil {
+				n.state = discovery.StateIdle
+			}
+			n.mu.Unlock()
+			return err
+		}
+		if err := n.host.ServeStage(st); err != nil {
+			st.Close()
+			return err
+		}
+	}
+	if old != nil {
 		n.mu.Lock()
-		n.stage, n.state, n.chain = nil, discovery.StateIdle, -1
+		n.next = st
 		n.mu.Unlock()
 		n.announce()
-		return nil
-	}
-	n.log.Info("loading layers", "range", r.String(), "of", n.model.Layers, "weights", n.model.RangeBytes(r))
-	st, err := shard.LoadStage(context.Background(), n.modelPath, r,
-		shard.WithSliceDir(filepath.Join(n.cfg.DataDir, "slices")),
-		shard.WithModelSHA256(n.sha),
-		shard.WithThreads(n.cfg.Threads),
-		shard.WithMaxSessions(n.cfg.MaxSessions),
-		shard.WithMaxContext(n.cfg.MaxContext),
-		shard.WithLogger(n.log),
-		shard.WithProgress(loadProgress(n.log, r)),
-	)
-	if err != nil {
-		return err
-	}
-	if err := n.host.ServeStage(st); err != nil {
-		st.Close()
-		return err
+		n.awaitSettled(r)
 	}
 	n.mu.Lock()
-	n.stage, n.chain, n.state = st, chain, discovery.StateServing
+	n.stage, n.next, n.chain, n.state = st, nil, chain, discovery.StateServing
+	if st == nil {
+		n.chain, n.state = -1, discovery.StateIdle
+	}
 	n.mu.Unlock()
 	n.announce()
-	n.log.Info("serving layers", "range", r.String(), "chain", chain)
+	if st != nil {
+		n.log.Info("serving layers", "range", r.String(), "chain", chain)
+	}
 	go n.retire(old)
 	return nil
 }
 
-// retire stops an old stage once its sessions are done (or after DrainWait).
+// awaitSettled waits until the ranges the swarm is moving to (each node's next range, or its
+// current one when it is not moving) chain through every layer, with this node at mine. A node
+// that never finishes loading must not pin the old plan forever, hence the bound.
+func (n *Node) awaitSettled(mine shard.Range) {
+	deadline := time.Now().Add(max(n.cfg.DrainWait, 30*time.Second))
+	for time.Now().Before(deadline) {
+		var cands []pipeline.Candidate
+		for _, m := range n.peers() {
+			r := shard.Range{Start: m.LayerStart, End: m.LayerEnd}
+			if m.NextEnd > m.NextStart {
+				r = shard.Range{Start: m.NextStart, End: m.NextEnd}
+			}
+			if m.PeerID == n.host.ID() {
+				r = mine
+			} else if !isServing(m.State) {
+				continue
+			}
+			if !r.Empty() {
+				cands = append(cands, pipeline.Candidate{ID: m.PeerID.String(), Range: r})
+			}
+		}
+		if _, err := pipeline.ChooseRoute(cands, n.model.Layers, 0, nil); err == nil {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	n.log.Warn("the swarm did not settle on the new plan in time; switching anyway")
+}
+
+// retire stops an old stage once its sessions are done (or after DrainWait). It stays up a
+// moment even when idle: routers whose view predates the switch may still pick it.
 func (n *Node) retire(old *shard.Stage) {
 	if old == nil {
 		return
 	}
+	time.Sleep(time.Second)
 	deadline := time.Now().Add(n.cfg.DrainWait)
 	for old.Sessions() > 0 && time.Now().Before(deadline) {
 		time.Sleep(100 * time.Millisecond)

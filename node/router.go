@@ -56,7 +56,7 @@ func (r *router) avoided(id string) bool {
 func (r *router) candidates() []pipeline.Candidate {
 	var out []pipeline.Candidate
 	for _, m := range r.n.peers() {
-		if !isServing(m.State) || m.LayerEnd <= m.LayerStart {
+		if !isServing(m.State) || (m.LayerEnd <= m.LayerStart && m.NextEnd <= m.NextStart) {
 			continue
 		}
 		c := pipeline.Candidate{
@@ -69,6 +69,10 @@ func (r *router) candidates() []pipeline.Candidate {
 			c.Addrs = append(c.Addrs, a.String())
 		}
 		out = append(out, c)
+		if m.NextEnd > m.NextStart { // a range loaded for the next plan is served already
+			c.Range = shard.Range{Start: m.NextStart, End: m.NextEnd}
+			out = append(out, c)
+		}
 	}
 	return out
 }

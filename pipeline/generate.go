@@ -266,8 +266,15 @@ func (t *textStream) push(id int32) (bool, error) {
 		}
 	}
 	safe := len(text)
-	for !utf8.ValidString(text[t.sent:safe]) && safe > t.sent {
-		safe--
+	// Hold back a trailing incomplete UTF-8 sequence, which the next token may complete; a
+	// stray invalid byte earlier on will never become valid and goes out as it is.
+	for i := len(text) - 1; i >= max(t.sent, len(text)-utf8.UTFMax); i-- {
+		if utf8.RuneStart(text[i]) {
+			if !utf8.FullRuneInString(text[i:]) {
+				safe = i
+			}
+			break
+		}
 	}
 	for _, s := range t.stop {
 		for k := min(len(s)-1, safe-t.sent); k > 0; k-- {

@@ -122,3 +122,4 @@ func samp(temp float32, seed uint64) (p sample.Params) {
 	p.Temperature, p.Seed = temp, seed
 	return p
 }
+

@@ -126,8 +126,10 @@ type Health struct {
 	State   string `json:"state"`
 	Missing string `json:"missing"`
 	Peers   []struct {
-		PeerID string `json:"peer_id"`
-		State  string `json:"state"`
+		PeerID   string `json:"peer_id"`
+		State    string `json:"state"`
+		Sessions int    `json:"sessions"`
+		Self     bool   `json:"self"`
 		Range  struct {
 			Start int `json:"start"`
 			End   int `json:"end"`

@@ -1,0 +1,254 @@
+package node_test
+
+import (
+	"context"
+	"fmt"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
+
+	"github.com/strata-llm/strata/internal/testkit"
+	"github.com/strata-llm/strata/pipeline"
+	"github.com/strata-llm/strata/quant"
+	"github.com/strata-llm/strata/shard"
+)
+
+// jsonText is what a string looks like after a JSON round trip: each byte that is not valid
+// UTF-8 (a random model emits stray byte tokens) becomes U+FFFD.
+func jsonText(s string) string {
+	var b strings.Builder
+	for len(s) > 0 {
+		r, n := utf8.DecodeRuneInString(s)
+		if r == utf8.RuneError && n == 1 {
+			b.WriteRune(utf8.RuneError)
+		} else {
+			b.WriteString(s[:n])
+		}
+		s = s[n:]
+	}
+	return b.String()
+}
+
+func client(n *testkit.Node) openai.Client {
+	return openai.NewClient(option.WithBaseURL("http://"+n.API+"/v1/"), option.WithAPIKey("unused"), option.WithMaxRetries(0))
+}
+
+// chatPrompt is what the model's Llama 3 template renders for one user message.
+func chatPrompt(user string) string {
+	return "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n" + user + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+}
+
+// The swarm tests use F32 weights: with them a stage's batched forward gives each session
+// bit-for-bit what it gets alone. With f16 or quantized weights ggml picks its matmul kernel
+// by batch size, so batching sessions changes low-order bits, which can flip a near-tie
+// between two tokens of a random model.
+func swarmModel(t *testing.T) string {
+	return testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1, Type: "f32"})
+}
+
+// modelID is the name the model is served under: its file's base name.
+var modelID = "tiny-L0-f32-s1"
+
+func chatParams(user string, maxTokens int64) openai.ChatCompletionNewParams {
+	return openai.ChatCompletionNewParams{
+		Model:       modelID,
+		Messages:    []openai.ChatCompletionMessageParamUnion{openai.UserMessage(user)},
+		MaxTokens:   openai.Int(maxTokens),
+		Temperature: openai.Float(0),
+	}
+}
+
+// expected computes greedy completions in this process, the way `strata run` does.
+func expected(t *testing.T, model string, users []string, maxTokens int) []pipeline.Result {
+	t.Helper()
+	st, err := shard.LoadStage(context.Background(), model, shard.Range{Start: 0, End: 6}, shard.WithSliceDir(t.TempDir()), shard.WithThreads(1), shard.WithMaxContext(2048))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	tok, err := shard.LoadTokenizer(model)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := pipeline.NewGenerator(tok, pipeline.LocalRouter{Stages: []*shard.Stage{st}, Codec: quant.CodecF16})
+	var out []pipeline.Result
+	for _, u := range users {
+		res, err := g.Generate(context.Background(), pipeline.Request{Prompt: chatPrompt(u), MaxTokens: maxTokens}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, res)
+	}
+	return out
+}
+
+func stream(ctx context.Context, c openai.Client, p openai.ChatCompletionNewParams, onChunk func(n int)) (string, error) {
+	s := c.Chat.Completions.NewStreaming(ctx, p)
+	var b strings.Builder
+	n := 0
+	for s.Next() {
+		ch := s.Current()
+		if len(ch.Choices) > 0 && ch.Choices[0].Delta.Content != "" {
+			b.WriteString(ch.Choices[0].Delta.Content)
+			n++
+			if onChunk != nil {
+				onChunk(n)
+			}
+		}
+	}
+	return b.String(), s.Err()
+}
+
+// TestChatThroughSwarm: the official OpenAI client against a three-node swarm and an API-only
+// node: plain and streamed chat at temperature 0 give exactly `strata run`'s text, and eight
+// concurrent streams each get their own correct text.
+func TestChatThroughSwarm(t *testing.T) {
+	model := swarmModel(t)
+	bin := testkit.BuildStrata(t)
+	s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: 3, Model: model, Args: []string{"--max-memory", twoLayers}})
+	s.MustReady(t, 3, 30*time.Second)
+	apiOnly, err := s.Add(context.Background(), "--client-only")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.MustReady(t, 3, 30*time.Second)
+	c0 := client(apiOnly)
+	models, err := c0.Models.List(context.Background())
+	if err != nil || len(models.Data) != 1 || models.Data[0].ID != modelID {
+		t.Fatalf("/v1/models: %+v, %v", models, err)
+	}
+
+	out, err := exec.Command(bin, "run", "--model", model, "--prompt", chatPrompt("hello"), "--max-tokens", "24",
+		"--temperature", "0", "--codec", "f16", "--threads", "1").Output()
+	if err != nil {
+		t.Fatalf("strata run: %v", err)
+	}
+	want := jsonText(strings.TrimSuffix(string(out), "\n"))
+	for _, n := range []*testkit.Node{s.Nodes[0], s.Nodes[2], apiOnly} {
+		c := client(n)
+		resp, err := c.Chat.Completions.New(context.Background(), chatParams("hello", 24))
+		if err != nil {
+			t.Fatalf("node %d: %v", n.Index, err)
+		}
+		if got := resp.Choices[0].Message.Content; got != want {
+			t.Fatalf("node %d plain chat %q, strata run %q", n.Index, got, want)
+		}
+		if resp.Usage.CompletionTokens != 24 || resp.Usage.PromptTokens == 0 {
+			t.Fatalf("usage %+v", resp.Usage)
+		}
+		got, err := stream(context.Background(), c, chatParams("hello", 24), nil)
+		if err != nil || got != want {
+			t.Fatalf("node %d streamed %q (%v), strata run %q", n.Index, got, err, want)
+		}
+	}
+
+	users := make([]string, 8)
+	for i := range users {
+		users[i] = fmt.Sprintf("question number %d: what is %d times %d?", i, i+2, i+3)
+	}
+	wants := expected(t, model, users, 48)
+	var wg sync.WaitGroup
+	got := make([]string, len(users))
+	errs := make([]error, len(users))
+	for i, u := range users {
+		wg.Go(func() {
+			got[i], errs[i] = stream(context.Background(), client(s.Nodes[i%3]), chatParams(u, 48), nil)
+		})
+	}
+	wg.Wait()
+	for i := range users {
+		if errs[i] != nil || got[i] != jsonText(wants[i].Text) {
+			t.Errorf("stream %d: %q (%v), want %q", i, got[i], errs[i], wants[i].Text)
+		}
+	}
+}
+
+// liveSessionHolder finds the running node, other than skip, whose own stage holds a session,
+// among those serving neither the first nor the last layer.
+func liveSessionHolder(t *testing.T, s *testkit.Swarm, skip *testkit.Node) *testkit.Node {
+	t.Helper()
+	for _, n := range s.Nodes {
+		if n == skip || n.Exited() {
+			continue
+		}
+		h, err := n.Health(context.Background())
+		if err != nil {
+			continue
+		}
+		for _, p := range h.Peers {
+			if p.Self && p.Sessions > 0 && p.Range.Start > 0 && p.Range.End < 6 {
+				return n
+			}
+		}
+	}
+	return nil
+}
+
+// TestStreamSurvivesKill: kill -9 a middle node in the middle of a stream; the stream pauses,
+// the entry node replays the session on a new route, and the client gets exactly the text of
+// an undisturbed run: once with a replica of the dead node's layers present, once when the
+// survivors must load them.
+func TestStreamSurvivesKill(t *testing.T) {
+	model := swarmModel(t)
+	// The stream must outlast the kill: take the first prompt the random model does not end early.
+	var user string
+	var want pipeline.Result
+	for i := range 20 {
+		user = fmt.Sprintf("tell me a long story, part %d", i)
+		if want = expected(t, model, []string{user}, 300)[0]; want.CompletionTokens == 300 {
+			break
+		}
+	}
+	if want.CompletionTokens < 300 {
+		t.Fatal("no prompt ran 300 tokens")
+	}
+	bin := testkit.BuildStrata(t)
+	for _, c := range []struct {
+		name  string
+		nodes int
+	}{{"replica present", 6}, {"layers reloaded", 4}} {
+		t.Run(c.name, func(t *testing.T) {
+			s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: c.nodes, Model: model, Args: []string{"--max-memory", twoLayers}})
+			s.MustReady(t, c.nodes, 60*time.Second)
+			entry := s.Nodes[0]
+			var once sync.Once
+			killed := make(chan string, 1)
+			got, err := stream(context.Background(), client(entry), chatParams(user, 300), func(n int) {
+				if n != 30 {
+					return
+				}
+				once.Do(func() {
+					v := liveSessionHolder(t, s, entry)
+					if v == nil {
+						killed <- "none"
+						return
+					}
+					v.Kill()
+					killed <- fmt.Sprintf("node %d", v.Index)
+				})
+			})
+			var victim string
+			select {
+			case victim = <-killed:
+			default:
+				t.Fatalf("the stream ended before the kill (err %v): %q", err, got)
+			}
+			if victim == "none" {
+				t.Fatal("found no middle node holding the session")
+			}
+			t.Logf("killed %s mid-stream", victim)
+			if err != nil {
+				t.Fatalf("stream broke: %v", err)
+			}
+			if got != jsonText(want.Text) {
+				t.Fatalf("stream after kill -9:\n got %q\nwant %q", got, want.Text)
+			}
+		})
+	}
+}
