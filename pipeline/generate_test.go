@@ -122,4 +122,3 @@ func samp(temp float32, seed uint64) (p sample.Params) {
 	p.Temperature, p.Seed = temp, seed
 	return p
 }
-

@@ -12,7 +12,9 @@ import (
 // mapping: printable bytes stand for themselves, the rest for 256 upwards).
 func byteTokens(t *testing.T, tok *shard.Tokenizer, s string) []int32 {
 	t.Helper()
-	printable := func(b int) bool { return (b >= '!' && b <= '~') || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff) }
+	printable := func(b int) bool {
+		return (b >= '!' && b <= '~') || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff)
+	}
 	var ids []int32
 	for _, b := range []byte(s) {
 		r := rune(b)

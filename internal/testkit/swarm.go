@@ -130,7 +130,7 @@ type Health struct {
 		State    string `json:"state"`
 		Sessions int    `json:"sessions"`
 		Self     bool   `json:"self"`
-		Range  struct {
+		Range    struct {
 			Start int `json:"start"`
 			End   int `json:"end"`
 		} `json:"range"`
