@@ -18,7 +18,7 @@ import (
 
 // Config is what `strata node start` is told. The zero value of each field means its default.
 type Config struct {
-	Model       string   // GGUF path or Ollama model name
+	Model       string   // GGUF path or Ollama model name (default: the only one in Ollama's store)
 	DataDir     string   // identity, slice cache, multiaddr file (default ~/.strata)
 	Listen      []string // libp2p multiaddrs (default /ip4/0.0.0.0/tcp/4001)
 	API         string   // host:port of the HTTP API (default 127.0.0.1:8080)
@@ -41,8 +41,15 @@ type Config struct {
 }
 
 func (c *Config) setDefaults() error {
-	if c.Model == "" && !c.ClientOnly {
-		return fmt.Errorf("--model is required (a GGUF file or an Ollama model name)")
+	if c.Model == "" {
+		m, err := defaultModel()
+		if err != nil {
+			return err
+		}
+		c.Model = m
+		if c.Logger != nil {
+			c.Logger.Info("no --model given: serving the only model in Ollama's store", "model", m)
+		}
 	}
 	if c.DataDir == "" {
 		home, err := os.UserHomeDir()

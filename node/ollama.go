@@ -106,3 +106,55 @@ func parseOllamaName(name string) (host, ns, model, tag string, err error) {
 	}
 	return host, ns, model, tag, nil
 }
+
+// OllamaModels lists the models in Ollama's store as name:tag (the default registry and
+// namespace left out, as `ollama list` shows them).
+func OllamaModels(dir string) ([]string, error) {
+	root := filepath.Join(dir, "manifests")
+	var names []string
+	err := filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		rel, err := filepath.Rel(root, path)
+		if err != nil {
+			return err
+		}
+		parts := strings.Split(filepath.ToSlash(rel), "/")
+		if len(parts) != 4 {
+			return nil
+		}
+		name := parts[2] + ":" + parts[3]
+		if parts[0] != "registry.ollama.ai" {
+			name = strings.Join(parts[:3], "/") + ":" + parts[3]
+		} else if parts[1] != "library" {
+			name = parts[1] + "/" + name
+		}
+		names = append(names, name)
+		return nil
+	})
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	return names, err
+}
+
+// defaultModel picks the model for a node started without --model: the only one in Ollama's
+// store. With none or several it says what to pass instead.
+func defaultModel() (string, error) {
+	dir, err := OllamaModelsDir()
+	if err != nil {
+		return "", err
+	}
+	names, err := OllamaModels(dir)
+	if err != nil {
+		return "", fmt.Errorf("list ollama models: %w", err)
+	}
+	switch len(names) {
+	case 1:
+		return names[0], nil
+	case 0:
+		return "", errors.New("no --model given and Ollama's store is empty: pass --model FILE.gguf or an Ollama model name (or try `strata demo`, which synthesizes a tiny model)")
+	}
+	return "", fmt.Errorf("no --model given and Ollama's store holds several models: pass --model with one of %s", strings.Join(names, ", "))
+}

@@ -76,3 +76,19 @@ func TestResolveModelErrors(t *testing.T) {
 		t.Errorf("missing blob: %v", err)
 	}
 }
+
+func TestDefaultModelFromOllamaStore(t *testing.T) {
+	t.Setenv("OLLAMA_MODELS", t.TempDir())
+	if _, err := defaultModel(); err == nil || !strings.Contains(err.Error(), "store is empty") {
+		t.Fatalf("empty store: %v", err)
+	}
+	t.Setenv("OLLAMA_MODELS", fakeStore(t, "llama3.3:70b", strings.Repeat("ab", 32)))
+	if m, err := defaultModel(); err != nil || m != "llama3.3:70b" {
+		t.Fatalf("one model: %q %v", m, err)
+	}
+	dir := fakeStore(t, "someone/mixtral:8x7b", strings.Repeat("ab", 32))
+	names, err := OllamaModels(dir)
+	if err != nil || len(names) != 1 || names[0] != "someone/mixtral:8x7b" {
+		t.Fatalf("names %v %v", names, err)
+	}
+}
