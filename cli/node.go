@@ -55,6 +55,17 @@ API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for
 				setLogger(cmd.ErrOrStderr(), slog.LevelInfo) // a daemon says what it does
 				cfg.Logger = slog.Default()
 			}
+			if isTerminal(os.Stderr) {
+				cfg.Progress = func(label string) func(float32) {
+					bar := newProgressBar(os.Stderr, label)
+					return func(f float32) {
+						bar.Set(f)
+						if f >= 1 {
+							bar.Done()
+						}
+					}
+				}
+			}
 			return node.Run(cmd.Context(), cfg)
 		},
 	}

@@ -34,6 +34,9 @@ type Config struct {
 	MaxContext  int      // tokens per session (default 2048)
 	Codec       quant.Codec
 	Logger      *slog.Logger
+	// Progress, if set, makes a progress reporter for a labelled task (cutting and loading a
+	// slice); the CLI draws bars on a terminal. Unset, progress goes to the log.
+	Progress func(label string) func(float32)
 
 	// Tuning, mostly for tests.
 	ReplanDelay time.Duration // settle time after a membership change (default 300ms)

@@ -391,7 +391,7 @@ func (n *Node) moveTo(r shard.Range, chain int) error {
 			shard.WithMaxSessions(n.cfg.MaxSessions),
 			shard.WithMaxContext(n.cfg.MaxContext),
 			shard.WithLogger(n.log),
-			shard.WithProgress(loadProgress(n.log, r)),
+			shard.WithProgress(n.progress(r)),
 		)
 		if err != nil {
 			n.mu.Lock()
@@ -470,6 +470,15 @@ func (n *Node) retire(old *shard.Stage) {
 	n.host.StopStage(n.sha, old.Info().Range)
 	old.Close()
 	n.log.Info("released layers", "range", old.Info().Range.String())
+}
+
+// progress reports cutting and loading a slice: through the configured reporter, else as log
+// lines at each quarter.
+func (n *Node) progress(r shard.Range) func(float32) {
+	if n.cfg.Progress != nil {
+		return n.cfg.Progress("loading layers " + r.String())
+	}
+	return loadProgress(n.log, r)
 }
 
 func loadProgress(log *slog.Logger, r shard.Range) func(float32) {
