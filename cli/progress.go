@@ -31,7 +31,11 @@ func (p *progressBar) Set(f float32) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if f < p.frac || (f < 1 && time.Since(p.last) < 100*time.Millisecond) {
+	if f < p.frac { // a new phase (cutting a slice, then loading it) starts a new line
+		p.frac = 0
+		fmt.Fprintln(p.w)
+	}
+	if f < 1 && time.Since(p.last) < 100*time.Millisecond {
 		return
 	}
 	p.frac, p.last = f, time.Now()
