@@ -216,7 +216,12 @@ func TestStreamSurvivesKill(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: c.nodes, Model: model, Args: []string{"--max-memory", twoLayers}})
 			s.MustReady(t, c.nodes, 60*time.Second)
-			entry := s.Nodes[0]
+			// The client talks to an API-only node, so the stage killed is never the entry.
+			entry, err := s.Add(context.Background(), "--client-only")
+			if err != nil {
+				t.Fatal(err)
+			}
+			s.MustReady(t, c.nodes, 30*time.Second)
 			var once sync.Once
 			killed := make(chan string, 1)
 			got, err := stream(context.Background(), client(entry), chatParams(user, 300), func(n int) {
