@@ -12,6 +12,7 @@ import (
 	fsggml "github.com/ollama/ollama/fs/ggml"
 
 	"github.com/strata-llm/strata/internal/gguf"
+	"github.com/strata-llm/strata/internal/progress"
 )
 
 // sliceTensor reports whether a tensor of the whole model belongs in the slice file for r.
@@ -34,9 +35,9 @@ func sliceTensor(name string, r Range, layers int, tied bool) bool {
 }
 
 // WriteSlice writes a GGUF at dst holding only the tensors a stage serving r needs, with the
-// model's metadata unchanged but for a key naming the model (srcSHA256) it was cut from. It reads only those tensors' bytes from src. progress, if not
-// nil, is called with the fraction written.
-func WriteSlice(ctx context.Context, src, srcSHA256 string, r Range, dst string, progress func(float32)) error {
+// model's metadata unchanged but for a key naming the model (srcSHA256) it was cut from. It
+// reads only those tensors' bytes from src. report, if not nil, gets the fraction written.
+func WriteSlice(ctx context.Context, src, srcSHA256 string, r Range, dst string, report func(float32)) error {
 	f, err := os.Open(src)
 	if err != nil {
 		return fmt.Errorf("write slice: %w", err)
@@ -70,8 +71,7 @@ func WriteSlice(ctx context.Context, src, srcSHA256 string, r Range, dst string,
 		total += int64(t.Size())
 		keep = append(keep, t)
 	}
-	var done progressCounter
-	done.total, done.report = total, progress
+	done := &progress.Counter{Total: total, Report: report}
 	out := make([]*fsggml.Tensor, 0, len(keep))
 	for _, t := range keep {
 		sec := io.NewSectionReader(f, int64(base+t.Offset), int64(t.Size()))
@@ -79,7 +79,7 @@ func WriteSlice(ctx context.Context, src, srcSHA256 string, r Range, dst string,
 			Name:     t.Name,
 			Kind:     t.Kind,
 			Shape:    t.Shape,
-			WriterTo: &copyTensor{ctx: ctx, src: sec, done: &done},
+			WriterTo: &copyTensor{ctx: ctx, src: sec, done: done},
 		})
 	}
 	kv := maps.Clone(meta.KV())
@@ -90,7 +90,7 @@ func WriteSlice(ctx context.Context, src, srcSHA256 string, r Range, dst string,
 type copyTensor struct {
 	ctx  context.Context
 	src  io.Reader
-	done *progressCounter
+	done *progress.Counter
 }
 
 func (c *copyTensor) WriteTo(w io.Writer) (int64, error) {
@@ -106,7 +106,7 @@ func (c *copyTensor) WriteTo(w io.Writer) (int64, error) {
 				return n, werr
 			}
 			n += int64(k)
-			c.done.add(int64(k))
+			c.done.Add(int64(k))
 		}
 		if err == io.EOF {
 			return n, nil
@@ -129,15 +129,15 @@ func (c SliceCache) Path(modelSHA256 string, r Range) string {
 }
 
 // Ensure returns the path of the slice of model for r, writing it if it is not cached.
-func (c SliceCache) Ensure(ctx context.Context, model, modelSHA256 string, r Range, progress func(float32)) (string, error) {
+func (c SliceCache) Ensure(ctx context.Context, model, modelSHA256 string, r Range, report func(float32)) (string, error) {
 	p := c.Path(modelSHA256, r)
 	if _, err := os.Stat(p); err == nil {
-		if progress != nil {
-			progress(1)
+		if report != nil {
+			report(1)
 		}
 		return p, nil
 	}
-	if err := WriteSlice(ctx, model, modelSHA256, r, p, progress); err != nil {
+	if err := WriteSlice(ctx, model, modelSHA256, r, p, report); err != nil {
 		return "", err
 	}
 	return p, nil

@@ -11,11 +11,11 @@ import (
 	"math"
 	"sort"
 	"strings"
-	"sync"
 
 	fsggml "github.com/ollama/ollama/fs/ggml"
 
 	"github.com/strata-llm/strata/internal/gguf"
+	"github.com/strata-llm/strata/internal/progress"
 	"github.com/strata-llm/strata/quant"
 )
 
@@ -69,7 +69,7 @@ type SynthOptions struct {
 const Llama3ChatTemplate = "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 
 // Synthesize writes a llama GGUF model to out. progress, if not nil, gets the fraction written.
-func Synthesize(ctx context.Context, out string, o SynthOptions, progress func(float32)) error {
+func Synthesize(ctx context.Context, out string, o SynthOptions, reportProgress func(float32)) error {
 	p, err := LookupPreset(o.Preset)
 	if err != nil {
 		return fmt.Errorf("synthesize: %w", err)
@@ -161,7 +161,7 @@ func Synthesize(ctx context.Context, out string, o SynthOptions, progress func(f
 		s.seed = tensorSeed(o.Seed, s.name)
 		total += s.nrows * s.format.RowBytes(s.ncols)
 	}
-	prog := &byteProgress{total: total, report: progress}
+	prog := &progress.Counter{Total: int64(total), Report: reportProgress}
 	ts := make([]*fsggml.Tensor, len(specs))
 	for i := range specs {
 		s := &specs[i]
@@ -206,7 +206,7 @@ func tensorSeed(seed uint64, name string) uint64 {
 type tensorWriter struct {
 	ctx      context.Context
 	spec     *tensorSpec
-	progress *byteProgress
+	progress *progress.Counter
 }
 
 func (w *tensorWriter) WriteTo(dst io.Writer) (int64, error) {
@@ -234,7 +234,7 @@ func (w *tensorWriter) WriteTo(dst io.Writer) (int64, error) {
 		if err != nil {
 			return n, err
 		}
-		w.progress.add(uint64(m))
+		w.progress.Add(int64(m))
 	}
 	return n, nil
 }
@@ -252,22 +252,4 @@ func fillUniform(v []float32, seed uint64, mean, half float32) {
 		u := float32(z>>40) / float32(1<<24) // [0,1)
 		v[i] = mean + half*(2*u-1)
 	}
-}
-
-type byteProgress struct {
-	mu     sync.Mutex
-	done   uint64
-	total  uint64
-	report func(float32)
-}
-
-func (p *byteProgress) add(n uint64) {
-	if p.report == nil || p.total == 0 {
-		return
-	}
-	p.mu.Lock()
-	p.done += n
-	f := float32(p.done) / float32(p.total)
-	p.mu.Unlock()
-	p.report(f)
 }
