@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -54,6 +55,7 @@ type hostConfig struct {
 	connLow      int
 	connHigh     int
 	peerMemory   int64
+	observer     Observer // stage traffic, for metrics (stage.go)
 }
 
 // WithListen sets the multiaddrs to listen on. Default: TCP and QUIC on every interface at
@@ -188,7 +190,10 @@ func New(ctx context.Context, opts ...Option) (*Host, error) {
 // connection, whose yamux windows (up to 16 MiB per stream) are charged to the peer. So:
 //   - peer memory defaults to 1 GiB (WithPeerMemory), the stage protocol may use all of it;
 //   - the stage protocol gets 1024 streams per peer each way (one stream per session per hop);
-//   - the protocol as a whole gets 4 GiB and 8192 streams, below the system limits.
+//   - the protocol as a whole gets 4 GiB and 8192 streams, below the system limits;
+//   - private networks are exempt from libp2p's 8 connections per IPv4 address: a lab's nodes
+//     behind one NAT, or containers sharing a host's address, would otherwise be reset. Public
+//     addresses keep the limit (loopback is exempt already, which is why tests never hit it).
 func newResourceManager(peerMemory int64) (network.ResourceManager, error) {
 	limits := rcmgr.DefaultLimits
 	libp2p.SetDefaultServiceLimits(&limits)
@@ -202,11 +207,28 @@ func newResourceManager(peerMemory int64) (network.ResourceManager, error) {
 	partial := rcmgr.PartialLimitConfig{
 		PeerDefault: rcmgr.ResourceLimits{Memory: rcmgr.LimitVal64(peerMemory)},
 	}
-	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(partial.Build(scaled)), rcmgr.WithMetricsDisabled())
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(partial.Build(scaled)), rcmgr.WithMetricsDisabled(),
+		rcmgr.WithNetworkPrefixLimit(privateNetworks()))
 	if err != nil {
 		return nil, fmt.Errorf("resource manager: %w", err)
 	}
 	return rm, nil
+}
+
+// privateNetworks are the LAN and NAT ranges whose shared addresses may carry many nodes'
+// connections.
+func privateNetworks() (v4, v6 []rcmgr.NetworkPrefixLimit) {
+	v4 = []rcmgr.NetworkPrefixLimit{
+		{Network: netip.MustParsePrefix("10.0.0.0/8"), ConnCount: 4096},
+		{Network: netip.MustParsePrefix("172.16.0.0/12"), ConnCount: 4096},
+		{Network: netip.MustParsePrefix("192.168.0.0/16"), ConnCount: 4096},
+		{Network: netip.MustParsePrefix("100.64.0.0/10"), ConnCount: 4096}, // carrier-grade NAT, Tailscale
+	}
+	v6 = []rcmgr.NetworkPrefixLimit{
+		{Network: netip.MustParsePrefix("fc00::/7"), ConnCount: 4096},
+		{Network: netip.MustParsePrefix("fe80::/10"), ConnCount: 4096},
+	}
+	return v4, v6
 }
 
 func isQUIC(a ma.Multiaddr) bool {
