@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"time"
 
 	"github.com/strata-llm/strata/pipeline/sample"
 	"github.com/strata-llm/strata/quant"
@@ -145,6 +146,7 @@ func (r *Route) Step(ctx context.Context, positions, tokens []int32, sampling sa
 	// stage sees the reset as an abort all the same.
 	stop := context.AfterFunc(ctx, func() { nx.st.Reset() })
 	defer stop()
+	sent := time.Now()
 	if err := nx.w.WriteFrame(req, nil); err != nil {
 		return Result{}, r.broken(ctx, fmt.Errorf("send step: %w", err))
 	}
@@ -167,6 +169,7 @@ func (r *Route) Step(ctx context.Context, positions, tokens []int32, sampling sa
 		}
 		return Result{}, se
 	case KindResult:
+		r.h.observeHop(nx.peer, sent)
 	default:
 		return Result{}, r.broken(ctx, fmt.Errorf("step answered with %s", rep.Kind))
 	}

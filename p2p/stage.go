@@ -157,6 +157,58 @@ func (c stageConfig) frameOptions() []FrameOption {
 	return []FrameOption{WithMaxHeader(c.maxHeader), WithMaxPayload(c.maxPayload), WithFrameTimeout(c.frameTimeout)}
 }
 
+// Observer is told about a host's stage traffic, for metrics. It is called from stream
+// goroutines, many at once, on the hot path: its methods must be quick and safe for
+// concurrent use.
+type Observer interface {
+	// HopStep: a step sent to next (the first stage, from an entry's route; the next stage,
+	// from a stage) was answered with a result d after it was sent. d includes every stage
+	// after next, so the difference between consecutive hops is one hop's own share.
+	HopStep(next peer.ID, d time.Duration)
+	// WireBytes: stage protocol bytes read (in) and written (out) on libp2p streams; hops to
+	// the host's own stage go through memory and are not counted.
+	WireBytes(in, out int)
+}
+
+// WithObserver reports the host's stage traffic to o.
+func WithObserver(o Observer) Option { return func(c *hostConfig) { c.observer = o } }
+
+// countedStream reports the bytes that cross a stage stream. Embedding keeps the stream's
+// deadlines, which the frame reader and writer rely on.
+type countedStream struct {
+	network.Stream
+	obs Observer
+}
+
+func (s countedStream) Read(b []byte) (int, error) {
+	n, err := s.Stream.Read(b)
+	if n > 0 {
+		s.obs.WireBytes(n, 0)
+	}
+	return n, err
+}
+
+func (s countedStream) Write(b []byte) (int, error) {
+	n, err := s.Stream.Write(b)
+	if n > 0 {
+		s.obs.WireBytes(0, n)
+	}
+	return n, err
+}
+
+func (h *Host) counted(s network.Stream) stream {
+	if h.cfg.observer == nil {
+		return s
+	}
+	return countedStream{Stream: s, obs: h.cfg.observer}
+}
+
+func (h *Host) observeHop(next peer.ID, since time.Time) {
+	if h.cfg.observer != nil {
+		h.cfg.observer.HopStep(next, time.Since(since))
+	}
+}
+
 // StageStats counts a host's stage traffic.
 type StageStats struct {
 	Sessions int               // open now
@@ -230,7 +282,7 @@ func (h *Host) ServeStage(exec Executor, opts ...StageOption) error {
 		srv.nextLocal.Store(binary.LittleEndian.Uint64(seed[:]) >> 2)
 		h.stage = srv
 		h.h.SetStreamHandler(StageProtocol, func(s network.Stream) {
-			srv.serve(s, s.Conn().RemotePeer())
+			srv.serve(h.counted(s), s.Conn().RemotePeer())
 		})
 	}
 	key := stageKey{info.ModelSHA256, info.Range}
@@ -907,6 +959,7 @@ func (ss *stageSession) relay(h *Header) bool {
 	// An abort while waiting downstream resets the next stream, which ends the wait.
 	stop := context.AfterFunc(ss.ctx, func() { nx.st.Reset() })
 	defer stop()
+	sent := time.Now()
 	if err := nx.w.WriteFrame(fwd, ss.out); err != nil {
 		return ss.downstreamFailed(h.Step, err)
 	}
@@ -926,6 +979,7 @@ func (ss *stageSession) relay(h *Header) bool {
 	}
 	if rep.Kind == KindResult {
 		ss.srv.steps.Add(1)
+		ss.srv.h.observeHop(nx.peer, sent)
 	} else if rep.Origin == "" {
 		rep.Origin = string(nx.peer) // an error names the stage it came from
 	}
@@ -1143,7 +1197,7 @@ func (h *Host) dialStage(ctx context.Context, p peer.AddrInfo, fopts []FrameOpti
 		if err != nil {
 			return nil, fmt.Errorf("open stage stream to %s: %w", shortID(p.ID), err)
 		}
-		st = s
+		st = h.counted(s)
 	}
 	return &hop{peer: p.ID, st: st, r: NewReader(st, fopts...), w: NewWriter(st, fopts...)}, nil
 }

@@ -34,6 +34,34 @@ func WithRecovery(wait time.Duration, tries int) GeneratorOption {
 // WithGeneratorLogger sets the logger.
 func WithGeneratorLogger(l *slog.Logger) GeneratorOption { return func(g *Generator) { g.log = l } }
 
+// Observer is told what generations do, for metrics. Its methods are called on the
+// generation's goroutine, from many generations at once: they must be quick and safe for
+// concurrent use.
+type Observer interface {
+	// Started: a generation began.
+	Started()
+	// Step: one step of n positions went through the route in d (a prefill chunk, a decode
+	// step or a replay after a re-route), or failed with err.
+	Step(positions int, d time.Duration, err error)
+	// Token: the i-th completion token (from 0) was sampled, elapsed after the request began.
+	Token(i int, elapsed time.Duration)
+	// Rerouted: a stage (peer) failed mid-generation and the route is being rebuilt.
+	Rerouted(peer string)
+	// Done: the generation ended with res (its token counts are set even on error) and err.
+	Done(res Result, err error)
+}
+
+// WithObserver reports every generation's progress to o.
+func WithObserver(o Observer) GeneratorOption { return func(g *Generator) { g.obs = o } }
+
+type nopObserver struct{}
+
+func (nopObserver) Started()                       {}
+func (nopObserver) Step(int, time.Duration, error) {}
+func (nopObserver) Token(int, time.Duration)       {}
+func (nopObserver) Rerouted(string)                {}
+func (nopObserver) Done(Result, error)             {}
+
 // Generator turns requests into text through chains of stages.
 type Generator struct {
 	tok          *shard.Tokenizer
@@ -43,13 +71,17 @@ type Generator struct {
 	recoverFor   time.Duration
 	recoverTries int
 	log          *slog.Logger
+	obs          Observer
 }
 
 // NewGenerator makes a generator that tokenizes with tok and routes through router.
 func NewGenerator(tok *shard.Tokenizer, router Router, opts ...GeneratorOption) *Generator {
-	g := &Generator{tok: tok, router: router, chunk: 128, maxContext: 2048, recoverFor: 30 * time.Second, recoverTries: 8, log: slog.Default()}
+	g := &Generator{tok: tok, router: router, chunk: 128, maxContext: 2048, recoverFor: 30 * time.Second, recoverTries: 8, log: slog.Default(), obs: nopObserver{}}
 	for _, o := range opts {
 		o(g)
+	}
+	if g.obs == nil {
+		g.obs = nopObserver{}
 	}
 	return g
 }
@@ -69,6 +101,13 @@ func (g *Generator) Encode(prompt string) ([]int32, error) {
 
 // Generate runs one completion, handing out text as it becomes final.
 func (g *Generator) Generate(ctx context.Context, req Request, emit func(Delta) error) (Result, error) {
+	g.obs.Started()
+	res, err := g.generate(ctx, time.Now(), req, emit)
+	g.obs.Done(res, err)
+	return res, err
+}
+
+func (g *Generator) generate(ctx context.Context, start time.Time, req Request, emit func(Delta) error) (Result, error) {
 	prompt, err := g.Encode(req.Prompt)
 	if err != nil {
 		return Result{}, err
@@ -88,11 +127,12 @@ func (g *Generator) Generate(ctx context.Context, req Request, emit func(Delta) 
 		sp.Seed = rand.Uint64() | 1 // 0 asks for a random seed; fix it for replays
 	}
 
-	s := &run{g: g, tokens: prompt, sampling: sp, out: newTextStream(g.tok, req.Stop, emit)}
+	s := &run{g: g, start: start, tokens: prompt, sampling: sp, out: newTextStream(g.tok, req.Stop, emit)}
 	defer s.close()
 	res := Result{PromptTokens: len(prompt), FinishReason: "length"}
 	next, err := s.prefill(ctx)
 	for err == nil && res.CompletionTokens < maxNew {
+		g.obs.Token(res.CompletionTokens, time.Since(start))
 		res.CompletionTokens++
 		if g.tok.Is(next, tokenizer.SpecialEOS) {
 			res.FinishReason = "stop"
@@ -125,6 +165,7 @@ func (g *Generator) Generate(ctx context.Context, req Request, emit func(Delta) 
 // replaying them through a new one.
 type run struct {
 	g        *Generator
+	start    time.Time
 	chain    Chain
 	session  uint64
 	tokens   []int32
@@ -176,6 +217,7 @@ func (s *run) step(ctx context.Context, from int, toks []int32) (int32, error) {
 			return 0, err
 		}
 		s.g.log.Warn("stage failed mid-generation; rebuilding the route", "peer", hop.Peer, "err", hop.Err, "tokens", len(s.tokens), "attempt", attempt+1)
+		s.g.obs.Rerouted(hop.Peer)
 		s.close()
 		select {
 		case <-time.After(time.Duration(attempt) * 200 * time.Millisecond):
@@ -203,12 +245,14 @@ func (s *run) feed(ctx context.Context, from int, toks []int32) (int32, error) {
 			pos[i] = int32(from + off + i)
 		}
 		var err error
+		t0 := time.Now()
 		res, err = s.chain.Step(ctx, StepInput{
 			Positions: pos,
 			Tokens:    toks[off:end],
 			Sampling:  s.sampling,
 			Recent:    s.recent(from + end),
 		})
+		s.g.obs.Step(len(pos), time.Since(t0), err)
 		if err != nil {
 			return 0, err
 		}
