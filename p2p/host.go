@@ -56,6 +56,8 @@ type hostConfig struct {
 	connHigh     int
 	peerMemory   int64
 	observer     Observer // stage traffic, for metrics (stage.go)
+
+	latency linkEmulation // WithLatency (latency.go)
 }
 
 // WithListen sets the multiaddrs to listen on. Default: TCP and QUIC on every interface at
@@ -106,6 +108,9 @@ func New(ctx context.Context, opts ...Option) (*Host, error) {
 		o(&cfg)
 	}
 	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if err := cfg.latency.validate(); err != nil {
 		return nil, err
 	}
 	if cfg.dialTimeout <= 0 {
@@ -178,7 +183,11 @@ func New(ctx context.Context, opts ...Option) (*Host, error) {
 		cm.Close()
 		return nil, fmt.Errorf("start libp2p host: %w", err)
 	}
-	hh := &Host{h: h, cm: cm, log: cfg.logger.With("peer", shortID(h.ID())), cfg: cfg, private: psk != nil}
+	var lh host.Host = h
+	if cfg.latency.active() {
+		lh = newLatencyHost(h, cfg.latency)
+	}
+	hh := &Host{h: lh, cm: cm, log: cfg.logger.With("peer", shortID(h.ID())), cfg: cfg, private: psk != nil}
 	hh.log.Debug("host started", "addrs", hh.Addrs(), "private", hh.private)
 	return hh, nil
 }

@@ -1,0 +1,177 @@
+package p2p
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/protocol"
+
+	"github.com/strata-llm/strata/pipeline/sample"
+	"github.com/strata-llm/strata/shard"
+)
+
+const echoProto protocol.ID = "/strata/test/echo/1.0.0"
+
+// TestLatencyRoundTrip: a byte written on an emulated link arrives one-way latency later in
+// each direction, and a write followed at once by Close still delivers everything.
+func TestLatencyRoundTrip(t *testing.T) {
+	const oneWay = 40 * time.Millisecond
+	a := newTestHost(t, WithLatency(oneWay, 0))
+	b := newTestHost(t, WithLatency(oneWay, 0))
+	b.Libp2p().SetStreamHandler(echoProto, func(s network.Stream) {
+		defer s.Close()
+		_, _ = io.Copy(s, s)
+	})
+	ctx := context.Background()
+	if err := a.Connect(ctx, b.AddrInfo()); err != nil {
+		t.Fatal(err)
+	}
+	s, err := a.Libp2p().NewStream(ctx, b.ID(), echoProto)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rtts []time.Duration
+	buf := make([]byte, 1)
+	for i := range 5 {
+		start := time.Now()
+		if _, err := s.Write([]byte{byte(i)}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(s, buf); err != nil {
+			t.Fatal(err)
+		}
+		if buf[0] != byte(i) {
+			t.Fatalf("echo %d, want %d", buf[0], i)
+		}
+		rtts = append(rtts, time.Since(start))
+	}
+	slices.Sort(rtts)
+	med := rtts[len(rtts)/2]
+	t.Logf("round trips with %s one way: %v", oneWay, rtts)
+	if med < 2*oneWay || med > 2*oneWay+60*time.Millisecond {
+		t.Fatalf("median round trip %s, want about %s", med, 2*oneWay)
+	}
+
+	// Close right after a write: the queued bytes still go out before the stream ends.
+	msg := bytes.Repeat([]byte("strata"), 10000)
+	if _, err := s.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, msg) {
+		t.Fatalf("echoed %d bytes, want %d", len(got), len(msg))
+	}
+	_ = s.Close()
+}
+
+// TestLatencyBandwidth: streams to one peer share the emulated bandwidth.
+func TestLatencyBandwidth(t *testing.T) {
+	const bw = 4 << 20 // 4 MiB/s
+	a := newTestHost(t, WithLatency(0, bw))
+	b := newTestHost(t)
+	got := make(chan time.Time, 2)
+	b.Libp2p().SetStreamHandler(echoProto, func(s network.Stream) {
+		defer s.Close()
+		_, _ = io.Copy(io.Discard, s)
+		got <- time.Now()
+	})
+	ctx := context.Background()
+	if err := a.Connect(ctx, b.AddrInfo()); err != nil {
+		t.Fatal(err)
+	}
+	const size = 256 << 10 // two streams x 256 KiB at 4 MiB/s: 125 ms
+	start := time.Now()
+	for range 2 {
+		go func() {
+			s, err := a.Libp2p().NewStream(ctx, b.ID(), echoProto)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			for range 4 {
+				if _, err := s.Write(make([]byte, size/4)); err != nil {
+					t.Error(err)
+				}
+			}
+			_ = s.Close()
+		}()
+	}
+	var last time.Time
+	for range 2 {
+		select {
+		case last = <-got:
+		case <-time.After(10 * time.Second):
+			t.Fatal("streams did not finish")
+		}
+	}
+	took := last.Sub(start)
+	want := time.Duration(float64(2*size) / bw * float64(time.Second))
+	t.Logf("%d KiB over a %d MiB/s link: %s (ideal %s)", 2*size>>10, bw>>20, took, want)
+	if took < want || took > want+300*time.Millisecond {
+		t.Fatalf("took %s, want about %s", took, want)
+	}
+}
+
+// TestLatencyStageChain: a decode step through entry -> 3 stages crosses six links, so it
+// costs six one-way latencies; the tokens are still right.
+func TestLatencyStageChain(t *testing.T) {
+	const oneWay = 15 * time.Millisecond
+	cuts := []int{0, 2, 4, 6}
+	c := &testChain{L: 6, V: 1000}
+	for i := 1; i < len(cuts); i++ {
+		h := newTestHost(t, WithLatency(oneWay, 1e9/8))
+		r := shard.Range{Start: cuts[i-1], End: cuts[i]}
+		e := newToy(r, c.L, 256, c.V)
+		if err := h.ServeStage(e); err != nil {
+			t.Fatal(err)
+		}
+		c.hosts = append(c.hosts, h)
+		c.execs = append(c.execs, e)
+		c.hops = append(c.hops, Hop{Peer: h.AddrInfo(), Range: r})
+	}
+	entry := newTestHost(t, WithLatency(oneWay, 1e9/8))
+	ctx := context.Background()
+	r, err := entry.OpenRoute(ctx, 7, c.hops, WithModel(testModel))
+	if err != nil {
+		t.Fatal(err)
+	}
+	generate(t, c, r, []int32{1, 2, 3}, 4) // checks every token
+	var steps []time.Duration
+	for p := int32(7); p < 14; p++ { // generate left the session at position 7
+		start := time.Now()
+		if _, err := r.Step(ctx, []int32{p}, []int32{5}, sample.Params{}, nil, false); err != nil {
+			t.Fatal(err)
+		}
+		steps = append(steps, time.Since(start))
+	}
+	slices.Sort(steps)
+	med := steps[len(steps)/2]
+	t.Logf("decode steps over 6 links of %s: %v", oneWay, steps)
+	if med < 6*oneWay || med > 6*oneWay+80*time.Millisecond {
+		t.Fatalf("median step %s, want about %s", med, 6*oneWay)
+	}
+	if err := r.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c.waitClosed(t)
+}
+
+func TestLatencyRejectsNegative(t *testing.T) {
+	if _, err := New(context.Background(), WithListen("/ip4/127.0.0.1/tcp/0"), WithLatency(-time.Millisecond, 0)); err == nil {
+		t.Fatal("negative latency accepted")
+	}
+	if _, err := New(context.Background(), WithListen("/ip4/127.0.0.1/tcp/0"), WithLatency(0, -1)); err == nil {
+		t.Fatal("negative bandwidth accepted")
+	}
+}
