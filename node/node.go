@@ -41,6 +41,7 @@ type Node struct {
 	router    *router
 	apiAddr   string
 	api       *http.Server
+	metrics   *metrics // Prometheus collectors and the hooks that feed them (metrics.go)
 
 	mu       sync.Mutex
 	stage    *shard.Stage // the stage served now
@@ -68,6 +69,7 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 		return nil, err
 	}
 	n = &Node{cfg: cfg, log: cfg.Logger, chain: -1, reloadCh: make(chan struct{}, 1)}
+	n.metrics = newMetrics(n)
 	defer func() {
 		if err != nil {
 			n.Close()
@@ -95,7 +97,7 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 		n.speed = msPerLayer(slices.Max(n.model.LayerBytes), memoryBandwidth())
 	}
 
-	hostOpts := []p2p.Option{p2p.WithListen(cfg.Listen...), p2p.WithIdentityFile(filepath.Join(cfg.DataDir, "identity.key")), p2p.WithLogger(n.log)}
+	hostOpts := []p2p.Option{p2p.WithListen(cfg.Listen...), p2p.WithIdentityFile(filepath.Join(cfg.DataDir, "identity.key")), p2p.WithLogger(n.log), p2p.WithObserver(n.metrics)}
 	if cfg.SwarmKey != "" {
 		hostOpts = append(hostOpts, p2p.WithSwarmKey(cfg.SwarmKey))
 	}
@@ -135,7 +137,7 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	}
 
 	n.router = newRouter(n)
-	n.gen = pipeline.NewGenerator(n.tok, n.router, pipeline.WithMaxContext(cfg.MaxContext), pipeline.WithGeneratorLogger(n.log))
+	n.gen = pipeline.NewGenerator(n.tok, n.router, pipeline.WithMaxContext(cfg.MaxContext), pipeline.WithGeneratorLogger(n.log), pipeline.WithObserver(n.metrics))
 	if err := n.startAPI(); err != nil {
 		return nil, err
 	}

@@ -1,0 +1,168 @@
+package node
+
+import (
+	"context"
+	"embed"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// The dashboard is three static files compiled into the binary: no CDN, no fonts, nothing
+// fetched from outside the node, so it works on a swarm with no internet.
+//
+//go:embed web
+var webFiles embed.FS
+
+// dashboard serves the page and the JSON it polls.
+type dashboard struct {
+	n      *Node
+	client *http.Client
+}
+
+// peerStatsTimeout bounds the wait for one peer's /api/node: a slow or gone peer must not
+// stall the page, which polls every second.
+const peerStatsTimeout = 800 * time.Millisecond
+
+func newDashboard(n *Node) *dashboard {
+	return &dashboard{n: n, client: &http.Client{
+		Timeout: peerStatsTimeout,
+		// Peers' API addresses come from gossip: never follow a redirect somewhere else.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}}
+}
+
+func (d *dashboard) static() http.Handler {
+	sub, err := fs.Sub(webFiles, "web")
+	if err != nil {
+		panic(fmt.Sprintf("dashboard: embedded files: %v", err)) // a build defect, not input
+	}
+	files := http.FileServerFS(sub)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		// Everything the page loads or calls is this node's own: say so, so that nothing
+		// injected into it (a model's output is shown as text, but still) can reach elsewhere.
+		h.Set("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
+		h.Set("X-Content-Type-Options", "nosniff")
+		h.Set("Referrer-Policy", "no-referrer")
+		h.Set("Cache-Control", "no-cache") // a node upgrade must not leave a stale page behind
+		files.ServeHTTP(w, r)
+	})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// serveNode answers GET /api/node: this node's counters, for the dashboard of any node.
+func (d *dashboard) serveNode(w http.ResponseWriter, r *http.Request) {
+	st, err := d.n.Stats()
+	if err != nil {
+		writeJSON(w, http.StatusInternalServerError, map[string]string{"error": err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, st)
+}
+
+// SwarmView is GET /api/swarm: this node's view of the swarm (/health) and every reachable
+// node's counters. Counters are totals; the page turns two polls into rates.
+type SwarmView struct {
+	TimeMs int64                 `json:"time_ms"`
+	Health Health                `json:"health"`
+	Nodes  map[string]*NodeStats `json:"nodes"`
+	// Why a node's counters are missing, by peer ID (its API is unreachable from here, it
+	// listens on loopback on another machine, it timed out).
+	Unreachable map[string]string `json:"unreachable,omitempty"`
+}
+
+func (d *dashboard) serveSwarm(w http.ResponseWriter, r *http.Request) {
+	v := SwarmView{TimeMs: time.Now().UnixMilli(), Health: d.n.Health(), Nodes: map[string]*NodeStats{}, Unreachable: map[string]string{}}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, p := range v.Health.Peers {
+		wg.Go(func() {
+			var st NodeStats
+			var err error
+			if p.Self {
+				st, err = d.n.Stats()
+			} else {
+				st, err = d.peerStats(r.Context(), p)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				v.Unreachable[p.PeerID] = err.Error()
+				return
+			}
+			v.Nodes[p.PeerID] = &st
+		})
+	}
+	wg.Wait()
+	writeJSON(w, http.StatusOK, v)
+}
+
+// peerStats fetches a peer's /api/node.
+func (d *dashboard) peerStats(ctx context.Context, p PeerHealth) (NodeStats, error) {
+	var st NodeStats
+	addr, err := peerAPIAddr(p)
+	if err != nil {
+		return st, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/api/node", nil)
+	if err != nil {
+		return st, fmt.Errorf("peer stats: %w", err)
+	}
+	resp, err := d.client.Do(req)
+	if err != nil {
+		return st, fmt.Errorf("peer stats: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return st, fmt.Errorf("peer stats: %s from %s", resp.Status, addr)
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&st); err != nil {
+		return st, fmt.Errorf("peer stats from %s: %w", addr, err)
+	}
+	// The address came from gossip: whatever answers there must be the peer we asked for.
+	if st.PeerID != p.PeerID {
+		return NodeStats{}, fmt.Errorf("peer stats: %s answers as %s, not %s", addr, st.PeerID, p.PeerID)
+	}
+	return st, nil
+}
+
+// peerAPIAddr is where this node can reach a peer's API. A peer listening on every interface
+// announces 0.0.0.0 or ::, which is reached through the address it gossips from; one
+// listening on loopback is reachable only from its own machine.
+func peerAPIAddr(p PeerHealth) (string, error) {
+	if p.API == "" {
+		return "", errors.New("the node announces no API address")
+	}
+	host, port, err := net.SplitHostPort(p.API)
+	if err != nil {
+		return "", fmt.Errorf("API address %q: %w", p.API, err)
+	}
+	gossipHost, _, gerr := net.SplitHostPort(p.Gossip)
+	gossipIP := net.ParseIP(gossipHost)
+	ip := net.ParseIP(host)
+	switch {
+	case ip == nil:
+		return "", fmt.Errorf("API address %q is not an IP address", p.API)
+	case ip.IsUnspecified():
+		if gerr != nil || gossipIP == nil || gossipIP.IsUnspecified() {
+			return "", fmt.Errorf("API listens on %s and the node's gossip address %q says nothing better", p.API, p.Gossip)
+		}
+		return net.JoinHostPort(gossipHost, port), nil
+	case ip.IsLoopback() && gossipIP != nil && !gossipIP.IsLoopback() && !gossipIP.IsUnspecified():
+		return "", fmt.Errorf("API listens on %s, on its own machine only (start it with --api 0.0.0.0:PORT to show its counters here)", p.API)
+	}
+	return p.API, nil
+}
