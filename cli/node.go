@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/strata-llm/strata/node"
+	"github.com/strata-llm/strata/p2p"
 	"github.com/strata-llm/strata/quant"
 )
 
@@ -28,6 +29,7 @@ func newNodeStartCommand() *cobra.Command {
 		cfg          node.Config
 		join, maxMem string
 		codec        string
+		injectBW     string
 	)
 	cmd := &cobra.Command{
 		Use:   "start --model MODEL",
@@ -44,6 +46,9 @@ API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for
 			}
 			if cfg.Codec, err = quant.ParseCodec(codec); err != nil {
 				return err
+			}
+			if cfg.InjectBandwidth, err = p2p.ParseBandwidth(injectBW); err != nil {
+				return fmt.Errorf("--inject-bandwidth: %w", err)
 			}
 			for _, j := range strings.Split(join, ",") {
 				if j = strings.TrimSpace(j); j != "" {
@@ -85,6 +90,11 @@ API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for
 	f.IntVar(&cfg.MaxSessions, "max-sessions", 8, "sessions a stage holds at once")
 	f.IntVar(&cfg.MaxContext, "context", 2048, "tokens per session")
 	f.StringVar(&codec, "codec", "f16", "activation codec on the wire: f32, f16, q8")
+	// Benchmarks only (strata bench, scripts/netns-bench.sh): a slower network on one machine.
+	f.DurationVar(&cfg.InjectLatency, "inject-latency", 0, "add this one-way latency to every frame sent to a peer")
+	f.StringVar(&injectBW, "inject-bandwidth", "", "emulate a link of this bandwidth to each peer, e.g. 1Gbit")
+	_ = f.MarkHidden("inject-latency")
+	_ = f.MarkHidden("inject-bandwidth")
 	return cmd
 }
 

@@ -41,6 +41,10 @@ type Config struct {
 	// Tuning, mostly for tests.
 	ReplanDelay time.Duration // settle time after a membership change (default 300ms)
 	DrainWait   time.Duration // how long a replaced stage waits for its sessions (default 30s)
+
+	// Benchmarks only: emulate a slower network on this node's libp2p streams (p2p.WithLatency).
+	InjectLatency   time.Duration // one-way latency added to every frame this node sends
+	InjectBandwidth float64       // bytes/s of the emulated link; 0: unlimited
 }
 
 func (c *Config) setDefaults() error {

@@ -101,6 +101,9 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	if cfg.SwarmKey != "" {
 		hostOpts = append(hostOpts, p2p.WithSwarmKey(cfg.SwarmKey))
 	}
+	if cfg.InjectLatency > 0 || cfg.InjectBandwidth > 0 {
+		hostOpts = append(hostOpts, p2p.WithLatency(cfg.InjectLatency, cfg.InjectBandwidth))
+	}
 	if n.host, err = p2p.New(ctx, hostOpts...); err != nil {
 		return nil, err
 	}

@@ -4,6 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -299,4 +302,38 @@ func (s *delayedStream) ResetWithError(code network.StreamErrorCode) error {
 	}
 	s.mu.Unlock()
 	return s.Stream.ResetWithError(code)
+}
+
+// ParseBandwidth reads a link speed as bytes per second: "1Gbit", "100Mbit/s", "1Gbps", "10MB/s",
+// "512KiB" or a plain number of bytes per second. Bit units are decimal (1 Gbit = 1e9 bits),
+// as network speeds are quoted.
+func ParseBandwidth(s string) (float64, error) {
+	t := strings.ToLower(strings.TrimSpace(s))
+	t = strings.TrimSuffix(t, "/s")
+	if num, ok := strings.CutSuffix(t, "bps"); ok { // "1gbps" is bits, like "1gbit"
+		t = num + "bit"
+	}
+	if t == "" {
+		return 0, nil
+	}
+	units := []struct {
+		suffix string
+		mult   float64
+	}{
+		{"tbit", 1e12 / 8}, {"gbit", 1e9 / 8}, {"mbit", 1e6 / 8}, {"kbit", 1e3 / 8}, {"bit", 1.0 / 8},
+		{"tib", 1 << 40}, {"gib", 1 << 30}, {"mib", 1 << 20}, {"kib", 1 << 10},
+		{"tb", 1e12}, {"gb", 1e9}, {"mb", 1e6}, {"kb", 1e3}, {"b", 1},
+	}
+	mult := 1.0
+	for _, u := range units {
+		if num, ok := strings.CutSuffix(t, u.suffix); ok {
+			t, mult = strings.TrimSpace(num), u.mult
+			break
+		}
+	}
+	f, err := strconv.ParseFloat(t, 64)
+	if err != nil || f < 0 || math.IsInf(f, 0) || math.IsNaN(f) {
+		return 0, fmt.Errorf("bad bandwidth %q: want a number with a unit such as 1Gbit, 100Mbit/s or 10MB/s", s)
+	}
+	return f * mult, nil
 }

@@ -175,3 +175,19 @@ func TestLatencyRejectsNegative(t *testing.T) {
 		t.Fatal("negative bandwidth accepted")
 	}
 }
+
+func TestParseBandwidth(t *testing.T) {
+	for in, want := range map[string]float64{
+		"1Gbit": 125e6, "100Mbit/s": 12.5e6, "10MB/s": 10e6, "512KiB": 512 << 10, "2000": 2000, "": 0, "1gbps": 125e6,
+	} {
+		got, err := ParseBandwidth(in)
+		if err != nil || got != want {
+			t.Errorf("ParseBandwidth(%q) = %v, %v; want %v", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"fast", "-1Gbit", "1Xbit", "NaN"} {
+		if _, err := ParseBandwidth(bad); err == nil {
+			t.Errorf("ParseBandwidth(%q) accepted", bad)
+		}
+	}
+}
