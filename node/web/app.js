@@ -24,10 +24,15 @@
   // ---------- formatting ----------
 
   const short = (id) => (id ? id.slice(-6) : "?");
+  // A node keeps its colour for as long as the page is open; new nodes take the next one.
+  const PALETTE = ["#3b6fb6", "#d0731c", "#3a9a4a", "#c23b3b", "#7d5bb5", "#8c5a3c", "#c2569b", "#5f6b73", "#9a9a1f", "#1f9aa8"];
+  const colors = new Map();
   function color(id) {
-    let h = 2166136261;
-    for (let i = 0; i < id.length; i++) h = Math.imul(h ^ id.charCodeAt(i), 16777619) >>> 0;
-    return `hsl(${h % 360} 52% 42%)`;
+    if (!colors.has(id)) {
+      const i = colors.size;
+      colors.set(id, i < PALETTE.length ? PALETTE[i] : `hsl(${(i * 137.5) % 360} 50% 42%)`);
+    }
+    return colors.get(id);
   }
   function bytes(n) {
     if (!(n > 0)) return "0 B";
@@ -142,6 +147,7 @@
       if (!chains.has(c)) chains.set(c, []);
       chains.get(c).push(p);
     }
+    [...peers].sort((a, b) => a.range.start - b.range.start || a.peer_id.localeCompare(b.peer_id)).forEach((p) => color(p.peer_id));
     const box = $("layermap");
     const rows = [];
     const keys = [...chains.keys()].sort((a, b) => (a < 0) - (b < 0) || a - b);
