@@ -257,3 +257,44 @@ func TestStreamSurvivesKill(t *testing.T) {
 		})
 	}
 }
+
+// TestDisconnectFreesEveryStage: a client that goes away mid-stream cancels its session on
+// every stage, so no stage keeps KV cache for an answer nobody reads.
+func TestDisconnectFreesEveryStage(t *testing.T) {
+	model := swarmModel(t)
+	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", twoLayers}})
+	s.MustReady(t, 3, 30*time.Second)
+	live := func() int {
+		total := 0
+		for _, n := range s.Nodes {
+			h, err := n.Health(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range h.Peers {
+				if p.Self {
+					total += p.Sessions
+				}
+			}
+		}
+		return total
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	sawLive := 0
+	_, _ = stream(ctx, client(s.Nodes[0]), chatParams("tell me everything", 1500), func(n int) {
+		if n == 20 {
+			sawLive = live()
+			cancel()
+		}
+	})
+	if sawLive != 3 {
+		t.Fatalf("mid-stream, the stages held %d sessions, want 3", sawLive)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for live() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("5 s after the client left, the stages still hold %d sessions", live())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
