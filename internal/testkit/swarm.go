@@ -81,7 +81,9 @@ func (s *Swarm) Add(ctx context.Context, extra ...string) (*Node, error) {
 	}
 	n.cmd = exec.Command(s.opts.Binary, args...)
 	n.cmd.Stdout, n.cmd.Stderr = logf, logf
-	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Pdeathsig: nodes die with the process that started them, even when it cannot clean up
+	// (a test binary killed at its timeout, a demo killed with -9).
+	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := n.cmd.Start(); err != nil {
 		logf.Close()
 		return nil, fmt.Errorf("start node %d: %w", i, err)
