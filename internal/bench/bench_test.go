@@ -1,0 +1,246 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/strata-llm/strata/internal/testkit"
+	"github.com/strata-llm/strata/quant"
+	"github.com/strata-llm/strata/shard"
+)
+
+// model70b is the 70b preset's shape as q4_0 (the sizes `strata model info` prints for a
+// synthesized one), without a file.
+func model70b(layers int) *shard.ModelInfo {
+	info := &shard.ModelInfo{Layers: layers, Hidden: 8192, Heads: 64, KVHeads: 8, HeadDim: 128, Vocab: 128256,
+		EmbedBytes: 591_003_648, HeadBytes: 591_036_416}
+	for range layers {
+		info.LayerBytes = append(info.LayerBytes, 481_427_456)
+	}
+	return info
+}
+
+func TestNodeMemoryForcesOneChain(t *testing.T) {
+	info := model70b(4)
+	mem, ranges, err := NodeMemory(info, 3, 256, 8)
+	if err != nil {
+		t.Fatal(err)
+	}
+	shape := Shape(info, 256, 8)
+	// Embeddings and head outweigh a layer: the ends hold one layer each, the middle two.
+	want := []shard.Range{{Start: 0, End: 1}, {Start: 1, End: 3}, {Start: 3, End: 4}}
+	if !slices.Equal(ranges, want) {
+		t.Fatalf("ranges %v, want %v", ranges, want)
+	}
+	if wantMem := shape.HeadBytes + shape.LayerCost(); mem != wantMem {
+		t.Fatalf("memory %d, want the head and one layer with its KV cache, %d", mem, wantMem)
+	}
+	t.Logf("70b, 4 layers, 3 nodes: --max-memory %s, ranges %v", shard.HumanBytes(mem), ranges)
+
+	for _, tc := range []struct{ layers, nodes int }{{4, 1}, {4, 2}, {4, 4}, {80, 3}, {80, 8}, {6, 3}, {7, 5}} {
+		info := model70b(tc.layers)
+		mem, ranges, err := NodeMemory(info, tc.nodes, 256, 8)
+		if err != nil {
+			t.Fatalf("%d layers, %d nodes: %v", tc.layers, tc.nodes, err)
+		}
+		if len(ranges) != tc.nodes || ranges[0].Start != 0 || ranges[len(ranges)-1].End != tc.layers {
+			t.Fatalf("%d layers, %d nodes: ranges %v", tc.layers, tc.nodes, ranges)
+		}
+		for i := 1; i < len(ranges); i++ {
+			if ranges[i].Start != ranges[i-1].End {
+				t.Fatalf("%d layers, %d nodes: ranges %v do not chain", tc.layers, tc.nodes, ranges)
+			}
+		}
+		// Any less memory and the same nodes no longer form one full chain of them all.
+		nodes := make([]shard.NodeCapacity, tc.nodes)
+		for i := range nodes {
+			nodes[i] = shard.NodeCapacity{ID: fmt.Sprint(i), MemoryBytes: mem - 1, MsPerLayer: 1}
+		}
+		if plan, err := shard.PlanLayers(Shape(info, 256, 8), nodes); err == nil && plan.Replicas == 1 && len(plan.Chains()[0]) == tc.nodes {
+			t.Fatalf("%d layers, %d nodes: %d bytes is not the least memory that works", tc.layers, tc.nodes, mem)
+		}
+	}
+	if _, _, err := NodeMemory(model70b(2), 3, 256, 8); err == nil {
+		t.Fatal("3 nodes over 2 layers accepted")
+	}
+}
+
+func TestPromptsHaveExactTokenCounts(t *testing.T) {
+	path := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1, Type: "f32"})
+	tok, err := shard.LoadTokenizer(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []int{2, 7, 32, 128} {
+		ps, err := Prompts(tok, n, 8)
+		if err != nil {
+			t.Fatalf("%d tokens: %v", n, err)
+		}
+		seen := map[string]bool{}
+		for _, p := range ps {
+			ids, err := tok.Encode(p, true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(ids) != n {
+				t.Fatalf("prompt %q is %d tokens, want %d", p, len(ids), n)
+			}
+			if seen[p] && n >= 16 {
+				t.Fatalf("prompt %q repeated", p)
+			}
+			seen[p] = true
+		}
+	}
+	if _, err := Prompts(tok, 1, 1); err == nil {
+		t.Fatal("a 1-token prompt accepted")
+	}
+}
+
+func TestParseCounter(t *testing.T) {
+	text := `# HELP strata_wire_bytes_total Stage protocol bytes.
+# TYPE strata_wire_bytes_total counter
+strata_wire_bytes_total{direction="in"} 1234
+strata_wire_bytes_total{direction="out"} 5.5e+06
+strata_requests_total{outcome="ok"} 3
+`
+	v, err := parseCounter(strings.NewReader(text), "strata_wire_bytes_total", `direction="out"`)
+	if err != nil || v != 5.5e6 {
+		t.Fatalf("got %v, %v", v, err)
+	}
+	if _, err := parseCounter(strings.NewReader(text), "strata_missing_total", ""); err == nil {
+		t.Fatal("a missing series was found")
+	}
+}
+
+func TestProcReadings(t *testing.T) {
+	m, err := ReadProcMemory("self")
+	if err != nil {
+		t.Skip("no /proc:", err)
+	}
+	if m.Peak < m.RSS || m.RSS <= 0 {
+		t.Fatalf("peak %d, rss %d", m.Peak, m.RSS)
+	}
+	if _, err := WrittenBytes("self"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ReadProcMemory("999999999"); err == nil {
+		t.Fatal("a missing process was read")
+	}
+	if bw := CopyBandwidth(8<<20, 2); bw <= 0 {
+		t.Fatalf("bandwidth %v", bw)
+	}
+}
+
+func TestLevelSummary(t *testing.T) {
+	l := &Level{Concurrency: 2, WireBytes: 3000, Streams: []Stream{
+		{PromptTokens: 10, CompletionTokens: 11, TTFT: time.Second, Total: 2 * time.Second},
+		{PromptTokens: 10, CompletionTokens: 11, TTFT: 2 * time.Second, Total: 4 * time.Second},
+	}}
+	l.summarize(1e9, 10e9)
+	check := func(name string, got, want float64) {
+		t.Helper()
+		if d := got - want; d > 1e-9 || d < -1e-9 {
+			t.Errorf("%s = %v, want %v", name, got, want)
+		}
+	}
+	check("prefill", l.PrefillRate, 20.0/2)    // 20 prompt tokens by the last first token
+	check("decode", l.DecodeRate, 10.0+10.0/2) // 10 tokens in 1 s plus 10 in 2 s
+	check("per stream", l.PerStream, 15.0/2)   //
+	check("limit", l.Limit, 2*10e9/1e9)        // two streams per weight pass
+	check("wire", l.WirePerToken, 3000.0/42)   //
+	check("ttft", l.TTFTMean, 1.5)             //
+}
+
+// TestRunTiny runs the whole benchmark on the tiny model: a whole-model baseline, a 2-node
+// swarm and a run with 10 ms injected, all through the real binary and the OpenAI API.
+func TestRunTiny(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts node processes")
+	}
+	path := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1, Type: "f32"})
+	dir := t.TempDir()
+	var progress bytes.Buffer
+	rep, err := Run(context.Background(), Config{
+		Model: path, Nodes: 2, Concurrency: []int{2, 1}, Tokens: 8, PromptTokens: 16, Codec: quant.CodecF32,
+		Latency: 10 * time.Millisecond, Cores: 2, WholeAll: true, DataDir: dir, Binary: testkit.BuildStrata(t), Progress: &progress,
+	})
+	t.Log("\n" + progress.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var md bytes.Buffer
+	rep.Markdown(&md)
+	t.Log("\n" + md.String())
+	if err := rep.WriteJSON(filepath.Join(dir, "bench.json")); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "bench.json")); err != nil || !bytes.Contains(b, []byte(`"decode_tok_s"`)) {
+		t.Fatalf("JSON report: %v %.200s", err, b)
+	}
+	if len(rep.Runs) != 3 {
+		t.Fatalf("%d runs, want whole, swarm and swarm with latency", len(rep.Runs))
+	}
+	whole, swarm, slow := rep.Runs[0], rep.Runs[1], rep.Runs[2]
+	if whole.Swarm || !swarm.Swarm || !slow.Swarm || slow.Latency != 0.01 {
+		t.Fatalf("runs in the wrong order: %+v", rep.Runs)
+	}
+	if len(whole.Levels) != 2 || len(swarm.Levels) != 2 || len(slow.Levels) != 1 {
+		t.Fatalf("levels: whole %d, swarm %d, latency %d", len(whole.Levels), len(swarm.Levels), len(slow.Levels))
+	}
+	for _, r := range rep.Runs {
+		for _, l := range r.Levels {
+			if l.PromptTokens != 16*l.Concurrency || l.DecodeRate <= 0 || l.PrefillRate <= 0 {
+				t.Fatalf("%s, %d streams: %+v", r.Name, l.Concurrency, l)
+			}
+		}
+	}
+	// f32 on the wire: the swarm's greedy text is the whole model's.
+	for _, l := range swarm.Levels {
+		if l.SameAsWhole != l.Concurrency {
+			t.Errorf("%d streams: %d texts equal the whole model's", l.Concurrency, l.SameAsWhole)
+		}
+		if l.WirePerToken <= 0 {
+			t.Errorf("%d streams: no bytes on the wire counted", l.Concurrency)
+		}
+	}
+	if swarm.Links < 2 || len(swarm.Memory) != 2 || len(whole.Memory) != 1 {
+		t.Fatalf("links %d, memory rows %d and %d", swarm.Links, len(swarm.Memory), len(whole.Memory))
+	}
+	for _, p := range swarm.Memory {
+		if p.Peak <= 0 || p.Weights <= 0 || p.Range.Empty() {
+			t.Fatalf("memory row %+v", p)
+		}
+	}
+	// Each decode step waits Links x 10 ms at least.
+	if s := slow.Levels[0]; s.PerStream > 1/(float64(swarm.Links)*0.01) {
+		t.Errorf("with 10 ms per link, %d links: %.1f tok/s", swarm.Links, s.PerStream)
+	}
+	if len(rep.Targets) != 5 {
+		t.Errorf("%d targets reported, want 5", len(rep.Targets))
+	}
+	if !strings.Contains(md.String(), "| run | streams |") {
+		t.Error("no table in the markdown")
+	}
+}
+
+func TestConfigRefusals(t *testing.T) {
+	for _, c := range []Config{
+		{Nodes: -1},
+		{Tokens: 1},
+		{Concurrency: []int{0}},
+		{Latency: -time.Second},
+		{API: "127.0.0.1:1"},
+	} {
+		c.DataDir, c.Binary = t.TempDir(), "strata"
+		if _, err := Run(context.Background(), c); err == nil {
+			t.Errorf("%+v accepted", c)
+		}
+	}
+}

@@ -1,0 +1,318 @@
+package bench
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"os"
+	"time"
+
+	"github.com/strata-llm/strata/shard"
+)
+
+// Report is everything one benchmark measured.
+type Report struct {
+	Started  time.Time    `json:"started"`
+	Elapsed  float64      `json:"elapsed_s"`
+	Machine  Machine      `json:"machine"`
+	Model    ModelSummary `json:"model"`
+	Settings Settings     `json:"settings"`
+	Runs     []*RunResult `json:"runs"`
+	Targets  []Target     `json:"targets"`
+	Notes    []string     `json:"notes,omitempty"`
+}
+
+// ModelSummary is the model measured.
+type ModelSummary struct {
+	Path   string `json:"path"`
+	Name   string `json:"name"`
+	Type   string `json:"type"`
+	Layers int    `json:"layers"`
+	Hidden int    `json:"hidden"`
+	Vocab  int    `json:"vocab"`
+	Bytes  int64  `json:"weight_bytes"`
+	// DecodeBytes is what one decode step reads: every layer and the LM head (the embedding
+	// lookup reads one row).
+	DecodeBytes int64 `json:"decode_read_bytes"`
+}
+
+// Settings are the knobs the runs shared.
+type Settings struct {
+	Nodes           int           `json:"nodes"`
+	Concurrency     []int         `json:"concurrency"`
+	Codec           string        `json:"codec"`
+	Tokens          int           `json:"tokens"`
+	PromptTokens    int           `json:"prompt_tokens"`
+	Context         int           `json:"context"`
+	Sessions        int           `json:"sessions"`
+	NodeMemory      int64         `json:"node_max_memory_bytes"`
+	Ranges          []shard.Range `json:"planned_ranges"`
+	ThreadsPerNode  int           `json:"threads_per_node"`
+	WholeThreads    int           `json:"whole_threads"`
+	Latency         float64       `json:"injected_latency_s"`
+	Bandwidth       float64       `json:"injected_bandwidth_bytes_per_s"`
+	HopPayloadBytes int           `json:"hop_payload_bytes_per_token"` // one token's activations on one hop, in the codec
+}
+
+// RunResult is one system measured at every concurrency: the whole model, or a swarm.
+type RunResult struct {
+	Name    string          `json:"name"`
+	Swarm   bool            `json:"swarm"`
+	Nodes   int             `json:"nodes"`
+	Threads int             `json:"threads"` // per process
+	Links   int             `json:"links"`   // network crossings of one decode step (there and back)
+	Latency float64         `json:"injected_latency_s"`
+	Levels  []*Level        `json:"levels"`
+	Memory  []ProcessMemory `json:"memory"`
+}
+
+// Level is one concurrency of one run.
+type Level struct {
+	Concurrency      int      `json:"concurrency"`
+	Streams          []Stream `json:"streams"`
+	PromptTokens     int      `json:"prompt_tokens"`
+	CompletionTokens int      `json:"completion_tokens"`
+	Wall             float64  `json:"wall_s"`
+	TTFTMean         float64  `json:"ttft_mean_s"`
+	TTFTMax          float64  `json:"ttft_max_s"`
+	// PrefillRate is every stream's prompt tokens over the time until the last first token.
+	PrefillRate float64 `json:"prefill_tok_s"`
+	// DecodeRate is the aggregate decode speed: the sum of each stream's tokens after its
+	// first over the time after it.
+	DecodeRate float64 `json:"decode_tok_s"`
+	// PerStream is the mean of each stream's decode speed.
+	PerStream float64 `json:"decode_tok_s_per_stream"`
+	// Limit is the decode speed memory bandwidth allows: concurrency x copy bandwidth /
+	// bytes read per step (a batched step reads the weights once for every stream).
+	Limit float64 `json:"limit_tok_s"`
+	// WireBytes is what every node sent during the level (WireSource says how it was
+	// counted); WirePerToken divides it by the tokens processed (prompt and completion).
+	WireBytes    float64 `json:"wire_bytes"`
+	WireSource   string  `json:"wire_source,omitempty"`
+	WirePerToken float64 `json:"wire_bytes_per_token"`
+	SameAsWhole  int     `json:"same_text_as_whole"` // streams whose text equals the whole model's; -1: not compared
+	// OtherCores is how many cores other processes kept busy meanwhile: on a shared machine
+	// they slow multi-threaded ggml down far more than their share (its threads spin at barriers).
+	OtherCores float64 `json:"other_processes_cores"`
+}
+
+// ProcessMemory is one process's peak memory against what its slice should need.
+type ProcessMemory struct {
+	Name      string      `json:"name"`
+	PID       int         `json:"pid"`
+	Range     shard.Range `json:"range"`
+	Weights   int64       `json:"weight_bytes"`
+	KV        int64       `json:"kv_bytes"`
+	LoadPeak  int64       `json:"load_peak_rss_bytes"` // peak until the stage was loaded (cutting the slice included)
+	Peak      int64       `json:"peak_rss_bytes"`      // peak while serving the benchmark
+	Budget    int64       `json:"budget_bytes"`        // weights + KV + overhead allowance
+	Ratio     float64     `json:"peak_over_budget"`
+	LoadRatio float64     `json:"load_peak_over_budget"`
+}
+
+// RuntimeOverhead is the allowance for everything but weights and KV cache in a node's
+// memory target: the Go runtime, libp2p, ggml's compute buffers.
+const RuntimeOverhead = 300 << 20
+
+// Target is one of the goals the benchmark reports on. They are measurements, not asserts.
+type Target struct {
+	Name   string  `json:"name"`
+	Value  float64 `json:"value"`
+	Goal   string  `json:"goal"`
+	Met    bool    `json:"met"`
+	Detail string  `json:"detail"`
+}
+
+func (l *Level) summarize(decodeBytes int64, bandwidth float64) {
+	var ttftSum, ttftMax float64
+	l.PromptTokens, l.CompletionTokens, l.DecodeRate = 0, 0, 0
+	for _, s := range l.Streams {
+		l.PromptTokens += s.PromptTokens
+		l.CompletionTokens += s.CompletionTokens
+		t := s.TTFT.Seconds()
+		ttftSum += t
+		ttftMax = max(ttftMax, t)
+		l.DecodeRate += s.DecodeRate()
+	}
+	if n := len(l.Streams); n > 0 {
+		l.TTFTMean = ttftSum / float64(n)
+		l.PerStream = l.DecodeRate / float64(n)
+	}
+	l.TTFTMax = ttftMax
+	if ttftMax > 0 {
+		l.PrefillRate = float64(l.PromptTokens) / ttftMax
+	}
+	if decodeBytes > 0 {
+		l.Limit = float64(l.Concurrency) * bandwidth / float64(decodeBytes)
+	}
+	if tok := l.PromptTokens + l.CompletionTokens; tok > 0 && l.WireBytes > 0 {
+		l.WirePerToken = l.WireBytes / float64(tok)
+	}
+}
+
+func (r *RunResult) level(c int) *Level {
+	for _, l := range r.Levels {
+		if l.Concurrency == c {
+			return l
+		}
+	}
+	return nil
+}
+
+// Markdown writes the report as markdown tables.
+func (rep *Report) Markdown(w io.Writer) {
+	m := rep.Machine
+	fmt.Fprintf(w, "machine: %d x %s (%s), %s RAM, kernel %s, %s; memory copy %.1f GB/s; load average %.2f at start, %.2f at end\n",
+		m.CPUs, m.CPUModel, m.Flags, shard.HumanBytes(m.RAMBytes), m.Kernel, m.GoVer, m.CopyBandwidth/1e9, m.LoadAvg, m.LoadAvgEnd)
+	md := rep.Model
+	fmt.Fprintf(w, "model: %s (%s, %d layers, hidden %d, vocabulary %d), %s of weights, %s read per decode step\n",
+		md.Name, md.Type, md.Layers, md.Hidden, md.Vocab, shard.HumanBytes(md.Bytes), shard.HumanBytes(md.DecodeBytes))
+	s := rep.Settings
+	fmt.Fprintf(w, "settings: %d nodes x %d threads (whole: %d threads), --max-memory %s each, ranges %v, context %d x %d sessions, codec %s (%d B/token/hop), prompts %d tokens, %d new tokens\n\n",
+		s.Nodes, s.ThreadsPerNode, s.WholeThreads, shard.HumanBytes(s.NodeMemory), s.Ranges, s.Context, s.Sessions, s.Codec, s.HopPayloadBytes, s.PromptTokens, s.Tokens)
+
+	var whole *RunResult
+	for _, r := range rep.Runs {
+		if !r.Swarm {
+			whole = r
+		}
+	}
+	fmt.Fprintln(w, "| run | streams | TTFT s (mean/max) | prefill tok/s | decode tok/s | per stream | limit tok/s | vs whole | wire B/token | text = whole | other load |")
+	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|---|---|---|")
+	for _, r := range rep.Runs {
+		for _, l := range r.Levels {
+			vs, same, wire := "-", "-", "-"
+			if whole != nil && r != whole {
+				if wl := whole.level(l.Concurrency); wl != nil && wl.DecodeRate > 0 {
+					vs = fmt.Sprintf("%.2fx", l.DecodeRate/wl.DecodeRate)
+				}
+			}
+			if l.SameAsWhole >= 0 {
+				same = fmt.Sprintf("%d/%d", l.SameAsWhole, len(l.Streams))
+			}
+			if l.WirePerToken > 0 {
+				wire = fmt.Sprintf("%.0f", l.WirePerToken)
+				if l.WireSource == "wchar" {
+					wire += " (syscalls)"
+				}
+			}
+			fmt.Fprintf(w, "| %s | %d | %.2f / %.2f | %.1f | %.2f | %.2f | %.2f | %s | %s | %s | %.2f cores |\n",
+				r.Name, l.Concurrency, l.TTFTMean, l.TTFTMax, l.PrefillRate, l.DecodeRate, l.PerStream, l.Limit, vs, wire, same, l.OtherCores)
+		}
+	}
+	var all []ProcessMemory
+	for _, r := range rep.Runs {
+		if r.Latency == 0 {
+			all = append(all, r.Memory...)
+		}
+	}
+	if len(all) > 0 {
+		fmt.Fprintln(w)
+		fmt.Fprintf(w, "| process | layers | weights | KV cache | weights + KV + %s | peak RSS loading | ratio | peak RSS serving | ratio |\n", shard.HumanBytes(RuntimeOverhead))
+		fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|---|")
+		for _, p := range all {
+			fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %.2f | %s | %.2f |\n", p.Name, p.Range, shard.HumanBytes(p.Weights),
+				shard.HumanBytes(p.KV), shard.HumanBytes(p.Budget), shard.HumanBytes(p.LoadPeak), p.LoadRatio, shard.HumanBytes(p.Peak), p.Ratio)
+		}
+	}
+	if len(rep.Targets) > 0 {
+		fmt.Fprintln(w)
+		fmt.Fprintln(w, "| target | goal | measured | met |")
+		fmt.Fprintln(w, "|---|---|---|---|")
+		for _, t := range rep.Targets {
+			met := "no"
+			if t.Met {
+				met = "yes"
+			}
+			fmt.Fprintf(w, "| %s | %s | %s | %s |\n", t.Name, t.Goal, t.Detail, met)
+		}
+	}
+	for _, n := range rep.Notes {
+		fmt.Fprintf(w, "\nnote: %s", n)
+	}
+	if len(rep.Notes) > 0 {
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintf(w, "\nelapsed %.0f s\n", rep.Elapsed)
+}
+
+// WriteJSON writes the report to path.
+func (rep *Report) WriteJSON(path string) error {
+	b, err := json.MarshalIndent(rep, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode report: %w", err)
+	}
+	if err := os.WriteFile(path, append(b, '\n'), 0o644); err != nil {
+		return fmt.Errorf("write report: %w", err)
+	}
+	return nil
+}
+
+// evaluate fills the targets from the runs.
+func (rep *Report) evaluate() {
+	var whole, swarm, slow *RunResult
+	for _, r := range rep.Runs {
+		switch {
+		case !r.Swarm:
+			whole = r
+		case r.Latency == 0 && swarm == nil:
+			swarm = r
+		case r.Latency > 0 && slow == nil:
+			slow = r
+		}
+	}
+	if whole != nil && swarm != nil {
+		if w, s := whole.level(1), swarm.level(1); w != nil && s != nil && w.DecodeRate > 0 {
+			v := s.DecodeRate / w.DecodeRate
+			rep.Targets = append(rep.Targets, Target{Name: fmt.Sprintf("%d-node split decode vs whole, 1 stream", swarm.Nodes),
+				Value: v, Goal: ">= 0.95x", Met: v >= 0.95,
+				Detail: fmt.Sprintf("%.2fx (%.2f vs %.2f tok/s)", v, s.DecodeRate, w.DecodeRate)})
+		}
+	}
+	if swarm != nil && len(swarm.Levels) > 1 {
+		one, top := swarm.level(1), swarm.Levels[len(swarm.Levels)-1]
+		if one != nil && one.DecodeRate > 0 && top.Concurrency > 1 {
+			v := top.DecodeRate / one.DecodeRate
+			goal := 2.4 * float64(top.Concurrency) / 8 // the issue's 2.4x is for 8 streams
+			rep.Targets = append(rep.Targets, Target{Name: fmt.Sprintf("swarm: %d streams vs 1, aggregate decode", top.Concurrency),
+				Value: v, Goal: fmt.Sprintf(">= %.1fx", goal), Met: v >= goal,
+				Detail: fmt.Sprintf("%.2fx (%.2f vs %.2f tok/s)", v, top.DecodeRate, one.DecodeRate)})
+		}
+	}
+	if swarm != nil && len(swarm.Memory) > 0 {
+		worst := swarm.Memory[0]
+		for _, p := range swarm.Memory {
+			if p.Ratio > worst.Ratio {
+				worst = p
+			}
+		}
+		worstLoad := swarm.Memory[0]
+		for _, p := range swarm.Memory {
+			if p.LoadRatio > worstLoad.LoadRatio {
+				worstLoad = p
+			}
+		}
+		rep.Targets = append(rep.Targets, Target{Name: "node peak RSS while serving vs weights + KV + 300 MiB (worst node)",
+			Value: worst.Ratio, Goal: "<= 1.1x", Met: worst.Ratio <= 1.1,
+			Detail: fmt.Sprintf("%.2fx (%s: %s vs %s)", worst.Ratio, worst.Name, shard.HumanBytes(worst.Peak), shard.HumanBytes(worst.Budget))},
+			Target{Name: "node peak RSS while cutting and loading its slice, same budget (worst node)",
+				Value: worstLoad.LoadRatio, Goal: "<= 1.1x", Met: worstLoad.LoadRatio <= 1.1,
+				Detail: fmt.Sprintf("%.2fx (%s: %s vs %s)", worstLoad.LoadRatio, worstLoad.Name, shard.HumanBytes(worstLoad.LoadPeak), shard.HumanBytes(worstLoad.Budget))})
+	}
+	if swarm != nil && slow != nil {
+		s, l := swarm.level(1), slow.level(1)
+		if s != nil && l != nil && s.DecodeRate > 0 && l.DecodeRate > 0 {
+			compute := 1 / s.DecodeRate
+			wire := float64(slow.Links) * slow.Latency
+			if rep.Settings.Bandwidth > 0 {
+				wire += float64(max(slow.Nodes-1, 0)*rep.Settings.HopPayloadBytes) / rep.Settings.Bandwidth
+			}
+			pred := 1 / (compute + wire)
+			v := l.DecodeRate / pred
+			rep.Targets = append(rep.Targets, Target{Name: fmt.Sprintf("decode with %s one-way latency vs 1/(compute + %d links x latency)", time.Duration(slow.Latency*1e9), slow.Links),
+				Value: v, Goal: "within 10%", Met: math.Abs(v-1) <= 0.10,
+				Detail: fmt.Sprintf("%.2f tok/s vs predicted %.2f (compute %.1f ms + wire %.1f ms): %.2fx", l.DecodeRate, pred, compute*1e3, wire*1e3, v)})
+		}
+	}
+}
