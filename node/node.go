@@ -70,9 +70,10 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	}
 	n = &Node{cfg: cfg, log: cfg.Logger, chain: -1, reloadCh: make(chan struct{}, 1)}
 	n.metrics = newMetrics(n)
+	started := n // the error returns below set n to nil
 	defer func() {
 		if err != nil {
-			n.Close()
+			started.Close()
 		}
 	}()
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
