@@ -37,9 +37,9 @@ type metrics struct {
 	wireOut      prometheus.Counter
 }
 
-// Step latencies on a LAN run from well under a millisecond (one decode step of a small
-// slice) to seconds (a long prefill chunk on a slow CPU).
-var stepBuckets = prometheus.ExponentialBuckets(0.0005, 2, 16) // 0.5 ms .. 16 s
+// stepBuckets: step latencies on a LAN run from well under a millisecond (one decode step
+// of a small slice) to seconds (a long prefill chunk on a slow CPU).
+func stepBuckets() []float64 { return prometheus.ExponentialBuckets(0.0005, 2, 16) } // 0.5 ms .. 16 s
 
 func newMetrics(n *Node) *metrics {
 	m := &metrics{
@@ -69,13 +69,13 @@ func newMetrics(n *Node) *metrics {
 		routeStep: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "strata_route_step_seconds",
 			Help:    "One step through the whole route as the entry sees it; phase is prefill (several positions) or decode (one).",
-			Buckets: stepBuckets,
+			Buckets: stepBuckets(),
 		}, []string{"phase"}),
 		hopStep: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: "strata_hop_step_seconds",
 			Help: "From sending a step to the next hop (peer) until its result came back, including every stage after it. " +
 				"The entry observes its route's first stage, each stage the stage after it.",
-			Buckets: stepBuckets,
+			Buckets: stepBuckets(),
 		}, []string{"peer"}),
 		reroutes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "strata_reroutes_total",
@@ -91,7 +91,7 @@ func newMetrics(n *Node) *metrics {
 	m.requests.WithLabelValues("ok") // present at 0, so rates work from the first request
 	m.reg.MustRegister(
 		m.requests, m.active, m.promptTokens, m.tokens, m.ttft, m.routeStep, m.hopStep, m.reroutes, m.wire,
-		stageCollector{n},
+		newStageCollector(n),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -166,40 +166,46 @@ func (m *metrics) WireBytes(in, out int) {
 
 // stageCollector reads the counters the p2p host keeps for the stages it serves, at scrape
 // time, so the hot path pays nothing twice.
-type stageCollector struct{ n *Node }
+type stageCollector struct {
+	n                                               *Node
+	sessions, opened, steps, refused, layers, ready *prometheus.Desc
+}
 
-var (
-	descStageSessions = prometheus.NewDesc("strata_stage_sessions",
-		"Sessions open now on the stages this node serves.", nil, nil)
-	descStageOpened = prometheus.NewDesc("strata_stage_sessions_opened_total",
-		"Sessions opened on the stages this node serves.", nil, nil)
-	descStageSteps = prometheus.NewDesc("strata_stage_steps_total",
-		"Steps the stages on this node completed (forwarded downstream and answered, or sampled).", nil, nil)
-	descRefused = prometheus.NewDesc("strata_stage_refused_total",
-		"Frames and sessions the stages on this node refused, by reason (p2p error code; reset = stream died).", []string{"reason"}, nil)
-	descLayers = prometheus.NewDesc("strata_layers_served",
-		"Layers this node serves now.", nil, nil)
-	descReady = prometheus.NewDesc("strata_swarm_ready",
-		"1 when this node sees a route through every layer of the model.", nil, nil)
-)
+func newStageCollector(n *Node) *stageCollector {
+	return &stageCollector{
+		n: n,
+		sessions: prometheus.NewDesc("strata_stage_sessions",
+			"Sessions open now on the stages this node serves.", nil, nil),
+		opened: prometheus.NewDesc("strata_stage_sessions_opened_total",
+			"Sessions opened on the stages this node serves.", nil, nil),
+		steps: prometheus.NewDesc("strata_stage_steps_total",
+			"Steps the stages on this node completed (forwarded downstream and answered, or sampled).", nil, nil),
+		refused: prometheus.NewDesc("strata_stage_refused_total",
+			"Frames and sessions the stages on this node refused, by reason (p2p error code; reset = stream died).", []string{"reason"}, nil),
+		layers: prometheus.NewDesc("strata_layers_served",
+			"Layers this node serves now.", nil, nil),
+		ready: prometheus.NewDesc("strata_swarm_ready",
+			"1 when this node sees a route through every layer of the model.", nil, nil),
+	}
+}
 
-func (c stageCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descStageSessions, descStageOpened, descStageSteps, descRefused, descLayers, descReady} {
+func (c *stageCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{c.sessions, c.opened, c.steps, c.refused, c.layers, c.ready} {
 		ch <- d
 	}
 }
 
-func (c stageCollector) Collect(ch chan<- prometheus.Metric) {
+func (c *stageCollector) Collect(ch chan<- prometheus.Metric) {
 	n := c.n
 	if n.host == nil {
 		return
 	}
 	st := n.host.Stats()
-	ch <- prometheus.MustNewConstMetric(descStageSessions, prometheus.GaugeValue, float64(st.Sessions))
-	ch <- prometheus.MustNewConstMetric(descStageOpened, prometheus.CounterValue, float64(st.Opened))
-	ch <- prometheus.MustNewConstMetric(descStageSteps, prometheus.CounterValue, float64(st.Steps))
+	ch <- prometheus.MustNewConstMetric(c.sessions, prometheus.GaugeValue, float64(st.Sessions))
+	ch <- prometheus.MustNewConstMetric(c.opened, prometheus.CounterValue, float64(st.Opened))
+	ch <- prometheus.MustNewConstMetric(c.steps, prometheus.CounterValue, float64(st.Steps))
 	for reason, v := range st.Rejected {
-		ch <- prometheus.MustNewConstMetric(descRefused, prometheus.CounterValue, float64(v), reason)
+		ch <- prometheus.MustNewConstMetric(c.refused, prometheus.CounterValue, float64(v), reason)
 	}
 	layers := 0
 	n.mu.Lock()
@@ -208,13 +214,13 @@ func (c stageCollector) Collect(ch chan<- prometheus.Metric) {
 		layers = r.End - r.Start
 	}
 	n.mu.Unlock()
-	ch <- prometheus.MustNewConstMetric(descLayers, prometheus.GaugeValue, float64(layers))
+	ch <- prometheus.MustNewConstMetric(c.layers, prometheus.GaugeValue, float64(layers))
 	if n.router != nil && n.members != nil {
 		ready := 0.0
 		if _, err := n.router.route(0, nil); err == nil {
 			ready = 1
 		}
-		ch <- prometheus.MustNewConstMetric(descReady, prometheus.GaugeValue, ready)
+		ch <- prometheus.MustNewConstMetric(c.ready, prometheus.GaugeValue, ready)
 	}
 }
 
@@ -249,6 +255,9 @@ func (n *Node) Stats() (NodeStats, error) {
 	fams, err := n.Registry().Gather()
 	if err != nil {
 		return NodeStats{}, fmt.Errorf("gather metrics: %w", err)
+	}
+	if n.host == nil {
+		return NodeStats{}, errors.New("node stats: the node has not started")
 	}
 	s := NodeStats{PeerID: n.host.ID().String(), TimeMs: time.Now().UnixMilli()}
 	label := func(m *dto.Metric, name string) string {
