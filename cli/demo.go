@@ -192,9 +192,15 @@ func startDemoSwarm(ctx context.Context, o demoOptions, log io.Writer) (*testkit
 		return nil, nil, err
 	}
 	dir := filepath.Join(o.dataDir, "nodes")
+	model := path
+	if o.model != "" {
+		// The nodes resolve it themselves and serve it under its name: an Ollama model keeps
+		// "llama3.2:1b" as its ID rather than the name of a blob in Ollama's store.
+		model = o.model
+	}
 	s, err := testkit.StartSwarm(ctx, testkit.SwarmOptions{
 		Binary: bin,
-		Model:  path,
+		Model:  model,
 		Dir:    dir,
 		// ggml's worker threads spin: nodes sharing this machine share its cores.
 		Threads: max(1, runtime.NumCPU()/o.nodes),
