@@ -86,6 +86,10 @@ type Membership struct {
 	dropped int
 	closed  bool
 	joining map[string]bool // peers being joined after an mDNS find
+	// view is the members as the event delegate last saw them. memberlist hands its delegate
+	// node structs under its own lock, and changes them later without it: reading them at any
+	// other time races, so Members answers from this copy.
+	view map[string]NodeMeta
 }
 
 type config struct {
@@ -419,11 +423,18 @@ func (m *Membership) Join(ctx context.Context, addrs []string) (int, error) {
 // Members returns the live members (alive or suspected), this node included, sorted by
 // name. A member whose metadata does not decode is listed with only Name and Addr.
 func (m *Membership) Members() []NodeMeta {
-	nodes := m.ml.Members()
-	out := make([]NodeMeta, 0, len(nodes))
-	for _, n := range nodes {
-		out = append(out, m.decode(n))
+	self := m.Name()
+	m.mu.Lock()
+	out := make([]NodeMeta, 0, len(m.view)+1)
+	for name, meta := range m.view {
+		if name != self {
+			out = append(out, meta)
+		}
 	}
+	me := m.meta
+	m.mu.Unlock()
+	me.Name, me.Addr = self, m.LocalAddr()
+	out = append(out, me)
 	slices.SortFunc(out, func(a, b NodeMeta) int { return strings.Compare(a.Name, b.Name) })
 	return out
 }
@@ -510,6 +521,14 @@ func (m *Membership) emit(kind EventKind, n *memberlist.Node) {
 	e := Event{Kind: kind, Member: m.decode(n)}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.view == nil {
+		m.view = make(map[string]NodeMeta)
+	}
+	if kind == EventLeave {
+		delete(m.view, e.Member.Name)
+	} else {
+		m.view[e.Member.Name] = e.Member
+	}
 	if m.closed {
 		return
 	}
