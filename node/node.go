@@ -145,6 +145,7 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	if err := n.startAPI(); err != nil {
 		return nil, err
 	}
+	n.announce() // the API address is known only now; an API-only node never announces again
 	if len(cfg.Join) > 0 {
 		go n.joinLoop(cfg.Join)
 	}

@@ -67,6 +67,12 @@ func (s *Swarm) Add(ctx context.Context, extra ...string) (*Node, error) {
 	if err := os.MkdirAll(n.DataDir, 0o755); err != nil {
 		return nil, err
 	}
+	// Address files from an earlier run in the same dir would be read as this run's.
+	for _, f := range []string{"multiaddr", "api"} {
+		if err := os.Remove(filepath.Join(n.DataDir, f)); err != nil && !os.IsNotExist(err) {
+			return nil, err
+		}
+	}
 	n.LogPath = filepath.Join(s.opts.Dir, fmt.Sprintf("node%d.log", i))
 	args := []string{"node", "start", "--model", s.opts.Model, "--data-dir", n.DataDir,
 		"--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", "--gossip", "127.0.0.1:0",
