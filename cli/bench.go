@@ -95,6 +95,7 @@ share of layers needs, so the planner forms exactly one K-stage chain.`,
 	f.IntVar(&cfg.Tokens, "tokens", 64, "new tokens per stream")
 	f.IntVar(&cfg.PromptTokens, "prompt-tokens", 128, "tokens per prompt, BOS included")
 	f.IntVar(&cfg.Cores, "cores", 0, "cores the nodes share and the whole model uses (default: all)")
+	f.IntVar(&cfg.NodeThreads, "node-threads", 0, "ggml threads per node (default: cores / nodes, at least 1)")
 	f.BoolVar(&cfg.SkipWhole, "no-whole", false, "skip the whole-model baseline")
 	f.BoolVar(&cfg.WholeAll, "whole-all", false, "measure the whole model at every concurrency, not only the first (slow)")
 	f.StringVar(&cfg.DataDir, "data-dir", "", "model cache and the nodes' state (default ~/.strata)")

@@ -42,6 +42,7 @@ type Config struct {
 	Latency      time.Duration // >0: a second swarm run with this one-way latency injected
 	Bandwidth    float64       // bytes/s of the injected link (0: unlimited); >0 also adds the run
 	Cores        int           // cores the nodes share, and the whole model's threads (default: all)
+	NodeThreads  int           // ggml threads per node (default: Cores / Nodes, at least 1)
 	SkipWhole    bool          // no baseline run
 	WholeAll     bool          // the baseline at every concurrency, not only the first (slow: it has no pipeline)
 
@@ -82,6 +83,10 @@ func (c *Config) setDefaults() error {
 	}
 	if c.Cores <= 0 {
 		c.Cores = runtime.NumCPU()
+	}
+	if c.NodeThreads <= 0 {
+		// ggml's worker threads spin at every barrier: nodes sharing a machine share its cores.
+		c.NodeThreads = max(1, c.Cores/max(c.Nodes, 1))
 	}
 	if c.Log == nil {
 		c.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -184,7 +189,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	b.rep.Model = ModelSummary{Path: path, Name: info.Name, Type: info.FileType, Layers: info.Layers, Hidden: info.Hidden,
 		Vocab: info.Vocab, Bytes: info.TotalBytes, DecodeBytes: info.RangeBytes(shard.Range{Start: 0, End: info.Layers}) - info.EmbedBytes + info.EmbedBytes/int64(max(info.Vocab, 1))}
 	b.rep.Settings = Settings{Nodes: cfg.Nodes, Concurrency: cfg.Concurrency, Codec: cfg.Codec.String(), Tokens: cfg.Tokens,
-		PromptTokens: cfg.PromptTokens, Context: b.context, Sessions: b.sessions, ThreadsPerNode: max(1, cfg.Cores/cfg.Nodes),
+		PromptTokens: cfg.PromptTokens, Context: b.context, Sessions: b.sessions, ThreadsPerNode: cfg.NodeThreads,
 		WholeThreads: cfg.Cores, Latency: cfg.Latency.Seconds(), Bandwidth: cfg.Bandwidth, HopPayloadBytes: hop}
 	b.progress("measuring memory bandwidth")
 	b.rep.Machine.CopyBandwidth = CopyBandwidth(256<<20, 4)
@@ -285,7 +290,11 @@ func (b *bench) runWhole(ctx context.Context, path string) error {
 	r := shard.Range{Start: 0, End: b.info.Layers}
 	weights, kv := NodeFootprint(b.info, r, b.context, b.sessions)
 	if m, err := ReadProcMemory("self"); err == nil {
-		run.Memory = append(run.Memory, memoryRow("whole (bench process)", os.Getpid(), r, weights, kv, loaded.Peak, m.Peak))
+		row := memoryRow("whole (bench process)", os.Getpid(), r, weights, kv, loaded.Peak, m.Peak)
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		row.GoSys = int64(ms.Sys)
+		run.Memory = append(run.Memory, row)
 	}
 	return nil
 }
@@ -302,7 +311,7 @@ func memoryRow(name string, pid int, r shard.Range, weights, kv, loadPeak, peak 
 // measures them and stops them.
 func (b *bench) runSwarm(ctx context.Context, path string, latency time.Duration, bandwidth float64) error {
 	c := b.cfg
-	threads := max(1, c.Cores/c.Nodes)
+	threads := c.NodeThreads
 	args := []string{"--max-memory", strconv.FormatInt(b.rep.Settings.NodeMemory, 10), "--context", strconv.Itoa(b.context),
 		"--max-sessions", strconv.Itoa(b.sessions), "--codec", c.Codec.String()}
 	name := fmt.Sprintf("swarm, %d nodes x %d threads", c.Nodes, threads)
@@ -388,7 +397,11 @@ func (b *bench) runSwarm(ctx context.Context, path string, latency time.Duration
 			continue
 		}
 		weights, kv := NodeFootprint(b.info, r, b.context, b.sessions)
-		run.Memory = append(run.Memory, memoryRow(fmt.Sprintf("node %d", n.Index), n.PID(), r, weights, kv, loadPeaks[n.Index], m.Peak))
+		row := memoryRow(fmt.Sprintf("node %d", n.Index), n.PID(), r, weights, kv, loadPeaks[n.Index], m.Peak)
+		if v, err := ScrapeCounter(ctx, b.client, n.API, "go_memstats_sys_bytes", ""); err == nil {
+			row.GoSys = int64(v)
+		}
+		run.Memory = append(run.Memory, row)
 	}
 	return nil
 }

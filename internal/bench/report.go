@@ -109,6 +109,9 @@ type ProcessMemory struct {
 	Budget    int64       `json:"budget_bytes"`        // weights + KV + overhead allowance
 	Ratio     float64     `json:"peak_over_budget"`
 	LoadRatio float64     `json:"load_peak_over_budget"`
+	// GoSys is the memory the Go runtime holds from the OS at the end (the rest of the RSS is
+	// ggml's: weights, KV cache, compute buffers).
+	GoSys int64 `json:"go_runtime_bytes"`
 }
 
 // RuntimeOverhead is the allowance for everything but weights and KV cache in a node's
@@ -209,11 +212,12 @@ func (rep *Report) Markdown(w io.Writer) {
 	}
 	if len(all) > 0 {
 		fmt.Fprintln(w)
-		fmt.Fprintf(w, "| process | layers | weights | KV cache | weights + KV + %s | peak RSS loading | ratio | peak RSS serving | ratio |\n", shard.HumanBytes(RuntimeOverhead))
-		fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|---|")
+		fmt.Fprintf(w, "| process | layers | weights | KV cache | weights + KV + %s | peak RSS loading | ratio | peak RSS serving | ratio | Go runtime |\n", shard.HumanBytes(RuntimeOverhead))
+		fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|---|---|")
 		for _, p := range all {
-			fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %.2f | %s | %.2f |\n", p.Name, p.Range, shard.HumanBytes(p.Weights),
-				shard.HumanBytes(p.KV), shard.HumanBytes(p.Budget), shard.HumanBytes(p.LoadPeak), p.LoadRatio, shard.HumanBytes(p.Peak), p.Ratio)
+			fmt.Fprintf(w, "| %s | %s | %s | %s | %s | %s | %.2f | %s | %.2f | %s |\n", p.Name, p.Range, shard.HumanBytes(p.Weights),
+				shard.HumanBytes(p.KV), shard.HumanBytes(p.Budget), shard.HumanBytes(p.LoadPeak), p.LoadRatio, shard.HumanBytes(p.Peak), p.Ratio,
+				shard.HumanBytes(p.GoSys))
 		}
 	}
 	if len(rep.Targets) > 0 {
