@@ -69,6 +69,13 @@ share of layers needs, so the planner forms exactly one K-stage chain.`,
 				defer pprof.StopCPUProfile()
 			}
 			rep, runErr := bench.Run(cmd.Context(), cfg)
+			if rep != nil && cfg.PlanOnly {
+				// Shell assignments, for scripts that start the nodes themselves (scripts/netns-bench.sh).
+				s := rep.Settings
+				fmt.Fprintf(cmd.OutOrStdout(), "STRATA_MODEL=%q\nSTRATA_NODE_MEMORY=%d\nSTRATA_CONTEXT=%d\nSTRATA_SESSIONS=%d\nSTRATA_THREADS=%d\nSTRATA_CODEC=%s\n",
+					rep.Model.Path, s.NodeMemory, s.Context, s.Sessions, s.ThreadsPerNode, s.Codec)
+				return runErr
+			}
 			if rep != nil {
 				fmt.Fprintln(cmd.OutOrStdout())
 				rep.Markdown(cmd.OutOrStdout())
@@ -100,6 +107,7 @@ share of layers needs, so the planner forms exactly one K-stage chain.`,
 	f.BoolVar(&cfg.WholeAll, "whole-all", false, "measure the whole model at every concurrency, not only the first (slow)")
 	f.StringVar(&cfg.DataDir, "data-dir", "", "model cache and the nodes' state (default ~/.strata)")
 	f.StringVar(&cfg.API, "api", "", "measure the running swarm behind this node's API (host:port) instead of starting one; needs --model")
+	f.BoolVar(&cfg.PlanOnly, "plan", false, "print the model path and each node's --max-memory, --context, --max-sessions, --threads as shell assignments, and stop")
 	f.StringVar(&out, "json", "", "write every measurement to this JSON file")
 	f.StringVar(&cpuProfile, "cpuprofile", "", "write this process's CPU profile (the whole-model run and the client) to a file")
 	cmd.Flags().SortFlags = false

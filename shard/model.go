@@ -142,6 +142,9 @@ func modelInfo(path string, size int64, meta *fsggml.GGML) (*ModelInfo, error) {
 	var hasOutput bool
 	var embd int64
 	for _, t := range meta.Tensors().Items() {
+		if t.Name == absentOutput {
+			continue // a slice's placeholder, not a weight
+		}
 		m.TensorCount++
 		sz := int64(t.Size())
 		m.TotalBytes += sz

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	fsggml "github.com/ollama/ollama/fs/ggml"
@@ -82,9 +83,26 @@ func WriteSlice(ctx context.Context, src, srcSHA256 string, r Range, dst string,
 			WriterTo: &copyTensor{ctx: ctx, src: sec, done: done},
 		})
 	}
+	if r.Start == 0 && !slices.ContainsFunc(keep, func(t *fsggml.Tensor) bool { return strings.HasPrefix(t.Name, "output.") }) {
+		// ollama's loader takes a file without an output group for a model with tied
+		// embeddings and loads token_embd a second time as output.weight: 590 MB for a 70B
+		// vocabulary that a first stage never multiplies by. A one-float output tensor,
+		// which nothing binds, keeps it from doing so.
+		out = append(out, &fsggml.Tensor{Name: absentOutput, Kind: 0, Shape: []uint64{1}, WriterTo: zeros(4)})
+	}
 	kv := maps.Clone(meta.KV())
 	kv[sliceOfKey] = srcSHA256
 	return gguf.WriteAtomic(dst, kv, out)
+}
+
+// absentOutput names the placeholder tensor of a first stage's slice that has no LM head.
+const absentOutput = "output.strata_absent"
+
+type zeros int64
+
+func (z zeros) WriteTo(w io.Writer) (int64, error) {
+	n, err := w.Write(make([]byte, z))
+	return int64(n), err
 }
 
 type copyTensor struct {
@@ -125,7 +143,8 @@ type SliceCache struct {
 
 // Path is where the slice of the model with the given digest for r lives.
 func (c SliceCache) Path(modelSHA256 string, r Range) string {
-	return filepath.Join(c.Dir, fmt.Sprintf("%s-%d-%d.gguf", modelSHA256[:min(16, len(modelSHA256))], r.Start, r.End))
+	// v2: first-stage slices carry the absentOutput placeholder; v1 files are cut anew.
+	return filepath.Join(c.Dir, fmt.Sprintf("%s-%d-%d.v2.gguf", modelSHA256[:min(16, len(modelSHA256))], r.Start, r.End))
 }
 
 // Ensure returns the path of the slice of model for r, writing it if it is not cached.

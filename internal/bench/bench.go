@@ -44,6 +44,7 @@ type Config struct {
 	Cores        int           // cores the nodes share, and the whole model's threads (default: all)
 	NodeThreads  int           // ggml threads per node (default: Cores / Nodes, at least 1)
 	SkipWhole    bool          // no baseline run
+	PlanOnly     bool          // stop after planning: the report holds the model and each node's memory, nothing measured
 	WholeAll     bool          // the baseline at every concurrency, not only the first (slow: it has no pipeline)
 
 	DataDir string // model cache and the nodes' state (default ~/.strata)
@@ -191,6 +192,14 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	b.rep.Settings = Settings{Nodes: cfg.Nodes, Concurrency: cfg.Concurrency, Codec: cfg.Codec.String(), Tokens: cfg.Tokens,
 		PromptTokens: cfg.PromptTokens, Context: b.context, Sessions: b.sessions, ThreadsPerNode: cfg.NodeThreads,
 		WholeThreads: cfg.Cores, Latency: cfg.Latency.Seconds(), Bandwidth: cfg.Bandwidth, HopPayloadBytes: hop}
+	if cfg.PlanOnly {
+		mem, ranges, err := NodeMemory(info, cfg.Nodes, b.context, b.sessions)
+		if err != nil {
+			return nil, fmt.Errorf("bench: %w", err)
+		}
+		b.rep.Settings.NodeMemory, b.rep.Settings.Ranges = mem, ranges
+		return b.rep, nil
+	}
 	b.progress("measuring memory bandwidth")
 	b.rep.Machine.CopyBandwidth = CopyBandwidth(256<<20, 4)
 	debug.FreeOSMemory() // the copy buffers must not count in the whole model's RSS
