@@ -33,9 +33,11 @@ against its slice, and bytes on the wire per token. --latency (and --bandwidth) 
 with that one-way latency injected into every node's libp2p streams. Prints markdown tables;
 --json writes everything measured.
 
-Nodes share this machine's cores (threads per node = cores / nodes): ggml's worker threads
-spin, so more would only slow every node down. Each node gets just the --max-memory its
-share of layers needs, so the planner forms exactly one K-stage chain.`,
+Nodes share this machine's cores through one CPU lock (strata node start --cpu-lock): each
+computes with every core while it holds it, as the whole model does. Without it
+(--no-cpu-lock) each node gets cores / nodes threads: ggml's worker threads spin at every
+barrier, so more would preempt each other. Each node gets just the --max-memory its share
+of layers needs, so the planner forms exactly one K-stage chain.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var err error
@@ -102,9 +104,10 @@ share of layers needs, so the planner forms exactly one K-stage chain.`,
 	f.IntVar(&cfg.Tokens, "tokens", 64, "new tokens per stream")
 	f.IntVar(&cfg.PromptTokens, "prompt-tokens", 128, "tokens per prompt, BOS included")
 	f.IntVar(&cfg.Cores, "cores", 0, "cores the nodes share and the whole model uses (default: all)")
-	f.IntVar(&cfg.NodeThreads, "node-threads", 0, "ggml threads per node (default: cores / nodes, at least 1)")
+	f.IntVar(&cfg.NodeThreads, "node-threads", 0, "ggml threads per node (default: all cores; cores / nodes with --no-cpu-lock)")
+	f.BoolVar(&cfg.NoCPULock, "no-cpu-lock", false, "let the nodes compute at the same time, each with its share of the cores")
 	f.BoolVar(&cfg.SkipWhole, "no-whole", false, "skip the whole-model baseline")
-	f.BoolVar(&cfg.WholeAll, "whole-all", false, "measure the whole model at every concurrency, not only the first (slow)")
+	f.BoolVar(&cfg.WholeAll, "whole-all", false, "measure the whole model at every concurrency, not only the fewest and most streams")
 	f.StringVar(&cfg.DataDir, "data-dir", "", "model cache and the nodes' state (default ~/.strata)")
 	f.StringVar(&cfg.API, "api", "", "measure the running swarm behind this node's API (host:port) instead of starting one; needs --model")
 	f.BoolVar(&cfg.PlanOnly, "plan", false, "print the model path and each node's --max-memory, --context, --max-sessions, --threads as shell assignments, and stop")

@@ -87,6 +87,7 @@ API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for
 	f.BoolVar(&cfg.ClientOnly, "client-only", false, "serve the API without holding layers")
 	f.StringVar(&cfg.APIKey, "api-key", os.Getenv("STRATA_API_KEY"), "bearer token the API requires")
 	f.IntVar(&cfg.Threads, "threads", 0, "ggml CPU threads (default: all cores)")
+	f.StringVar(&cfg.CPULock, "cpu-lock", "", "nodes sharing one machine's cores name the same file: one computes at a time, with all its threads")
 	f.IntVar(&cfg.MaxSessions, "max-sessions", 8, "sessions a stage holds at once")
 	f.IntVar(&cfg.MaxContext, "context", 2048, "tokens per session")
 	f.StringVar(&codec, "codec", "f16", "activation codec on the wire: f32, f16, q8")

@@ -30,6 +30,9 @@ type Config struct {
 	ClientOnly  bool     // serve the API only, hold no layers
 	APIKey      string   // bearer token the API requires, if set
 	Threads     int      // ggml CPU threads (default: all cores)
+	// CPULock, if set, is a file the nodes sharing this machine's cores all name: each
+	// computes with all its threads while it holds the lock (internal/cpulock).
+	CPULock string
 	MaxSessions int      // sessions a stage holds at once (default 8)
 	MaxContext  int      // tokens per session (default 2048)
 	Codec       quant.Codec

@@ -20,6 +20,7 @@ import (
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/strata-llm/strata/discovery"
+	"github.com/strata-llm/strata/internal/cpulock"
 	"github.com/strata-llm/strata/p2p"
 	"github.com/strata-llm/strata/pipeline"
 	"github.com/strata-llm/strata/shard"
@@ -42,6 +43,7 @@ type Node struct {
 	apiAddr   string
 	api       *http.Server
 	metrics   *metrics // Prometheus collectors and the hooks that feed them (metrics.go)
+	cpu       *cpulock.Lock
 
 	mu       sync.Mutex
 	stage    *shard.Stage // the stage served now
@@ -81,6 +83,11 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	}
 	if n.modelPath, err = ResolveModel(cfg.Model, ""); err != nil {
 		return nil, err
+	}
+	if cfg.CPULock != "" {
+		if n.cpu, err = cpulock.Open(cfg.CPULock); err != nil {
+			return nil, err
+		}
 	}
 	if n.model, err = shard.ReadModelInfo(n.modelPath); err != nil {
 		return nil, err
@@ -391,7 +398,7 @@ func (n *Node) moveTo(r shard.Range, chain int) error {
 		n.announce()
 		n.log.Info("loading layers", "range", r.String(), "of", n.model.Layers, "weights", n.model.RangeBytes(r))
 		var err error
-		st, err = shard.LoadStage(context.Background(), n.modelPath, r,
+		opts := []shard.StageOption{
 			shard.WithSliceDir(filepath.Join(n.cfg.DataDir, "slices")),
 			shard.WithModelSHA256(n.sha),
 			shard.WithThreads(n.cfg.Threads),
@@ -399,7 +406,11 @@ func (n *Node) moveTo(r shard.Range, chain int) error {
 			shard.WithMaxContext(n.cfg.MaxContext),
 			shard.WithLogger(n.log),
 			shard.WithProgress(n.progress(r)),
-		)
+		}
+		if n.cpu != nil {
+			opts = append(opts, shard.WithCPULock(n.cpu))
+		}
+		st, err = shard.LoadStage(context.Background(), n.modelPath, r, opts...)
 		if err != nil {
 			n.mu.Lock()
 			if n.stage == nil {
@@ -534,6 +545,9 @@ func (n *Node) Close() error {
 	}
 	if st != nil {
 		st.Close()
+	}
+	if n.cpu != nil {
+		_ = n.cpu.Close()
 	}
 	return nil
 }

@@ -30,7 +30,14 @@ type stageConfig struct {
 	logger      *slog.Logger
 	progress    func(float32)
 	noFlash     bool
+	cpu         sync.Locker
 }
+
+// WithCPULock makes the stage hold l while it computes. Nodes that share one machine's cores
+// pass a lock they all take (a file lock, see cpulock): each then computes with every core,
+// one at a time. Without it their ggml threads, which spin at every barrier, preempt each
+// other; with one thread each instead, a single stream runs on one core.
+func WithCPULock(l sync.Locker) StageOption { return func(c *stageConfig) { c.cpu = l } }
 
 // WithFlashAttention chooses ggml's fused attention kernel (default on). Without it every
 // layer materialises the scores of batch x cached tokens x heads in f32: 256 MiB for a
@@ -89,6 +96,7 @@ type Stage struct {
 	weights *weights
 	opts    llamaOptions
 	log     *slog.Logger
+	cpu     sync.Locker // nil: the stage has the cores to itself
 
 	queue chan *request
 	quit  chan struct{}
@@ -200,6 +208,7 @@ func LoadStage(ctx context.Context, path string, r Range, opts ...StageOption) (
 		weights:  w,
 		opts:     newLlamaOptions(backend, info),
 		log:      cfg.logger.With("range", r.String()),
+		cpu:      cfg.cpu,
 		queue:    make(chan *request, 4*cfg.maxSessions),
 		quit:     make(chan struct{}),
 		done:     make(chan struct{}),
@@ -353,6 +362,11 @@ func (s *Stage) run() {
 				return
 			}
 		}
+		if s.cpu != nil {
+			// Gather only once the cores are ours: steps that arrived while another stage
+			// computed join this batch instead of waiting for the next.
+			s.cpu.Lock()
+		}
 		// Take whatever else has arrived meanwhile.
 	gather:
 		for {
@@ -384,6 +398,9 @@ func (s *Stage) run() {
 		pending = rest
 		if len(batch) > 0 {
 			s.forwardBatch(batch)
+		}
+		if s.cpu != nil {
+			s.cpu.Unlock()
 		}
 	}
 }

@@ -42,10 +42,11 @@ type Config struct {
 	Latency      time.Duration // >0: a second swarm run with this one-way latency injected
 	Bandwidth    float64       // bytes/s of the injected link (0: unlimited); >0 also adds the run
 	Cores        int           // cores the nodes share, and the whole model's threads (default: all)
-	NodeThreads  int           // ggml threads per node (default: Cores / Nodes, at least 1)
+	NodeThreads  int           // ggml threads per node (default: Cores with the CPU lock, else Cores / Nodes)
+	NoCPULock    bool          // let the nodes compute at once, each with its share of the cores
 	SkipWhole    bool          // no baseline run
 	PlanOnly     bool          // stop after planning: the report holds the model and each node's memory, nothing measured
-	WholeAll     bool          // the baseline at every concurrency, not only the first (slow: it has no pipeline)
+	WholeAll     bool          // the baseline at every concurrency, not only the fewest and most streams
 
 	DataDir string // model cache and the nodes' state (default ~/.strata)
 	Binary  string // the strata binary nodes run (default: this executable)
@@ -86,8 +87,12 @@ func (c *Config) setDefaults() error {
 		c.Cores = runtime.NumCPU()
 	}
 	if c.NodeThreads <= 0 {
-		// ggml's worker threads spin at every barrier: nodes sharing a machine share its cores.
-		c.NodeThreads = max(1, c.Cores/max(c.Nodes, 1))
+		// With the lock, one node computes at a time with every core, as the whole model does.
+		// Without, ggml's threads spin at every barrier, so nodes split the cores between them.
+		c.NodeThreads = c.Cores
+		if c.NoCPULock {
+			c.NodeThreads = max(1, c.Cores/max(c.Nodes, 1))
+		}
 	}
 	if c.Log == nil {
 		c.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -287,8 +292,10 @@ func (b *bench) runWhole(ctx context.Context, path string) error {
 	run := &RunResult{Name: fmt.Sprintf("whole, 1 process x %d threads", b.cfg.Cores), Nodes: 1, Threads: b.cfg.Cores}
 	b.rep.Runs = append(b.rep.Runs, run)
 	conc := b.cfg.Concurrency
-	if !b.cfg.WholeAll {
-		conc = conc[:1]
+	if !b.cfg.WholeAll && len(conc) > 2 {
+		// The fewest and the most streams: what one stream gets, and the gain batching alone
+		// gives on this machine, the ceiling for the swarm's.
+		conc = []int{conc[0], conc[len(conc)-1]}
 	}
 	if err := b.levelsAt(ctx, run, Client{HTTP: b.client, API: w.API()}, nil, conc, []string{"self"}); err != nil {
 		return err
@@ -324,6 +331,10 @@ func (b *bench) runSwarm(ctx context.Context, path string, latency time.Duration
 	args := []string{"--max-memory", strconv.FormatInt(b.rep.Settings.NodeMemory, 10), "--context", strconv.Itoa(b.context),
 		"--max-sessions", strconv.Itoa(b.sessions), "--codec", c.Codec.String()}
 	name := fmt.Sprintf("swarm, %d nodes x %d threads", c.Nodes, threads)
+	if !c.NoCPULock {
+		args = append(args, "--cpu-lock", filepath.Join(c.DataDir, "bench", "cpu.lock"))
+		name += ", one CPU lock"
+	}
 	if latency > 0 || bandwidth > 0 {
 		args = append(args, "--inject-latency", latency.String(), "--inject-bandwidth", strconv.FormatFloat(bandwidth, 'f', -1, 64))
 		name += fmt.Sprintf(", +%s one way", latency)
