@@ -18,23 +18,23 @@ import (
 
 // Config is what `strata node start` is told. The zero value of each field means its default.
 type Config struct {
-	Model       string   // GGUF path or Ollama model name (default: the only one in Ollama's store)
-	DataDir     string   // identity, slice cache, multiaddr file (default ~/.strata)
-	Listen      []string // libp2p multiaddrs (default /ip4/0.0.0.0/tcp/4001)
-	API         string   // host:port of the HTTP API (default 127.0.0.1:8080)
-	Join        []string // bootstrap peers' multiaddrs
-	Gossip      string   // host:port of memberlist (default: the libp2p host, port+1)
-	SwarmKey    string   // path of a pre-shared key file: a private swarm (TCP only)
-	MaxMemory   int64    // bytes this node offers for weights and KV cache (default: 80% of free RAM)
-	MDNS        bool     // find peers on the LAN
-	ClientOnly  bool     // serve the API only, hold no layers
-	APIKey      string   // bearer token the API requires, if set
-	Threads     int      // ggml CPU threads (default: all cores)
+	Model      string   // GGUF path or Ollama model name (default: the only one in Ollama's store)
+	DataDir    string   // identity, slice cache, multiaddr file (default ~/.strata)
+	Listen     []string // libp2p multiaddrs (default /ip4/0.0.0.0/tcp/4001)
+	API        string   // host:port of the HTTP API (default 127.0.0.1:8080)
+	Join       []string // bootstrap peers' multiaddrs
+	Gossip     string   // host:port of memberlist (default: the libp2p host, port+1)
+	SwarmKey   string   // path of a pre-shared key file: a private swarm (TCP only)
+	MaxMemory  int64    // bytes this node offers for weights and KV cache (default: 80% of free RAM)
+	MDNS       bool     // find peers on the LAN
+	ClientOnly bool     // serve the API only, hold no layers
+	APIKey     string   // bearer token the API requires, if set
+	Threads    int      // ggml CPU threads (default: all cores)
 	// CPULock, if set, is a file the nodes sharing this machine's cores all name: each
 	// computes with all its threads while it holds the lock (internal/cpulock).
-	CPULock string
-	MaxSessions int      // sessions a stage holds at once (default 8)
-	MaxContext  int      // tokens per session (default 2048)
+	CPULock     string
+	MaxSessions int // sessions a stage holds at once (default 8)
+	MaxContext  int // tokens per session (default 2048)
 	Codec       quant.Codec
 	Logger      *slog.Logger
 	// Progress, if set, makes a progress reporter for a labelled task (cutting and loading a
