@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -18,6 +19,14 @@ import (
 
 // GeneratorOption configures a Generator.
 type GeneratorOption func(*Generator)
+
+// WithExactReplay bounds the steps a recovery replays one by one (default 1024). ggml's
+// kernels depend on a step's shape, so a session's KV cache is rebuilt bit for bit only by
+// replaying its steps as they ran: the prompt's chunks, then each decoded token alone, which
+// costs about what those steps cost the first time. A longer session replays its decoded
+// tokens in prompt-sized chunks instead: fast, but the continuation may differ from an
+// undisturbed run wherever two tokens were within about 1e-4 of each other.
+func WithExactReplay(steps int) GeneratorOption { return func(g *Generator) { g.exactReplay = steps } }
 
 // WithChunk sets the prefill chunk: how many prompt tokens travel in one step (default 128).
 func WithChunk(n int) GeneratorOption { return func(g *Generator) { g.chunk = n } }
@@ -70,13 +79,14 @@ type Generator struct {
 	maxContext   int
 	recoverFor   time.Duration
 	recoverTries int
+	exactReplay  int
 	log          *slog.Logger
 	obs          Observer
 }
 
 // NewGenerator makes a generator that tokenizes with tok and routes through router.
 func NewGenerator(tok *shard.Tokenizer, router Router, opts ...GeneratorOption) *Generator {
-	g := &Generator{tok: tok, router: router, chunk: 128, maxContext: 2048, recoverFor: 30 * time.Second, recoverTries: 8, log: slog.Default(), obs: nopObserver{}}
+	g := &Generator{tok: tok, router: router, chunk: 128, maxContext: 2048, recoverFor: 30 * time.Second, recoverTries: 8, exactReplay: 1024, log: slog.Default(), obs: nopObserver{}}
 	for _, o := range opts {
 		o(g)
 	}
@@ -169,6 +179,7 @@ type run struct {
 	chain    Chain
 	session  uint64
 	tokens   []int32
+	bounds   []int // where each step that went through ended, in tokens: its shape, for replays
 	sampling sample.Params
 	out      *textStream
 }
@@ -231,9 +242,47 @@ func (s *run) step(ctx context.Context, from int, toks []int32) (int32, error) {
 			s.g.log.Warn("no route yet", "err", err)
 			continue
 		}
-		// Replay everything before `from` to rebuild the new stages' KV caches.
-		from, toks = 0, s.tokens[:from+len(toks)]
+		// Rebuild the new stages' KV caches with everything before `from`, then feed toks again.
+		if err := s.replay(ctx, from); err != nil {
+			if errors.As(err, &hop) {
+				continue
+			}
+			return 0, err
+		}
 	}
+}
+
+// replay feeds the session's first n tokens through a fresh chain, step by step as they
+// first went when that keeps within the generator's exactReplay, in chunks otherwise.
+func (s *run) replay(ctx context.Context, n int) error {
+	i := 0
+	for i < len(s.bounds) && s.bounds[i] <= n {
+		i++
+	}
+	orig := slices.Clone(s.bounds[:i])
+	defer func() { s.bounds = orig }() // a replay that fails is replayed the same way again
+	bounds := orig
+	if len(bounds) > s.g.exactReplay {
+		s.g.log.Warn("replaying a long session in chunks; its continuation may differ in near-ties", "steps", len(bounds), "exact_replay", s.g.exactReplay)
+		bounds = nil
+	}
+	// Whatever no recorded step covers (nothing, normally) goes in chunks.
+	last := 0
+	if len(bounds) > 0 {
+		last = bounds[len(bounds)-1]
+	}
+	for end := last + s.g.chunk; last < n; end += s.g.chunk {
+		last = min(end, n)
+		bounds = append(bounds, last)
+	}
+	from := 0
+	for _, end := range bounds {
+		if _, err := s.feed(ctx, from, s.tokens[from:end]); err != nil {
+			return err
+		}
+		from = end
+	}
+	return nil
 }
 
 func (s *run) feed(ctx context.Context, from int, toks []int32) (int32, error) {
@@ -256,6 +305,7 @@ func (s *run) feed(ctx context.Context, from int, toks []int32) (int32, error) {
 		if err != nil {
 			return 0, err
 		}
+		s.bounds = append(s.bounds, from+end)
 	}
 	return res.Token, nil
 }

@@ -276,3 +276,63 @@ func TestTiedEmbeddings(t *testing.T) {
 		t.Fatal("tied split logits differ from whole")
 	}
 }
+
+// TestReplayMatchesStepwise: a session's steps fed again with the same shapes (what recovery
+// does after a stage dies) give exactly the logits they gave the first time, so a replayed
+// generation continues with the undisturbed tokens. Fed as one prefill instead, they differ
+// in low bits: ggml's kernels depend on the batch's shape (logged, for the record). This
+// needs flash attention: without it attention runs over every cell between the session's
+// first and last, other sessions' masked ones included, so a session replayed into another
+// cache slot sums in another order.
+func TestReplayMatchesStepwise(t *testing.T) {
+	path := testkit.TinyModel(t)
+	toks := []int32{2048}
+	for i := 1; i < 40; i++ {
+		toks = append(toks, int32(i*37%2000))
+	}
+	for _, cache := range []string{"f16", "f32"} {
+		t.Run("cache "+cache, func(t *testing.T) {
+			st := loadStage(t, path, shard.Range{Start: 0, End: 6}, shard.WithCacheType(cache), shard.WithMaxSessions(4))
+			// Another session in the cache, as on a busy stage: its cells sit between.
+			if err := st.OpenSession(9); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := st.Forward(context.Background(), shard.Step{Session: 9, Positions: positions(0, 5), Tokens: toks[3:8]}); err != nil {
+				t.Fatal(err)
+			}
+			ctx := context.Background()
+			stepwise := func(session uint64) []float32 {
+				if err := st.OpenSession(session); err != nil {
+					t.Fatal(err)
+				}
+				// A prompt chunk, then decoded tokens one at a time, as a generation runs.
+				out, err := st.Forward(ctx, shard.Step{Session: session, Positions: positions(0, 8), Tokens: toks[:8]})
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i := 8; i < len(toks); i++ {
+					if out, err = st.Forward(ctx, shard.Step{Session: session, Positions: []int32{int32(i)}, Tokens: toks[i : i+1]}); err != nil {
+						t.Fatal(err)
+					}
+				}
+				return out.Logits
+			}
+			first, again := stepwise(1), stepwise(2)
+			if !slices.Equal(first, again) {
+				t.Fatal("the same steps replayed give other logits")
+			}
+			if err := st.OpenSession(3); err != nil {
+				t.Fatal(err)
+			}
+			out, err := st.Forward(ctx, shard.Step{Session: 3, Positions: positions(0, len(toks)), Tokens: toks})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var worst float64
+			for i := range first {
+				worst = max(worst, math.Abs(float64(first[i]-out.Logits[i])))
+			}
+			t.Logf("one prefill instead of the steps: logits differ by up to %.3g", worst)
+		})
+	}
+}
