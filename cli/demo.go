@@ -148,6 +148,7 @@ func runDemo(ctx context.Context, o demoOptions, in io.Reader, out, errOut io.Wr
 	printDemoSwarm(ctx, s, errOut)
 	modelID := demoModelID(ctx, first.API, info)
 	fmt.Fprintf(out, "\nAPI (OpenAI-compatible): http://%s/v1   model: %s\n", first.API, modelID)
+	fmt.Fprintf(out, "Dashboard (layer map, nodes, live tokens/s, chat): http://%s/\n", first.API)
 	fmt.Fprintf(out, "Try it from another terminal:\n  %s\n\n", demoCurl(first.API, modelID, o.maxTokens))
 	if o.model == "" {
 		fmt.Fprintln(errOut, "(the synthesized model's weights are random: expect gibberish, generated through the swarm)")

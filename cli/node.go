@@ -77,7 +77,7 @@ API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for
 	f := cmd.Flags()
 	f.StringVar(&cfg.Model, "model", "", "GGUF file or Ollama model name, e.g. llama3.3:70b (default: the only model in Ollama's store)")
 	f.StringVar(&cfg.DataDir, "data-dir", "", "identity, slice cache and address files (default ~/.strata)")
-	f.StringSliceVar(&cfg.Listen, "listen", nil, "libp2p listen multiaddrs (default /ip4/0.0.0.0/tcp/4001)")
+	f.StringSliceVar(&cfg.Listen, "listen", nil, "libp2p listen multiaddrs (default /ip4/0.0.0.0/tcp/4001 and, without --swarm-key, /ip4/0.0.0.0/udp/4001/quic-v1)")
 	f.StringVar(&cfg.API, "api", "127.0.0.1:8080", "host:port of the OpenAI-compatible API")
 	f.StringVar(&join, "join", "", "comma-separated multiaddrs of peers to join (…/p2p/ID)")
 	f.StringVar(&cfg.Gossip, "gossip", "", "host:port for membership gossip (default: the libp2p port + 1)")

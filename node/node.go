@@ -20,6 +20,7 @@ import (
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/strata-llm/strata/discovery"
+	"github.com/strata-llm/strata/internal/cpufeat"
 	"github.com/strata-llm/strata/internal/cpulock"
 	"github.com/strata-llm/strata/p2p"
 	"github.com/strata-llm/strata/pipeline"
@@ -158,7 +159,8 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	}
 	go n.planLoop()
 	n.log.Info("node started", "peer", n.host.ID().String(), "model", n.model.Name, "layers", n.model.Layers,
-		"api", n.apiAddr, "gossip", n.members.LocalAddr(), "client_only", cfg.ClientOnly)
+		"api", n.apiAddr, "gossip", n.members.LocalAddr(), "client_only", cfg.ClientOnly, "data_dir", cfg.DataDir)
+	logBuild(n.log)
 	return n, nil
 }
 
@@ -199,9 +201,18 @@ func (n *Node) gossipAddr() (string, int, error) {
 		}
 		return h, port, nil
 	}
+	// The first TCP listen address: QUIC's UDP port may be the same number.
 	a, err := ma.NewMultiaddr(n.cfg.Listen[0])
 	if err != nil {
 		return "", 0, fmt.Errorf("--listen %q: %w", n.cfg.Listen[0], err)
+	}
+	for _, s := range n.cfg.Listen {
+		if m, err := ma.NewMultiaddr(s); err == nil {
+			if _, err := m.ValueForProtocol(ma.P_TCP); err == nil {
+				a = m
+				break
+			}
+		}
 	}
 	host := "0.0.0.0"
 	if ip, err := a.ValueForProtocol(ma.P_IP4); err == nil {
@@ -557,3 +568,14 @@ func (n *Node) ID() peer.ID { return n.host.ID() }
 
 // APIAddr is the host:port the API listens on.
 func (n *Node) APIAddr() string { return n.apiAddr }
+
+// logBuild says which vector extensions ggml's kernels were compiled for, and warns when the
+// CPU has better ones: a plain `go build` compiles ggml with no -march and runs 3-27x slower.
+func logBuild(log *slog.Logger) {
+	r := cpufeat.Check()
+	log.Info("ggml CPU build", "compiled_for", r.BuiltString(), "cpu_has", r.CPUString())
+	if r.Slower {
+		log.Warn("ggml was compiled without this CPU's vector extensions, so compute runs several times slower than it could; build with `make build` (CGO_CFLAGS=-march=native)",
+			"compiled_for", r.BuiltString(), "cpu_has", r.CPUString())
+	}
+}

@@ -24,9 +24,9 @@ func Requantize(ctx context.Context, in, out string, f Format, progress func(flo
 		return fmt.Errorf("requantize: %w", err)
 	}
 	defer src.Close()
-	meta, err := fsggml.Decode(src, -1)
+	meta, err := gguf.Decode(src)
 	if err != nil {
-		return fmt.Errorf("requantize %s: not a valid GGUF: %w", in, err)
+		return fmt.Errorf("requantize %s: %w", in, err)
 	}
 	base := meta.Tensors().Offset
 	items := meta.Tensors().Items()
@@ -81,12 +81,15 @@ func targetFormat(t *fsggml.Tensor, f Format) Format {
 		}
 		return Format{Tensor: fsggml.TensorType(t.Kind)}
 	}
-	for _, c := range []Format{f, formats[3], formats[1]} { // f, else q8_0, else f16
+	q8, _ := FormatOf(fsggml.TensorTypeQ8_0)
+	f16, _ := FormatOf(fsggml.TensorTypeF16)
+	for _, c := range []Format{f, q8, f16} {
 		if c.Fits(t.Shape[0]) {
 			return c
 		}
 	}
-	return formats[0]
+	f32, _ := FormatOf(fsggml.TensorTypeF32)
+	return f32
 }
 
 // convertRows re-encodes a tensor in chunks of whole rows so memory stays bounded whatever

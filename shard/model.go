@@ -3,7 +3,6 @@ package shard
 import (
 	"crypto/sha256"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -12,6 +11,8 @@ import (
 	"strings"
 
 	fsggml "github.com/ollama/ollama/fs/ggml"
+
+	"github.com/strata-llm/strata/internal/gguf"
 )
 
 // sliceOfKey marks a slice file with the digest of the model it was cut from, so a stage
@@ -76,29 +77,11 @@ func ReadModelInfo(path string) (*ModelInfo, error) {
 	if err != nil {
 		return nil, fmt.Errorf("stat model: %w", err)
 	}
-	meta, err := decodeGGUF(f)
+	meta, err := gguf.Decode(f)
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", filepath.Base(path), err)
 	}
 	return modelInfo(path, st.Size(), meta)
-}
-
-// decodeGGUF decodes metadata and the tensor table, turning the decoder's panics on hostile
-// files into errors.
-func decodeGGUF(r io.ReadSeeker) (meta *fsggml.GGML, err error) {
-	defer func() {
-		if p := recover(); p != nil {
-			err = fmt.Errorf("corrupt GGUF: %v", p)
-		}
-	}()
-	meta, err = fsggml.Decode(r, -1)
-	if err != nil {
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-			return nil, fmt.Errorf("truncated GGUF: %w", err)
-		}
-		return nil, fmt.Errorf("not a valid GGUF: %w", err)
-	}
-	return meta, nil
 }
 
 func modelInfo(path string, size int64, meta *fsggml.GGML) (*ModelInfo, error) {

@@ -48,7 +48,7 @@ func WriteSlice(ctx context.Context, src, srcSHA256 string, r Range, dst string,
 	if err != nil {
 		return fmt.Errorf("write slice: %w", err)
 	}
-	meta, err := decodeGGUF(f)
+	meta, err := gguf.Decode(f)
 	if err != nil {
 		return fmt.Errorf("write slice of %s: %w", filepath.Base(src), err)
 	}

@@ -2,6 +2,7 @@ package shard_test
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"math"
 	"os"
@@ -187,6 +188,8 @@ func TestLoadRejectsBadModels(t *testing.T) {
 	f.Close()
 	corrupt := slices.Clone(data)
 	copy(corrupt, "GGXX")
+	hostile := slices.Clone(data)
+	binary.LittleEndian.PutUint64(hostile[24:], 1<<63) // the first key's length: fs/ggml panics on it
 	cases := []struct {
 		name, path string
 		r          shard.Range
@@ -196,6 +199,7 @@ func TestLoadRejectsBadModels(t *testing.T) {
 		{"truncated in tensor data", write("trunc2.gguf", data[:len(data)/2]), shard.Range{Start: 0, End: 6}, "exceeds file size"},
 		{"empty file", write("empty.gguf", nil), shard.Range{Start: 0, End: 6}, "truncated"},
 		{"bad magic", write("magic.gguf", corrupt), shard.Range{Start: 0, End: 6}, "invalid file magic"},
+		{"hostile key length", write("hostile.gguf", hostile), shard.Range{Start: 0, End: 6}, "corrupt GGUF"},
 		{"unknown architecture", other, shard.Range{Start: 0, End: 1}, `unsupported architecture "mamba"`},
 		{"range past the end", path, shard.Range{Start: 4, End: 7}, "outside [0,6)"},
 		{"empty range", path, shard.Range{Start: 3, End: 3}, "outside [0,6) or empty"},

@@ -7,6 +7,8 @@ import (
 
 	fsggml "github.com/ollama/ollama/fs/ggml"
 	"github.com/ollama/ollama/tokenizer"
+
+	"github.com/strata-llm/strata/internal/gguf"
 )
 
 // Tokenizer turns text into the model's token ids and back, with the special tokens a chat
@@ -26,7 +28,7 @@ func LoadTokenizer(path string) (*Tokenizer, error) {
 		return nil, fmt.Errorf("load tokenizer: %w", err)
 	}
 	defer f.Close()
-	meta, err := decodeGGUF(f)
+	meta, err := gguf.Decode(f)
 	if err != nil {
 		return nil, fmt.Errorf("load tokenizer from %s: %w", filepath.Base(path), err)
 	}

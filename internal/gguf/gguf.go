@@ -3,7 +3,9 @@
 package gguf
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 
@@ -32,4 +34,23 @@ func WriteAtomic(dst string, kv fsggml.KV, ts []*fsggml.Tensor) error {
 		return fmt.Errorf("write %s: %w", dst, err)
 	}
 	return nil
+}
+
+// Decode reads a GGUF's metadata and tensor table. fs/ggml's decoder panics on hostile lengths
+// (a 2^63-byte key makes it call make with that length), so its panics become errors here:
+// every reader of a file Strata did not write goes through this.
+func Decode(r io.ReadSeeker) (meta *fsggml.GGML, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			meta, err = nil, fmt.Errorf("corrupt GGUF: %v", p)
+		}
+	}()
+	meta, err = fsggml.Decode(r, -1)
+	if err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil, fmt.Errorf("truncated GGUF: %w", err)
+		}
+		return nil, fmt.Errorf("not a valid GGUF: %w", err)
+	}
+	return meta, nil
 }
