@@ -12,8 +12,8 @@ import (
 )
 
 func newModelCommand() *cobra.Command {
-	cmd := &cobra.Command{Use: "model", Short: "Make and inspect GGUF models"}
-	cmd.AddCommand(newSynthCommand(), newInfoCommand())
+	cmd := &cobra.Command{Use: "model", Short: "Make, inspect and download GGUF models"}
+	cmd.AddCommand(newSynthCommand(), newInfoCommand(), newPullCommand())
 	return cmd
 }
 

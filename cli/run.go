@@ -31,6 +31,10 @@ greedy output is identical to the whole model.`,
 			if model == "" {
 				return fmt.Errorf("--model is required")
 			}
+			model, err := resolveModel(cmd.Context(), model, "")
+			if err != nil {
+				return err
+			}
 			c, err := quant.ParseCodec(codec)
 			if err != nil {
 				return err
@@ -78,7 +82,7 @@ greedy output is identical to the whole model.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&model, "model", "", "GGUF model file")
+	f.StringVar(&model, "model", "", "GGUF file, Ollama model name, hf://OWNER/REPO/FILE.gguf or URL")
 	f.StringVar(&prompt, "prompt", "", "prompt text (sent as is, no chat template)")
 	f.IntVar(&maxTokens, "max-tokens", 64, "tokens to generate")
 	f.Float32Var(&sp.Temperature, "temperature", 0, "sampling temperature (0: greedy)")

@@ -1,4 +1,4 @@
-package node
+package fetch
 
 import (
 	"fmt"
@@ -41,7 +41,7 @@ func TestResolveOllamaNames(t *testing.T) {
 	digest := strings.Repeat("ab", 32)
 	for _, name := range []string{"llama3.3:70b", "llama3.3", "someone/mixtral:8x7b", "example.com/ns/m:q4"} {
 		dir := fakeStore(t, name, digest)
-		got, err := ResolveModel(name, dir)
+		got, err := ResolveLocal(name, dir)
 		if err != nil {
 			t.Fatalf("%s: %v", name, err)
 		}
@@ -50,7 +50,7 @@ func TestResolveOllamaNames(t *testing.T) {
 		}
 	}
 	t.Setenv("OLLAMA_MODELS", fakeStore(t, "llama3.3:70b", digest))
-	if _, err := ResolveModel("llama3.3:70b", ""); err != nil {
+	if _, err := ResolveLocal("llama3.3:70b", ""); err != nil {
 		t.Fatalf("OLLAMA_MODELS: %v", err)
 	}
 }
@@ -65,25 +65,25 @@ func TestResolveModelErrors(t *testing.T) {
 		"ns/../../etc:x": "bad model name",
 		"missing.gguf":   "does not exist",
 	} {
-		if _, err := ResolveModel(name, dir); err == nil || !strings.Contains(err.Error(), want) {
+		if _, err := ResolveLocal(name, dir); err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("%s: %v, want %q", name, err, want)
 		}
 	}
 	// A manifest that points at a missing blob.
 	bad := fakeStore(t, "x:y", strings.Repeat("ef", 32))
 	os.Remove(filepath.Join(bad, "blobs", "sha256-"+strings.Repeat("ef", 32)))
-	if _, err := ResolveModel("x:y", bad); err == nil || !strings.Contains(err.Error(), "blob missing") {
+	if _, err := ResolveLocal("x:y", bad); err == nil || !strings.Contains(err.Error(), "blob missing") {
 		t.Errorf("missing blob: %v", err)
 	}
 }
 
 func TestDefaultModelFromOllamaStore(t *testing.T) {
 	t.Setenv("OLLAMA_MODELS", t.TempDir())
-	if _, err := defaultModel(); err == nil || !strings.Contains(err.Error(), "store is empty") {
+	if _, err := DefaultModel(); err == nil || !strings.Contains(err.Error(), "store is empty") {
 		t.Fatalf("empty store: %v", err)
 	}
 	t.Setenv("OLLAMA_MODELS", fakeStore(t, "llama3.3:70b", strings.Repeat("ab", 32)))
-	if m, err := defaultModel(); err != nil || m != "llama3.3:70b" {
+	if m, err := DefaultModel(); err != nil || m != "llama3.3:70b" {
 		t.Fatalf("one model: %q %v", m, err)
 	}
 	dir := fakeStore(t, "someone/mixtral:8x7b", strings.Repeat("ab", 32))
