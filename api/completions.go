@@ -310,6 +310,7 @@ func notReady(card pipeline.ModelCard) *apiError {
 // format is what differs between chat and text completions: the response objects.
 type format interface {
 	idPrefix() string
+	promptParam() string // the request field the prompt came from
 	full(id string, created int64, model, text, finish string, u usage) any
 	chunk(id string, created int64, model string, first bool, text string, finish *string) any
 	usageChunk(id string, created int64, model string, u usage) any
@@ -318,6 +319,8 @@ type format interface {
 type chatFormat struct{}
 
 func (chatFormat) idPrefix() string { return "chatcmpl-" }
+
+func (chatFormat) promptParam() string { return "messages" }
 
 func (chatFormat) full(id string, created int64, model, text, finish string, u usage) any {
 	return chatCompletion{ID: id, Object: "chat.completion", Created: created, Model: model,
@@ -344,6 +347,8 @@ func (chatFormat) usageChunk(id string, created int64, model string, u usage) an
 type textFormat struct{}
 
 func (textFormat) idPrefix() string { return "cmpl-" }
+
+func (textFormat) promptParam() string { return "prompt" }
 
 func (textFormat) full(id string, created int64, model, text, finish string, u usage) any {
 	return textCompletion{ID: id, Object: "text_completion", Created: created, Model: model,
@@ -384,7 +389,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, fields *sampli
 			}
 			writeJSON(w, http.StatusOK, f.full(id, created, req.Model, out, finishReason(res), usageOf(res)))
 		} else if ctx.Err() == nil {
-			writeError(w, backendError(err))
+			writeError(w, backendError(err, f.promptParam()))
 		}
 	}
 	attrs := []any{"id", id, "model", req.Model, "stream", fields.Stream, "prompt_tokens", res.PromptTokens,
@@ -463,10 +468,10 @@ func (s *Server) stream(ctx context.Context, w http.ResponseWriter, req pipeline
 	}
 	if err != nil {
 		if !started {
-			writeError(w, backendError(err))
+			writeError(w, backendError(err, f.promptParam()))
 			return res, err
 		}
-		ae := backendError(err)
+		ae := backendError(err, f.promptParam())
 		_ = send(struct {
 			Error *apiError `json:"error"`
 		}{ae})

@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+
+	"github.com/strata-llm/strata/pipeline"
 )
 
 // apiError is an error in OpenAI's shape, with the HTTP status it is answered with.
@@ -50,8 +52,10 @@ type statusError interface {
 	HTTPStatus() int
 }
 
-// backendError maps an error from the Backend to the answer the client gets.
-func backendError(err error) *apiError {
+// backendError maps an error from the Backend to the answer the client gets. promptParam
+// names the request field that holds the prompt ("messages" or "prompt"), which OpenAI
+// blames when the prompt does not fit.
+func backendError(err error, promptParam string) *apiError {
 	var ae *apiError
 	if errors.As(err, &ae) {
 		return ae
@@ -65,6 +69,18 @@ func backendError(err error) *apiError {
 		if st >= 500 && st < 600 {
 			return serverError(st, err.Error())
 		}
+	}
+	// The pipeline's own refusals. They are the client's to fix or the swarm's to heal, and a
+	// 500 would tell an OpenAI client neither (its SDKs retry 503s and 504s, not 400s).
+	switch {
+	case errors.Is(err, pipeline.ErrContextLength):
+		return invalidRequestCode(http.StatusBadRequest, promptParam, "context_length_exceeded", err.Error())
+	case errors.Is(err, pipeline.ErrEmptyPrompt):
+		return invalidRequest(promptParam, err.Error())
+	case errors.Is(err, pipeline.ErrNoRoute):
+		return serverError(http.StatusServiceUnavailable, "the swarm cannot serve the model now: "+err.Error())
+	case errors.Is(err, pipeline.ErrStepTimeout):
+		return serverError(http.StatusGatewayTimeout, "a stage stopped answering: "+err.Error())
 	}
 	if errors.Is(err, context.DeadlineExceeded) {
 		return serverError(http.StatusGatewayTimeout, "generation timed out: "+err.Error())

@@ -24,8 +24,10 @@ import (
 // Generate calls emit, from one goroutine at a time and only before it returns, with each
 // piece of text as soon as it is final; if emit returns an error (the client went away)
 // Generate should stop and return it. ctx is cancelled when the client disconnects. Errors
-// with an HTTPStatus() int method anywhere in their chain are answered with that status
-// (e.g. 400 for a prompt longer than the context); others are answered 500.
+// with an HTTPStatus() int method anywhere in their chain are answered with that status.
+// The pipeline's sentinels are mapped as OpenAI would answer them: ErrContextLength 400
+// context_length_exceeded, ErrEmptyPrompt 400, ErrNoRoute 503, ErrStepTimeout 504. Others
+// are answered 500. Once a stream has started, the error goes out as an SSE error event.
 type Backend interface {
 	Models(ctx context.Context) ([]pipeline.ModelCard, error)
 	Generate(ctx context.Context, req pipeline.Request, emit func(pipeline.Delta) error) (pipeline.Result, error)

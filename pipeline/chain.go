@@ -7,7 +7,9 @@ import (
 )
 
 // Chain carries one session's steps through stages that together hold every layer, and
-// samples the next token where the logits are: at the last stage.
+// samples the next token where the logits are: at the last stage. Step must return soon
+// after its ctx is done, even when a stage does not answer: that is how the generator's step
+// timeout gets a hung route back.
 type Chain interface {
 	Step(ctx context.Context, in StepInput) (StepResult, error)
 	Close(ctx context.Context) error
@@ -36,11 +38,19 @@ type Router interface {
 }
 
 // HopError says which peer of a route failed, so a router can avoid it while membership
-// catches up with its death.
+// catches up with its death. Peer is empty when the route failed somewhere unknown (a step
+// that timed out).
 type HopError struct {
 	Peer string
 	Err  error
 }
 
-func (e *HopError) Error() string { return "stage " + e.Peer + ": " + e.Err.Error() }
+func (e *HopError) Error() string { return "stage " + e.peer() + ": " + e.Err.Error() }
+
+func (e *HopError) peer() string {
+	if e.Peer == "" {
+		return "(unknown)"
+	}
+	return e.Peer
+}
 func (e *HopError) Unwrap() error { return e.Err }

@@ -40,6 +40,21 @@ func WithRecovery(wait time.Duration, tries int) GeneratorOption {
 	return func(g *Generator) { g.recoverFor, g.recoverTries = wait, tries }
 }
 
+// WithStepTimeout bounds how long one step may go unanswered before its route counts as
+// failed and is rebuilt, as if a stage had reset its stream: base plus perPosition for each
+// position the step carries (defaults 30 s and 2 s; base 0 turns the bound off). A peer that
+// hangs without resetting its stream would otherwise stall the generation for good.
+//
+// The bound has to sit well above the slowest honest step, or a slow swarm would replay its
+// sessions forever: the README's 70B-shaped Q4_0 layers on 2 cores prefill about 10 ms per
+// layer per position and decode about 33 ms per layer per token, so a whole 80-layer 70B on
+// such machines takes some 0.8 s per prefill position and 2.6 s per token (about 12 s with 8
+// sessions batched). The defaults give a decode step 32 s and a 128-position prefill chunk
+// 286 s. A node serving something bigger or slower should raise them.
+func WithStepTimeout(base, perPosition time.Duration) GeneratorOption {
+	return func(g *Generator) { g.stepBase, g.stepPerPos = base, perPosition }
+}
+
 // WithGeneratorLogger sets the logger.
 func WithGeneratorLogger(l *slog.Logger) GeneratorOption { return func(g *Generator) { g.log = l } }
 
@@ -80,13 +95,16 @@ type Generator struct {
 	recoverFor   time.Duration
 	recoverTries int
 	exactReplay  int
+	stepBase     time.Duration
+	stepPerPos   time.Duration
 	log          *slog.Logger
 	obs          Observer
 }
 
 // NewGenerator makes a generator that tokenizes with tok and routes through router.
 func NewGenerator(tok *shard.Tokenizer, router Router, opts ...GeneratorOption) *Generator {
-	g := &Generator{tok: tok, router: router, chunk: 128, maxContext: 2048, recoverFor: 30 * time.Second, recoverTries: 8, exactReplay: 1024, log: slog.Default(), obs: nopObserver{}}
+	g := &Generator{tok: tok, router: router, chunk: 128, maxContext: 2048, recoverFor: 30 * time.Second, recoverTries: 8, exactReplay: 1024,
+		stepBase: 30 * time.Second, stepPerPos: 2 * time.Second, log: slog.Default(), obs: nopObserver{}}
 	for _, o := range opts {
 		o(g)
 	}
@@ -96,8 +114,18 @@ func NewGenerator(tok *shard.Tokenizer, router Router, opts ...GeneratorOption) 
 	return g
 }
 
-// ErrContextLength means the prompt leaves no room to generate.
-var ErrContextLength = errors.New("prompt exceeds the context length")
+// MaxContext is the most tokens, prompt and completion together, one generation may hold.
+func (g *Generator) MaxContext() int { return g.maxContext }
+
+var (
+	// ErrContextLength means the prompt, or the prompt plus the completion asked for, does not
+	// fit in the context.
+	ErrContextLength = errors.New("context length exceeded")
+	// ErrEmptyPrompt means the prompt tokenized to nothing, so there is nothing to continue.
+	ErrEmptyPrompt = errors.New("empty prompt")
+	// ErrStepTimeout means a step went unanswered for longer than WithStepTimeout allows.
+	ErrStepTimeout = errors.New("step timed out")
+)
 
 // Encode tokenizes a rendered prompt, adding BOS unless the template already wrote it.
 func (g *Generator) Encode(prompt string) ([]int32, error) {
@@ -123,14 +151,19 @@ func (g *Generator) generate(ctx context.Context, start time.Time, req Request, 
 		return Result{}, err
 	}
 	if len(prompt) == 0 {
-		return Result{}, fmt.Errorf("%w: empty prompt", ErrContextLength)
+		return Result{}, fmt.Errorf("%w: the prompt has no tokens", ErrEmptyPrompt)
 	}
 	if len(prompt) >= g.maxContext {
-		return Result{}, fmt.Errorf("%w: %d prompt tokens, context is %d", ErrContextLength, len(prompt), g.maxContext)
+		return Result{}, fmt.Errorf("%w: the prompt is %d tokens, the context %d, which leaves no room to generate", ErrContextLength, len(prompt), g.maxContext)
 	}
+	// As OpenAI does: a completion asked for that cannot fit is refused rather than cut
+	// short, and one not asked for runs to the end of the context.
 	maxNew := g.maxContext - len(prompt)
 	if req.MaxTokens > 0 {
-		maxNew = min(maxNew, req.MaxTokens)
+		if req.MaxTokens > maxNew {
+			return Result{}, fmt.Errorf("%w: %d prompt tokens plus %d completion tokens asked for is %d, the context %d", ErrContextLength, len(prompt), req.MaxTokens, len(prompt)+req.MaxTokens, g.maxContext)
+		}
+		maxNew = req.MaxTokens
 	}
 	sp := req.Sampling
 	if !sp.Greedy() && sp.Seed == 0 {
@@ -214,39 +247,67 @@ func (s *run) open(ctx context.Context) error {
 // step feeds tokens starting at position from, in chunks, and samples after the last. When a
 // stage fails it rebuilds the route and replays the whole session before trying again.
 func (s *run) step(ctx context.Context, from int, toks []int32) (int32, error) {
-	deadline := time.Now().Add(s.g.recoverFor)
+	tok, err := s.feed(ctx, from, toks)
+	if err == nil {
+		return tok, nil
+	}
+	if ctx.Err() != nil {
+		return 0, ctx.Err()
+	}
+	var hop *HopError
+	if !errors.As(err, &hop) {
+		return 0, err
+	}
+	return s.recover(ctx, from, toks, hop)
+}
+
+// recover rebuilds the route after failed, replays the session on it and feeds toks again,
+// as often as the generator's recovery allows. Every try starts from a fresh route: a chain
+// that failed or never opened is not used again.
+func (s *run) recover(ctx context.Context, from int, toks []int32, failed *HopError) (int32, error) {
+	start := time.Now()
+	deadline := start.Add(s.g.recoverFor)
+	err := error(failed)
 	for attempt := 0; ; attempt++ {
-		tok, err := s.feed(ctx, from, toks)
-		if err == nil {
-			return tok, nil
-		}
-		if ctx.Err() != nil {
-			return 0, ctx.Err()
+		s.close()
+		// The deadline is checked only between tries: a router may itself wait for coverage to
+		// come back, and its answer (which layers are missing) is the one worth returning.
+		if attempt >= s.g.recoverTries || time.Now().After(deadline) {
+			return 0, fmt.Errorf("stage %s failed and the route could not be rebuilt (%d tries in %s): %w",
+				failed.peer(), attempt, time.Since(start).Round(time.Millisecond), err)
 		}
 		var hop *HopError
-		if !errors.As(err, &hop) || attempt >= s.g.recoverTries || time.Now().After(deadline) {
-			return 0, err
+		if errors.As(err, &hop) {
+			s.g.log.Warn("stage failed mid-generation; rebuilding the route", "peer", hop.Peer, "err", hop.Err, "tokens", len(s.tokens), "attempt", attempt+1)
+			s.g.obs.Rerouted(hop.Peer)
 		}
-		s.g.log.Warn("stage failed mid-generation; rebuilding the route", "peer", hop.Peer, "err", hop.Err, "tokens", len(s.tokens), "attempt", attempt+1)
-		s.g.obs.Rerouted(hop.Peer)
-		s.close()
 		select {
 		case <-time.After(time.Duration(attempt) * 200 * time.Millisecond):
 		case <-ctx.Done():
 			return 0, ctx.Err()
 		}
-		if err := s.open(ctx); err != nil {
-			if errors.As(err, &hop) {
-				continue
+		if err = s.open(ctx); err != nil {
+			if ctx.Err() != nil {
+				return 0, ctx.Err()
 			}
-			s.g.log.Warn("no route yet", "err", err)
+			// No route yet: membership may still be catching up, or a node reloading. A hop
+			// that failed while opening is logged as such at the top of the loop.
+			if !errors.As(err, &hop) {
+				s.g.log.Warn("no route yet", "err", err, "attempt", attempt+1)
+			}
 			continue
 		}
 		// Rebuild the new stages' KV caches with everything before `from`, then feed toks again.
-		if err := s.replay(ctx, from); err != nil {
-			if errors.As(err, &hop) {
-				continue
+		if err = s.replay(ctx, from); err == nil {
+			var tok int32
+			if tok, err = s.feed(ctx, from, toks); err == nil {
+				return tok, nil
 			}
+		}
+		if ctx.Err() != nil {
+			return 0, ctx.Err()
+		}
+		if !errors.As(err, &hop) {
 			return 0, err
 		}
 	}
@@ -295,7 +356,7 @@ func (s *run) feed(ctx context.Context, from int, toks []int32) (int32, error) {
 		}
 		var err error
 		t0 := time.Now()
-		res, err = s.chain.Step(ctx, StepInput{
+		res, err = s.stepOnce(ctx, StepInput{
 			Positions: pos,
 			Tokens:    toks[off:end],
 			Sampling:  s.sampling,
@@ -308,6 +369,23 @@ func (s *run) feed(ctx context.Context, from int, toks []int32) (int32, error) {
 		s.bounds = append(s.bounds, from+end)
 	}
 	return res.Token, nil
+}
+
+// stepOnce runs one step on the chain within the step timeout. A step that outlasts it is a
+// failed hop, like a reset stream: a stage that hangs without resetting must not stall the
+// generation. Which stage hangs is not known here, so the HopError names no peer.
+func (s *run) stepOnce(ctx context.Context, in StepInput) (StepResult, error) {
+	if s.g.stepBase <= 0 {
+		return s.chain.Step(ctx, in)
+	}
+	limit := s.g.stepBase + time.Duration(len(in.Positions))*s.g.stepPerPos
+	sctx, cancel := context.WithTimeoutCause(ctx, limit, ErrStepTimeout)
+	defer cancel()
+	res, err := s.chain.Step(sctx, in)
+	if err != nil && ctx.Err() == nil && errors.Is(context.Cause(sctx), ErrStepTimeout) {
+		return res, &HopError{Err: fmt.Errorf("%w: no answer to a step of %d positions in %s (%v)", ErrStepTimeout, len(in.Positions), limit, err)}
+	}
+	return res, err
 }
 
 // recent is the window the repeat penalty looks at, ending at position n.

@@ -3,8 +3,10 @@ package pipeline_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/strata-llm/strata/internal/testkit"
 	"github.com/strata-llm/strata/pipeline"
@@ -121,4 +123,201 @@ func TestGenerateRecoversFromAFailedHop(t *testing.T) {
 func samp(temp float32, seed uint64) (p sample.Params) {
 	p.Temperature, p.Seed = temp, seed
 	return p
+}
+
+// lostLayersRouter hands out chains whose stage fails after a few steps, then has no route
+// for the next noRoute opens, the way an entry node sees a middle node die when no survivor
+// can take its layers.
+type lostLayersRouter struct {
+	pipeline.LocalRouter
+	failAfter int
+	noRoute   int // opens after the failure that find no route; -1: every one
+	opens     int
+	failed    bool
+}
+
+func (r *lostLayersRouter) OpenChain(ctx context.Context, session uint64) (pipeline.Chain, error) {
+	r.opens++
+	if r.failed && r.noRoute != 0 {
+		r.noRoute--
+		return nil, fmt.Errorf("%w: layers [2,4) are served by no live node (of 6 layers)", pipeline.ErrNoRoute)
+	}
+	c, err := r.LocalRouter.OpenChain(ctx, session)
+	if err != nil {
+		return nil, err
+	}
+	return &lostLayersChain{Chain: c, r: r}, nil
+}
+
+type lostLayersChain struct {
+	pipeline.Chain
+	r     *lostLayersRouter
+	steps int
+}
+
+func (c *lostLayersChain) Step(ctx context.Context, in pipeline.StepInput) (pipeline.StepResult, error) {
+	c.steps++
+	if !c.r.failed && c.steps > c.r.failAfter {
+		c.r.failed = true
+		return pipeline.StepResult{}, &pipeline.HopError{Peer: "stage-2", Err: errors.New("stream reset")}
+	}
+	return c.Chain.Step(ctx, in)
+}
+
+// TestGenerateNoRouteLeft: a hop fails and no route comes back. The generation keeps asking
+// for one within its recovery bounds, never steps a chain it does not have, and ends with
+// ErrNoRoute naming the missing layers; when a route does come back in time, the text is the
+// undisturbed one.
+func TestGenerateNoRouteLeft(t *testing.T) {
+	stages, tok := tinyStages(t, shard.Range{Start: 0, End: 2}, shard.Range{Start: 2, End: 4}, shard.Range{Start: 4, End: 6})
+	local := pipeline.LocalRouter{Stages: stages, Codec: quant.CodecF16}
+	want, _ := generate(t, pipeline.NewGenerator(tok, local), pipeline.Request{Prompt: "hello", MaxTokens: 30})
+	freed := func() {
+		t.Helper()
+		for _, st := range stages {
+			if n := st.Sessions(); n != 0 {
+				t.Fatalf("stage %s still holds %d sessions", st.Info().Range, n)
+			}
+		}
+	}
+
+	t.Run("never", func(t *testing.T) {
+		r := &lostLayersRouter{LocalRouter: local, failAfter: 12, noRoute: -1}
+		g := pipeline.NewGenerator(tok, r, pipeline.WithRecovery(10*time.Second, 3))
+		var streamed strings.Builder
+		res, err := g.Generate(context.Background(), pipeline.Request{Prompt: "hello", MaxTokens: 30}, func(d pipeline.Delta) error {
+			streamed.WriteString(d.Text)
+			return nil
+		})
+		if !errors.Is(err, pipeline.ErrNoRoute) || !strings.Contains(err.Error(), "layers [2,4)") || !strings.Contains(err.Error(), "stage stage-2 failed") {
+			t.Fatalf("err %v, want ErrNoRoute naming layers [2,4) and the failed stage", err)
+		}
+		// One open for the start, then one per try.
+		if r.opens != 1+3 {
+			t.Fatalf("%d opens, want 4", r.opens)
+		}
+		if res.CompletionTokens == 0 || !strings.HasPrefix(want.Text, streamed.String()) {
+			t.Fatalf("before the failure: %d tokens, streamed %q of %q", res.CompletionTokens, streamed.String(), want.Text)
+		}
+		freed()
+	})
+	t.Run("deadline", func(t *testing.T) {
+		r := &lostLayersRouter{LocalRouter: local, failAfter: 12, noRoute: -1}
+		g := pipeline.NewGenerator(tok, r, pipeline.WithRecovery(500*time.Millisecond, 100))
+		t0 := time.Now()
+		_, err := g.Generate(context.Background(), pipeline.Request{Prompt: "hello", MaxTokens: 30}, nil)
+		if !errors.Is(err, pipeline.ErrNoRoute) {
+			t.Fatalf("err %v, want ErrNoRoute", err)
+		}
+		// Tries back off by 200 ms more each time: 0, 200, 400 ms, then the deadline is past.
+		if d := time.Since(t0); d > 5*time.Second || r.opens > 6 {
+			t.Fatalf("gave up after %s and %d opens; the recovery bound is 500 ms", d, r.opens)
+		}
+		freed()
+	})
+	t.Run("comes back", func(t *testing.T) {
+		r := &lostLayersRouter{LocalRouter: local, failAfter: 12, noRoute: 2}
+		got, streamed := generate(t, pipeline.NewGenerator(tok, r), pipeline.Request{Prompt: "hello", MaxTokens: 30})
+		if r.opens != 1+3 || got.Text != want.Text || streamed != want.Text {
+			t.Fatalf("after %d opens: %q (streamed %q), undisturbed %q", r.opens, got.Text, streamed, want.Text)
+		}
+		freed()
+	})
+}
+
+// hangingRouter hands out chains whose stage stops answering once, after a few steps, without
+// resetting anything: its step returns only when its context ends.
+type hangingRouter struct {
+	pipeline.LocalRouter
+	hangAfter int
+	always    bool // every chain hangs, not only the first
+	hung      int
+}
+
+type hangingChain struct {
+	pipeline.Chain
+	r     *hangingRouter
+	steps int
+}
+
+func (r *hangingRouter) OpenChain(ctx context.Context, session uint64) (pipeline.Chain, error) {
+	c, err := r.LocalRouter.OpenChain(ctx, session)
+	if err != nil {
+		return nil, err
+	}
+	return &hangingChain{Chain: c, r: r}, nil
+}
+
+func (c *hangingChain) Step(ctx context.Context, in pipeline.StepInput) (pipeline.StepResult, error) {
+	c.steps++
+	if (c.r.hung == 0 || c.r.always) && c.steps > c.r.hangAfter {
+		c.r.hung++
+		<-ctx.Done()
+		return pipeline.StepResult{}, fmt.Errorf("wait for step: %w", ctx.Err())
+	}
+	return c.Chain.Step(ctx, in)
+}
+
+// TestGenerateStepTimeout: a stage that hangs without resetting its stream counts as failed
+// once a step outlasts the step timeout, and the session recovers on a new route with the
+// undisturbed text; a route that hangs every time ends the generation with ErrStepTimeout
+// instead of stalling it.
+func TestGenerateStepTimeout(t *testing.T) {
+	stages, tok := tinyStages(t, shard.Range{Start: 0, End: 3}, shard.Range{Start: 3, End: 6})
+	local := pipeline.LocalRouter{Stages: stages, Codec: quant.CodecF16}
+	want, _ := generate(t, pipeline.NewGenerator(tok, local), pipeline.Request{Prompt: "hello", MaxTokens: 30})
+
+	r := &hangingRouter{LocalRouter: local, hangAfter: 10}
+	t0 := time.Now()
+	got, streamed := generate(t, pipeline.NewGenerator(tok, r, pipeline.WithStepTimeout(300*time.Millisecond, 0)), pipeline.Request{Prompt: "hello", MaxTokens: 30})
+	if r.hung != 1 || got.Text != want.Text || streamed != want.Text {
+		t.Fatalf("hung %d times; after recovery %q (streamed %q), undisturbed %q", r.hung, got.Text, streamed, want.Text)
+	}
+	if d := time.Since(t0); d > 10*time.Second {
+		t.Fatalf("recovering from a 300 ms step timeout took %s", d)
+	}
+
+	r = &hangingRouter{LocalRouter: local, hangAfter: 10, always: true}
+	g := pipeline.NewGenerator(tok, r, pipeline.WithStepTimeout(100*time.Millisecond, 0), pipeline.WithRecovery(10*time.Second, 2))
+	_, err := g.Generate(context.Background(), pipeline.Request{Prompt: "hello", MaxTokens: 30}, nil)
+	if !errors.Is(err, pipeline.ErrStepTimeout) || errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err %v, want ErrStepTimeout (and not the client's deadline)", err)
+	}
+	if r.hung != 3 {
+		t.Fatalf("hung %d times, want 3 (the first step and two tries)", r.hung)
+	}
+	for _, st := range stages {
+		if n := st.Sessions(); n != 0 {
+			t.Fatalf("stage %s still holds %d sessions", st.Info().Range, n)
+		}
+	}
+}
+
+// TestGenerateContextBounds: as OpenAI does, a prompt that fills the context or a completion
+// asked for that cannot fit after the prompt is refused with ErrContextLength; with no
+// max_tokens the completion runs to the end of the context.
+func TestGenerateContextBounds(t *testing.T) {
+	stages, tok := tinyStages(t, shard.Range{Start: 0, End: 6})
+	g := pipeline.NewGenerator(tok, pipeline.LocalRouter{Stages: stages}, pipeline.WithMaxContext(48))
+	prompt := "Once upon a time"
+	ids, err := g.Encode(prompt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	room := 48 - len(ids)
+	if _, err := g.Generate(context.Background(), pipeline.Request{Prompt: strings.Repeat("word ", 60)}, nil); !errors.Is(err, pipeline.ErrContextLength) {
+		t.Fatalf("prompt beyond the context: %v", err)
+	}
+	if _, err := g.Generate(context.Background(), pipeline.Request{Prompt: prompt, MaxTokens: room + 1}, nil); !errors.Is(err, pipeline.ErrContextLength) ||
+		!strings.Contains(err.Error(), fmt.Sprintf("%d prompt tokens plus %d completion tokens", len(ids), room+1)) {
+		t.Fatalf("max_tokens one past the room left: %v", err)
+	}
+	res, _ := generate(t, g, pipeline.Request{Prompt: prompt, MaxTokens: room})
+	if res.FinishReason == "length" && res.CompletionTokens != room {
+		t.Fatalf("max_tokens exactly the room left: %+v", res)
+	}
+	res, _ = generate(t, g, pipeline.Request{Prompt: prompt})
+	if res.FinishReason == "length" && res.CompletionTokens != room {
+		t.Fatalf("no max_tokens: %d completion tokens (%s), want the %d left", res.CompletionTokens, res.FinishReason, room)
+	}
 }

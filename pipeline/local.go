@@ -38,20 +38,22 @@ func OpenLocalChain(stages []*shard.Stage, session uint64, codec quant.Codec) (*
 	return &LocalChain{stages: stages, codec: codec, session: session}, nil
 }
 
+// checkCoverage's errors are ErrNoRoute: in-process stages that miss layers are a swarm
+// without a route, and callers answer them the same way.
 func checkCoverage(stages []*shard.Stage) error {
 	if len(stages) == 0 {
-		return errors.New("no stages")
+		return fmt.Errorf("%w: no stages", ErrNoRoute)
 	}
 	next := 0
 	for _, st := range stages {
 		r := st.Info().Range
 		if r.Start != next {
-			return fmt.Errorf("stages do not chain: expected one starting at layer %d, got %s", next, r)
+			return fmt.Errorf("%w: stages do not chain: expected one starting at layer %d, got %s", ErrNoRoute, next, r)
 		}
 		next = r.End
 	}
 	if last := stages[len(stages)-1].Info(); next != last.Layers {
-		return fmt.Errorf("stages end at layer %d of %d", next, last.Layers)
+		return fmt.Errorf("%w: stages end at layer %d of %d", ErrNoRoute, next, last.Layers)
 	}
 	return nil
 }

@@ -1,0 +1,187 @@
+package api
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/openai/openai-go/v3"
+
+	"github.com/strata-llm/strata/internal/testkit"
+	"github.com/strata-llm/strata/pipeline"
+	"github.com/strata-llm/strata/quant"
+	"github.com/strata-llm/strata/shard"
+)
+
+// generatorBackend serves a real pipeline.Generator the way the node does: one model card,
+// with the generator's context length.
+type generatorBackend struct {
+	gen  *pipeline.Generator
+	card pipeline.ModelCard
+}
+
+func (b generatorBackend) Models(context.Context) ([]pipeline.ModelCard, error) {
+	return []pipeline.ModelCard{b.card}, nil
+}
+
+func (b generatorBackend) Generate(ctx context.Context, req pipeline.Request, emit func(pipeline.Delta) error) (pipeline.Result, error) {
+	return b.gen.Generate(ctx, req, emit)
+}
+
+const realContext = 64
+
+// realServer serves the tiny model through in-process stages over ranges, with a context of
+// realContext tokens, behind the API.
+func realServer(t *testing.T, ranges ...shard.Range) *generatorBackend {
+	t.Helper()
+	path := testkit.TinyModel(t)
+	info, err := shard.ReadModelInfo(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stages []*shard.Stage
+	for _, r := range ranges {
+		st, err := shard.LoadStage(context.Background(), path, r, shard.WithSliceDir(t.TempDir()), shard.WithThreads(1),
+			shard.WithMaxContext(realContext), shard.WithMaxSessions(2))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		stages = append(stages, st)
+	}
+	tok, err := shard.LoadTokenizer(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gen := pipeline.NewGenerator(tok, pipeline.LocalRouter{Stages: stages, Codec: quant.CodecF32}, pipeline.WithMaxContext(realContext))
+	return &generatorBackend{gen: gen, card: pipeline.ModelCard{
+		ID: "tiny", ContextLength: gen.MaxContext(), ChatTemplate: info.ChatTemplate, BOS: tok.BOS, EOS: tok.EOS, Ready: true,
+	}}
+}
+
+// TestRealGeneratorErrors: requests a real generator refuses get OpenAI's status, type, param
+// and code, plain and streamed, and never a 500.
+func TestRealGeneratorErrors(t *testing.T) {
+	b := realServer(t, shard.Range{Start: 0, End: 3}, shard.Range{Start: 3, End: 6})
+	ts := startServer(t, b)
+	chat, text := "/v1/chat/completions", "/v1/completions"
+	user := `"messages":[{"role":"user","content":"hi"}]`
+	long := strings.Repeat("word ", 2*realContext)
+	tests := []struct {
+		name, path, body string
+		status           int
+		typ, param, code string
+	}{
+		{"bad json", chat, `{"model":"tiny","messages":[`, 400, "invalid_request_error", "", ""},
+		{"unknown model", chat, `{"model":"gpt-17",` + user + `}`, 404, "invalid_request_error", "model", "model_not_found"},
+		{"empty messages", chat, `{"model":"tiny","messages":[]}`, 400, "invalid_request_error", "messages", ""},
+		{"max_tokens beyond context", chat, `{"model":"tiny",` + user + fmt.Sprintf(`,"max_tokens":%d}`, realContext+1), 400, "invalid_request_error", "max_tokens", "context_length_exceeded"},
+		// Within the context alone, but not after the prompt: OpenAI refuses rather than cuts.
+		{"prompt plus max_tokens beyond context", chat, `{"model":"tiny",` + user + fmt.Sprintf(`,"max_tokens":%d}`, realContext-1), 400, "invalid_request_error", "messages", "context_length_exceeded"},
+		{"prompt plus max_tokens beyond context, streamed", chat, `{"model":"tiny","stream":true,` + user + fmt.Sprintf(`,"max_tokens":%d}`, realContext-1), 400, "invalid_request_error", "messages", "context_length_exceeded"},
+		{"prompt beyond context", chat, `{"model":"tiny","messages":[{"role":"user","content":"` + long + `"}]}`, 400, "invalid_request_error", "messages", "context_length_exceeded"},
+		{"prompt beyond context, streamed", chat, `{"model":"tiny","stream":true,"messages":[{"role":"user","content":"` + long + `"}]}`, 400, "invalid_request_error", "messages", "context_length_exceeded"},
+		{"completion prompt beyond context", text, `{"model":"tiny","prompt":"` + long + `"}`, 400, "invalid_request_error", "prompt", "context_length_exceeded"},
+		{"completion prompt plus max_tokens beyond context", text, `{"model":"tiny","prompt":"hi","max_tokens":` + fmt.Sprint(realContext-1) + `}`, 400, "invalid_request_error", "prompt", "context_length_exceeded"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			status, e := rawPost(t, ts, "POST", tc.path, tc.body, nil)
+			if status != tc.status {
+				t.Fatalf("status %d, want %d (%v)", status, tc.status, e)
+			}
+			if p, _ := e["param"].(string); p != tc.param {
+				t.Errorf("param %q, want %q (%v)", p, tc.param, e["message"])
+			}
+			if c, _ := e["code"].(string); c != tc.code {
+				t.Errorf("code %q, want %q (%v)", c, tc.code, e["message"])
+			}
+			if e["type"] != tc.typ {
+				t.Errorf("type %v, want %s", e["type"], tc.typ)
+			}
+		})
+	}
+
+	// The official client sees the pipeline's refusal as a typed 400.
+	c := client(ts)
+	_, err := c.Chat.Completions.New(context.Background(), openai.ChatCompletionNewParams{Model: "tiny",
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(long)}})
+	assertAPIError(t, err, 400, "context_length_exceeded")
+
+	// Without max_tokens the completion runs to the end of the context, as OpenAI's does.
+	resp, err := c.Chat.Completions.New(context.Background(), openai.ChatCompletionNewParams{Model: "tiny",
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")}, Temperature: openai.Float(0)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Choices[0].FinishReason == "length" && resp.Usage.TotalTokens != realContext {
+		t.Fatalf("no max_tokens: usage %+v, finish %s; want the whole context of %d", resp.Usage, resp.Choices[0].FinishReason, realContext)
+	}
+}
+
+// TestRealGeneratorNoRoute: stages that miss layers are a swarm with no route: 503, as
+// service_unavailable, plain and streamed, naming the gap.
+func TestRealGeneratorNoRoute(t *testing.T) {
+	b := realServer(t, shard.Range{Start: 0, End: 2}, shard.Range{Start: 4, End: 6})
+	ts := startServer(t, b)
+	for _, body := range []string{
+		`{"model":"tiny","messages":[{"role":"user","content":"hi"}]}`,
+		`{"model":"tiny","stream":true,"messages":[{"role":"user","content":"hi"}]}`,
+	} {
+		status, e := rawPost(t, ts, "POST", "/v1/chat/completions", body, nil)
+		msg, _ := e["message"].(string)
+		if status != 503 || e["type"] != "service_unavailable" || !strings.Contains(msg, "expected one starting at layer 2") {
+			t.Fatalf("%s: %d %v", body, status, e)
+		}
+	}
+}
+
+// TestNoRouteMidStream: once a stream has started, a route lost for good ends it with an
+// OpenAI-style error event (no [DONE]), which clients report with its message.
+func TestNoRouteMidStream(t *testing.T) {
+	b := newEcho()
+	b.failAfter = 2
+	b.midErr = fmt.Errorf("stage 12D3 failed and the route could not be rebuilt (8 tries in 30s): open route: %w: layers [2,4) are served by no live node (of 6 layers)", pipeline.ErrNoRoute)
+	ts := startServer(t, b)
+	resp, err := http.Post(ts.URL+"/v1/chat/completions", "application/json",
+		strings.NewReader(`{"model":"llama-test","stream":true,"messages":[{"role":"user","content":"a b c d"}]}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("status %d, content type %q", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	var events []string
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if d, ok := strings.CutPrefix(sc.Text(), "data: "); ok {
+			events = append(events, d)
+		}
+	}
+	if len(events) < 2 {
+		t.Fatalf("events %q", events)
+	}
+	var last struct {
+		Error *apiError `json:"error"`
+	}
+	if err := json.Unmarshal([]byte(events[len(events)-1]), &last); err != nil || last.Error == nil {
+		t.Fatalf("last event %q is not an error (%v); events %q", events[len(events)-1], err, events)
+	}
+	if last.Error.Type != "service_unavailable" || !strings.Contains(last.Error.Message, "layers [2,4)") {
+		t.Fatalf("error event %+v", last.Error)
+	}
+
+	c := client(ts)
+	st := c.Chat.Completions.NewStreaming(context.Background(), openai.ChatCompletionNewParams{Model: "llama-test",
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("a b c d")}})
+	for st.Next() {
+	}
+	if st.Err() == nil || !strings.Contains(st.Err().Error(), "layers [2,4)") {
+		t.Fatalf("client error %v", st.Err())
+	}
+}
