@@ -316,3 +316,68 @@ func TestDisconnectFreesEveryStage(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestStreamEndsWhenLayersAreLost: kill -9 a middle node mid-stream in a swarm where no
+// survivor has the memory to take its layers. The entry node keeps looking for a route for
+// its recovery time, then ends the stream with an error event naming the layers nobody
+// serves (before the fix it stepped a nil chain and the stream just stopped), and it still
+// answers /health afterwards.
+func TestStreamEndsWhenLayersAreLost(t *testing.T) {
+	model := swarmModel(t)
+	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", twoLayers}})
+	s.MustReady(t, 3, 60*time.Second)
+	// An API-only entry, so the node killed is never the one the client talks to.
+	entry, err := s.Add(context.Background(), "--client-only")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.MustReady(t, 3, 30*time.Second)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	var once sync.Once
+	killed := make(chan string, 1)
+	t0 := time.Now()
+	got, err := stream(ctx, client(entry), chatParams("tell me everything", 1500), func(n int) {
+		if n != 10 {
+			return
+		}
+		once.Do(func() {
+			v := liveSessionHolder(t, s, entry)
+			if v == nil {
+				killed <- "none"
+				return
+			}
+			v.Kill()
+			killed <- fmt.Sprintf("node %d", v.Index)
+		})
+	})
+	var victim string
+	select {
+	case victim = <-killed:
+	default:
+		t.Fatalf("the stream ended before the kill (err %v): %q", err, got)
+	}
+	if victim == "none" {
+		t.Fatal("found no middle node holding the session")
+	}
+	t.Logf("killed %s mid-stream; the stream ended %s later with %v", victim, time.Since(t0).Round(time.Second), err)
+	if err == nil {
+		t.Fatalf("the stream ended without an error after losing layers nobody can serve: %q", got)
+	}
+	if ctx.Err() != nil {
+		t.Fatalf("the stream was still going after 3 minutes: %v", err)
+	}
+	if msg := err.Error(); !strings.Contains(msg, "no route through the swarm") || !strings.Contains(msg, "are served by no live node") {
+		t.Fatalf("stream error %q does not name the missing layers", msg)
+	}
+	if entry.Exited() {
+		t.Fatalf("the entry node exited:%s", entry.Tail(30))
+	}
+	if _, err := entry.Health(context.Background()); err != nil {
+		t.Fatalf("the entry node no longer answers /health: %v", err)
+	}
+	if log := entry.Tail(100000); strings.Contains(log, "panic") {
+		t.Fatalf("the entry node panicked:%s", entry.Tail(60))
+	}
+}
