@@ -92,14 +92,30 @@ type Header struct {
 
 func (h *Header) reset() {
 	*h = Header{
-		Positions:  h.Positions[:0],
-		Tokens:     h.Tokens[:0],
-		Shape:      h.Shape[:0],
-		Recent:     h.Recent[:0],
-		NextHops:   h.NextHops[:0],
-		NextRanges: h.NextRanges[:0],
+		Positions:  keep(h.Positions),
+		Tokens:     keep(h.Tokens),
+		Shape:      keep(h.Shape),
+		Recent:     keep(h.Recent),
+		NextHops:   keep(h.NextHops),
+		NextRanges: keep(h.NextRanges),
 	}
 }
+
+// keepElems bounds the capacity a reused Header keeps in each slice: far more than a step
+// needs (positions of a full batch, recent tokens), but a peer that once sent a header of
+// hundreds of thousands of positions does not make every later frame hold their memory.
+const keepElems = 4096
+
+func keep[T any](s []T) []T {
+	if cap(s) > keepElems {
+		return nil
+	}
+	return s[:0]
+}
+
+// keepHeaderBytes is the largest header buffer a Reader keeps between frames, for the same
+// reason.
+const keepHeaderBytes = 16 << 10
 
 // Frame errors. A reader returns them wrapped with details; the stage protocol maps them to
 // error codes and counters.
@@ -289,7 +305,12 @@ func (r *Reader) ReadHeader(h *Header) error {
 	if _, err := io.ReadFull(r.r, r.hdr); err != nil {
 		return fmt.Errorf("read %d-byte header: %w", n, noEOF(stallErr(err)))
 	}
-	if err := r.decodeHeader(h); err != nil {
+	err := r.decodeHeader(h)
+	if cap(r.hdr) > keepHeaderBytes {
+		r.hdr = nil // decoding copied out everything it keeps
+		r.br.Reset(nil)
+	}
+	if err != nil {
 		return err
 	}
 	if uint64(h.PayloadLen) > uint64(r.cfg.maxPayload) {

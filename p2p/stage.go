@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/bits"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -111,6 +112,7 @@ type StageOption func(*stageConfig)
 type stageConfig struct {
 	maxSessionsPerPeer int
 	maxInflightPerPeer int64
+	maxInflightTotal   int64
 	openTimeout        time.Duration
 	idleTimeout        time.Duration
 	frameTimeout       time.Duration
@@ -124,10 +126,19 @@ func WithMaxSessionsPerPeer(n int) StageOption {
 	return func(c *stageConfig) { c.maxSessionsPerPeer = n }
 }
 
-// WithMaxInflightBytes caps the payload bytes one peer may have in this node's hands at once,
-// over all its sessions (default 256 MiB); a frame over it is refused with CodeBusy.
+// WithMaxInflightBytes caps the bytes one peer's frames may hold on this node at once, over
+// all its sessions (default 256 MiB): a frame's payload, its decoded activations and what
+// the stage encodes from them. A frame over it is refused with CodeBusy, its payload unread.
 func WithMaxInflightBytes(n int64) StageOption {
 	return func(c *stageConfig) { c.maxInflightPerPeer = n }
+}
+
+// WithMaxInflightTotal caps the same bytes over all peers (default 1 GiB), so that peers
+// opening sessions from many identities cannot add up to more than that. Keep it a few times
+// the per-peer cap: one peer can fill its own share, and a node whose total cap it alone
+// could fill would refuse every other peer's frames meanwhile.
+func WithMaxInflightTotal(n int64) StageOption {
+	return func(c *stageConfig) { c.maxInflightTotal = n }
 }
 
 // WithStageTimeouts sets how long a stage waits for an open to complete downstream (default
@@ -212,6 +223,7 @@ func (h *Host) observeHop(next peer.ID, since time.Time) {
 // StageStats counts a host's stage traffic.
 type StageStats struct {
 	Sessions int               // open now
+	Inflight int64             // bytes frames hold on this node now (WithMaxInflightTotal)
 	Opened   uint64            // sessions opened since start
 	Steps    uint64            // forwards completed
 	Rejected map[string]uint64 // refusals by ErrorCode name, plus "reset" for streams that died
@@ -236,8 +248,12 @@ type stageServer struct {
 	execs    map[stageKey]Executor
 	peers    map[peer.ID]*peerLoad
 	sessions map[*stageSession]struct{}
+	inflight int64 // over all peers
 	closed   bool
 	wg       sync.WaitGroup
+
+	bytes  bufPool[byte]
+	floats bufPool[float32]
 
 	nextLocal atomic.Uint64
 	opened    atomic.Uint64
@@ -259,6 +275,7 @@ func (h *Host) ServeStage(exec Executor, opts ...StageOption) error {
 		cfg := stageConfig{
 			maxSessionsPerPeer: 64,
 			maxInflightPerPeer: 256 << 20,
+			maxInflightTotal:   1 << 30,
 			openTimeout:        30 * time.Second,
 			idleTimeout:        10 * time.Minute,
 			frameTimeout:       DefaultFrameTimeout,
@@ -274,6 +291,8 @@ func (h *Host) ServeStage(exec Executor, opts ...StageOption) error {
 			execs:    map[stageKey]Executor{},
 			peers:    map[peer.ID]*peerLoad{},
 			sessions: map[*stageSession]struct{}{},
+			bytes:    bufPool[byte]{elem: 1},
+			floats:   bufPool[float32]{elem: 4},
 		}
 		// Executor session ids are the server's own, never the entry's: two entries may pick
 		// the same id, and a stream can only ever reach the session it opened.
@@ -294,6 +313,17 @@ func (h *Host) ServeStage(exec Executor, opts ...StageOption) error {
 	}
 	srv.execs[key] = exec
 	h.log.Info("serving stage", "model", short(info.ModelSHA256), "layers", info.Range.String(), "of", info.Layers)
+	if info.MaxBatch > 0 {
+		// A full batch in f32 asking for logits is the largest frame a session may send.
+		payload := 0
+		if !info.First() {
+			payload = 4 * info.MaxBatch * info.Hidden
+		}
+		if need := frameCost(info, quant.CodecF32, info.MaxBatch, payload, true); need > min(srv.cfg.maxInflightPerPeer, srv.cfg.maxInflightTotal) {
+			h.log.Warn("a full batch needs more memory than the in-flight caps allow: such steps will be refused as busy",
+				"layers", info.Range.String(), "need", need, "per_peer", srv.cfg.maxInflightPerPeer, "total", srv.cfg.maxInflightTotal)
+		}
+	}
 	return nil
 }
 
@@ -333,6 +363,7 @@ func (h *Host) Stats() StageStats {
 	}
 	srv.mu.Lock()
 	st.Sessions = len(srv.sessions)
+	st.Inflight = srv.inflight
 	srv.mu.Unlock()
 	st.Opened = srv.opened.Load()
 	st.Steps = srv.steps.Load()
@@ -350,7 +381,8 @@ func (h *Host) Stats() StageStats {
 var (
 	errStopping  = errors.New("stage stopped")
 	errCancelled = errors.New("cancelled by upstream")
-	errBusy      = errors.New("too many bytes in flight from this peer")
+	errBusyPeer  = errors.New("too many bytes in flight from this peer")
+	errBusyHost  = errors.New("too many bytes in flight on this node")
 )
 
 // stop refuses new sessions and aborts the open ones; the host then closes its connections
@@ -410,7 +442,7 @@ func (srv *stageServer) leave(ss *stageSession) {
 	}
 }
 
-func (srv *stageServer) reserve(p peer.ID, n int64) bool {
+func (srv *stageServer) reserve(p peer.ID, n int64) error {
 	srv.mu.Lock()
 	defer srv.mu.Unlock()
 	pl := srv.peers[p]
@@ -419,10 +451,14 @@ func (srv *stageServer) reserve(p peer.ID, n int64) bool {
 		srv.peers[p] = pl
 	}
 	if pl.inflight+n > srv.cfg.maxInflightPerPeer {
-		return false
+		return errBusyPeer
+	}
+	if srv.inflight+n > srv.cfg.maxInflightTotal {
+		return errBusyHost
 	}
 	pl.inflight += n
-	return true
+	srv.inflight += n
+	return nil
 }
 
 func (srv *stageServer) release(p peer.ID, n int64) {
@@ -431,6 +467,7 @@ func (srv *stageServer) release(p peer.ID, n int64) {
 	}
 	srv.mu.Lock()
 	defer srv.mu.Unlock()
+	srv.inflight -= n
 	if pl := srv.peers[p]; pl != nil {
 		pl.inflight -= n
 		if pl.sessions == 0 && pl.inflight == 0 {
@@ -470,8 +507,8 @@ type stageSession struct {
 	tag    string
 
 	sampler  sample.Sampler
-	acts     []float32
-	out      []byte
+	acts     scratch[float32] // decoded activations
+	out      scratch[byte]    // encoded activations or logits
 	reply    Header
 	graceful bool // closed by a close frame or upstream's half-close
 	ended    bool // the stream was already closed after a final error frame
@@ -479,20 +516,30 @@ type stageSession struct {
 
 // hop is a stream to the next stage.
 type hop struct {
-	peer    peer.ID
-	st      stream
-	r       *Reader
-	w       *Writer
-	fwd     Header // steps sent down; its Positions and Recent alias the upstream frame's
-	hdr     Header // answers read back
-	payload []byte
+	peer peer.ID
+	st   stream
+	r    *Reader
+	w    *Writer
+	fwd  Header // steps sent down; its Positions and Recent alias the upstream frame's
+	hdr  Header // answers read back
+	ans  scratch[byte]
 }
 
+// slot is a frame read ahead of the worker.
 type slot struct {
 	h        Header
 	payload  []byte
+	buf      scratch[byte] // payload's memory
 	err      error
-	reserved int64
+	refused  refusal // what check found wrong with the header; the payload was skipped
+	cost     int64   // bytes the frame needs (frameCost)
+	reserved int64   // of them, what it holds against the in-flight caps
+}
+
+// refusal is why a frame is answered with an error instead of being run.
+type refusal struct {
+	code ErrorCode
+	msg  string
 }
 
 func (srv *stageServer) serve(st stream, remote peer.ID) {
@@ -722,8 +769,7 @@ func (ss *stageSession) loop() {
 		ss.st.CloseRead() // or in a read; unlike a reset it keeps what we wrote
 		<-readerDone
 		for i := range slots {
-			ss.srv.release(ss.remote, slots[i].reserved)
-			slots[i].reserved = 0
+			ss.done(&slots[i])
 		}
 	}()
 	for {
@@ -734,12 +780,26 @@ func (ss *stageSession) loop() {
 			return
 		}
 		stop := ss.handle(sl)
-		ss.srv.release(ss.remote, sl.reserved)
-		sl.reserved = 0
+		ss.done(sl)
 		free <- sl
 		if stop {
 			return
 		}
+	}
+}
+
+// done gives back what a frame held: its reservation and any buffer lent to it. Between
+// frames a session keeps only buffers up to keepBytes, so idle sessions pin little however
+// large their last step was.
+func (ss *stageSession) done(sl *slot) {
+	ss.srv.release(ss.remote, sl.reserved)
+	sl.reserved = 0
+	sl.payload = nil
+	sl.buf.put(&ss.srv.bytes)
+	ss.acts.put(&ss.srv.floats)
+	ss.out.put(&ss.srv.bytes)
+	if ss.next != nil {
+		ss.next.ans.put(&ss.srv.bytes)
 	}
 }
 
@@ -761,7 +821,7 @@ func (ss *stageSession) readLoop(free <-chan *slot, frames chan<- *slot) {
 		case <-ss.ctx.Done():
 			return
 		}
-		sl.err = nil
+		sl.err, sl.refused = nil, refusal{}
 		if err := ss.r.ReadHeader(&sl.h); err != nil {
 			sl.err = err
 			ss.deliverFailure(sl, frames)
@@ -771,23 +831,35 @@ func (ss *stageSession) readLoop(free <-chan *slot, frames chan<- *slot) {
 			ss.cancel(errCancelled)
 			return
 		}
-		if n := int64(sl.h.PayloadLen); n > 0 {
-			if !ss.srv.reserve(ss.remote, n) {
-				sl.err = errBusy
-				if err := ss.r.DiscardPayload(); err != nil {
-					sl.err = err
-					ss.deliverFailure(sl, frames)
-					return
-				}
-				if !send(sl) {
-					return
-				}
-				continue
+		// Whatever the stage will refuse, or cannot afford now, it refuses from the header
+		// and skips the payload without buffering it: a frame costs memory only once it
+		// is known to be one the session will run.
+		skip := sl.h.Kind != KindForward // only forwards carry a payload the stage uses
+		if !skip {
+			sl.refused = ss.check(&sl.h)
+			skip = sl.refused.code != 0
+		}
+		if !skip {
+			sl.cost = ss.frameCost(&sl.h)
+			if err := ss.srv.reserve(ss.remote, sl.cost); err != nil {
+				sl.err, skip = err, true
+			} else {
+				sl.reserved = sl.cost
 			}
-			sl.reserved = n
+		}
+		if skip {
+			if err := ss.r.DiscardPayload(); err != nil {
+				sl.err = err
+				ss.deliverFailure(sl, frames)
+				return
+			}
+			if !send(sl) {
+				return
+			}
+			continue
 		}
 		var err error
-		sl.payload, err = ss.r.ReadPayload(sl.payload[:0])
+		sl.payload, err = ss.r.ReadPayload(sl.buf.get(&ss.srv.bytes, int(sl.h.PayloadLen))[:0])
 		if err != nil {
 			sl.err = err
 			if !errors.Is(err, ErrChecksum) {
@@ -830,8 +902,10 @@ func (ss *stageSession) handle(sl *slot) bool {
 	h := &sl.h
 	if sl.err != nil {
 		switch {
-		case errors.Is(sl.err, errBusy):
-			return ss.reject(h.Step, CodeBusy, "%d-byte frame refused: %v (limit %d)", h.PayloadLen, sl.err, ss.srv.cfg.maxInflightPerPeer) != nil
+		case errors.Is(sl.err, errBusyPeer):
+			return ss.reject(h.Step, CodeBusy, "frame needing %d bytes refused: %v (limit %d)", sl.cost, sl.err, ss.srv.cfg.maxInflightPerPeer) != nil
+		case errors.Is(sl.err, errBusyHost):
+			return ss.reject(h.Step, CodeBusy, "frame needing %d bytes refused: %v (limit %d)", sl.cost, sl.err, ss.srv.cfg.maxInflightTotal) != nil
 		case errors.Is(sl.err, ErrChecksum):
 			return ss.reject(h.Step, CodeChecksum, "%v", sl.err) != nil
 		case errors.Is(sl.err, io.EOF):
@@ -840,6 +914,9 @@ func (ss *stageSession) handle(sl *slot) bool {
 			ss.readFailed(h.Step, sl.err)
 		}
 		return true
+	}
+	if sl.refused.code != 0 {
+		return ss.reject(h.Step, sl.refused.code, "%s", sl.refused.msg) != nil
 	}
 	if h.Kind == 0 || h.Kind >= kindEnd {
 		return ss.reject(h.Step, CodeUnknownKind, "unknown frame kind %d", uint8(h.Kind)) != nil
@@ -861,46 +938,86 @@ func (ss *stageSession) handle(sl *slot) bool {
 	}
 }
 
-func (ss *stageSession) forward(h *Header, payload []byte) bool {
+// check vets a forward frame's header before its payload is read: everything that can be
+// refused without the payload is refused here, so a refused frame never costs a buffer.
+func (ss *stageSession) check(h *Header) refusal {
+	refuse := func(code ErrorCode, format string, args ...any) refusal {
+		return refusal{code, fmt.Sprintf(format, args...)}
+	}
 	n := len(h.Positions)
 	hidden := ss.info.Hidden
 	switch {
+	case h.Session != ss.id:
+		return refuse(CodeUnknownSession, "session %d is not the one this stream opened", h.Session)
 	case n == 0:
-		return ss.reject(h.Step, CodeBadShape, "forward with no positions") != nil
+		return refuse(CodeBadShape, "forward with no positions")
 	case ss.info.MaxBatch > 0 && n > ss.info.MaxBatch:
-		return ss.reject(h.Step, CodeBadShape, "%d positions in one step, stage batch limit %d", n, ss.info.MaxBatch) != nil
+		return refuse(CodeBadShape, "%d positions in one step, stage batch limit %d", n, ss.info.MaxBatch)
 	case ss.maxCtx > 0 && int(h.Positions[n-1]) >= ss.maxCtx:
-		return ss.reject(h.Step, CodeContextFull, "position %d is past the session's context of %d", h.Positions[n-1], ss.maxCtx) != nil
+		return refuse(CodeContextFull, "position %d is past the session's context of %d", h.Positions[n-1], ss.maxCtx)
 	}
-	step := shard.Step{Session: ss.local, Positions: h.Positions}
 	if ss.info.First() {
-		if len(h.Tokens) != n || len(payload) != 0 {
-			return ss.reject(h.Step, CodeBadShape, "first stage wants one token per position: %d positions, %d tokens, %d payload bytes", n, len(h.Tokens), len(payload)) != nil
+		if len(h.Tokens) != n || h.PayloadLen != 0 {
+			return refuse(CodeBadShape, "first stage wants one token per position: %d positions, %d tokens, %d payload bytes", n, len(h.Tokens), h.PayloadLen)
 		}
 		for _, t := range h.Tokens {
 			if t < 0 || (ss.info.Vocab > 0 && int(t) >= ss.info.Vocab) {
-				return ss.reject(h.Step, CodeBadShape, "token %d outside the vocabulary of %d", t, ss.info.Vocab) != nil
+				return refuse(CodeBadShape, "token %d outside the vocabulary of %d", t, ss.info.Vocab)
 			}
 		}
+		return refusal{}
+	}
+	if h.Codec != ss.codec {
+		return refuse(CodeBadCodec, "activations in %s, session uses %s", h.Codec, ss.codec)
+	}
+	if len(h.Shape) != 2 || h.Shape[0] != n || h.Shape[1] != hidden {
+		return refuse(CodeBadShape, "activation shape %v, want [%d %d]", h.Shape, n, hidden)
+	}
+	if size, _ := quant.EncodedSize(ss.codec, n*hidden); int(h.PayloadLen) != size {
+		return refuse(CodeBadShape, "%d-byte payload, [%d %d] in %s takes %d", h.PayloadLen, n, hidden, ss.codec, size)
+	}
+	return refusal{}
+}
+
+// frameCost is the memory a checked forward frame makes this stage hold until it is answered:
+// its payload, the decoded activations, the activations encoded for the next hop, and the
+// logits if they were asked for (encoded here, or relayed from downstream).
+func (ss *stageSession) frameCost(h *Header) int64 {
+	return frameCost(ss.info, ss.codec, len(h.Positions), int(h.PayloadLen), h.WantLogits)
+}
+
+func frameCost(info shard.StageInfo, codec quant.Codec, positions, payload int, logits bool) int64 {
+	n := positions * info.Hidden
+	cost := heldBytes(payload)
+	if !info.First() {
+		cost += heldBytes(4 * n)
+	}
+	if !info.Last() {
+		size, _ := quant.EncodedSize(codec, n)
+		cost += heldBytes(size)
+	}
+	if logits {
+		cost += heldBytes(4 * info.Vocab)
+	}
+	return cost
+}
+
+// forward runs a frame that check accepted.
+func (ss *stageSession) forward(h *Header, payload []byte) bool {
+	n := len(h.Positions)
+	hidden := ss.info.Hidden
+	step := shard.Step{Session: ss.local, Positions: h.Positions}
+	if ss.info.First() {
 		step.Tokens = h.Tokens
 	} else {
-		if h.Codec != ss.codec {
-			return ss.reject(h.Step, CodeBadCodec, "activations in %s, session uses %s", h.Codec, ss.codec) != nil
-		}
-		if len(h.Shape) != 2 || h.Shape[0] != n || h.Shape[1] != hidden {
-			return ss.reject(h.Step, CodeBadShape, "activation shape %v, want [%d %d]", h.Shape, n, hidden) != nil
-		}
-		if cap(ss.acts) < n*hidden {
-			ss.acts = make([]float32, n*hidden)
-		}
-		ss.acts = ss.acts[:n*hidden]
-		if err := ss.codec.Decode(ss.acts, payload); err != nil {
+		acts := ss.acts.get(&ss.srv.floats, n*hidden)
+		if err := ss.codec.Decode(acts, payload); err != nil {
 			return ss.reject(h.Step, CodeBadShape, "%v", err) != nil
 		}
-		if err := quant.CheckFinite(ss.acts); err != nil {
+		if err := quant.CheckFinite(acts); err != nil {
 			return ss.reject(h.Step, CodeNonFinite, "%v", err) != nil
 		}
-		step.Hidden = ss.acts
+		step.Hidden = acts
 	}
 	out, err := ss.exec.Forward(ss.ctx, step)
 	if err != nil {
@@ -915,10 +1032,12 @@ func (ss *stageSession) forward(h *Header, payload []byte) bool {
 	if len(out.Hidden) != n*hidden {
 		return ss.reject(h.Step, CodeInternal, "executor returned %d activations for %d positions of %d", len(out.Hidden), n, hidden) != nil
 	}
-	if ss.out, err = ss.codec.Append(ss.out[:0], out.Hidden); err != nil {
+	size, _ := quant.EncodedSize(ss.codec, n*hidden)
+	enc, err := ss.codec.Append(ss.out.get(&ss.srv.bytes, size)[:0], out.Hidden)
+	if err != nil {
 		return ss.reject(h.Step, CodeInternal, "encode activations: %v", err) != nil
 	}
-	return ss.relay(h)
+	return ss.relay(h, enc)
 }
 
 func (ss *stageSession) result(h *Header, logits []float32) bool {
@@ -937,8 +1056,7 @@ func (ss *stageSession) result(h *Header, logits []float32) bool {
 	if h.WantLogits {
 		r.Codec = quant.CodecF32
 		r.Shape = append(r.Shape, len(logits))
-		ss.out, _ = quant.CodecF32.Append(ss.out[:0], logits)
-		payload = ss.out
+		payload, _ = quant.CodecF32.Append(ss.out.get(&ss.srv.bytes, 4*len(logits))[:0], logits)
 	}
 	if err := ss.w.WriteFrame(r, payload); err != nil {
 		ss.log.Debug("write result", "err", err)
@@ -948,7 +1066,7 @@ func (ss *stageSession) result(h *Header, logits []float32) bool {
 }
 
 // relay sends the step's activations downstream and passes the answer back upstream.
-func (ss *stageSession) relay(h *Header) bool {
+func (ss *stageSession) relay(h *Header, acts []byte) bool {
 	nx := ss.next
 	fwd := &nx.fwd
 	*fwd = Header{
@@ -960,22 +1078,32 @@ func (ss *stageSession) relay(h *Header) bool {
 	stop := context.AfterFunc(ss.ctx, func() { nx.st.Reset() })
 	defer stop()
 	sent := time.Now()
-	if err := nx.w.WriteFrame(fwd, ss.out); err != nil {
+	if err := nx.w.WriteFrame(fwd, acts); err != nil {
 		return ss.downstreamFailed(h.Step, err)
 	}
-	err := nx.r.ReadHeader(&nx.hdr)
-	if err == nil {
-		nx.payload, err = nx.r.ReadPayload(nx.payload[:0])
+	rep := &nx.hdr
+	if err := nx.r.ReadHeader(rep); err != nil {
+		return ss.downstreamFailed(h.Step, err)
 	}
+	if rep.Kind != KindResult && rep.Kind != KindError || rep.Step != h.Step {
+		return ss.downstreamFailed(h.Step, fmt.Errorf("answered step %d with %s for step %d", h.Step, rep.Kind, rep.Step))
+	}
+	// The only payload an answer may carry is the logits asked for, at the size frameCost
+	// reserved for them: anything else would be memory the next hop makes this stage hold
+	// outside the frame's reservation. (So a stage that does not know the vocabulary
+	// relays no logits.)
+	if n := int(rep.PayloadLen); n > 0 {
+		if rep.Kind != KindResult || !h.WantLogits || n != 4*ss.info.Vocab {
+			return ss.downstreamFailed(h.Step, fmt.Errorf("answered step %d with a %s carrying %d payload bytes (logits asked: %v, vocabulary %d)",
+				h.Step, rep.Kind, n, h.WantLogits, ss.info.Vocab))
+		}
+	}
+	payload, err := nx.r.ReadPayload(nx.ans.get(&ss.srv.bytes, int(rep.PayloadLen))[:0])
 	if err != nil {
 		if errors.Is(err, ErrChecksum) {
 			return ss.reject(h.Step, CodeChecksum, "from the next hop: %v", err) != nil
 		}
 		return ss.downstreamFailed(h.Step, err)
-	}
-	rep := &nx.hdr
-	if rep.Kind != KindResult && rep.Kind != KindError || rep.Step != h.Step {
-		return ss.downstreamFailed(h.Step, fmt.Errorf("answered step %d with %s for step %d", h.Step, rep.Kind, rep.Step))
 	}
 	if rep.Kind == KindResult {
 		ss.srv.steps.Add(1)
@@ -984,7 +1112,7 @@ func (ss *stageSession) relay(h *Header) bool {
 		rep.Origin = string(nx.peer) // an error names the stage it came from
 	}
 	rep.Session = ss.id
-	if err := ss.w.WriteFrame(rep, nx.payload); err != nil {
+	if err := ss.w.WriteFrame(rep, payload); err != nil {
 		ss.log.Debug("relay answer upstream", "err", err)
 		return true
 	}
@@ -1248,4 +1376,94 @@ func short(s string) string {
 		return `""`
 	}
 	return strings.TrimSpace(s)
+}
+
+// keepBytes is the largest buffer a session keeps for itself between frames: a decode step
+// of any model fits (one token of a 16384-wide model is 64 KiB in f32), so decoding never
+// allocates. Anything larger (a prefill's activations, logits) is lent from the host's pools
+// for one frame and given back after it.
+const keepBytes = 128 << 10
+
+// poolClasses are the pools' size classes: powers of two from 2*keepBytes to 2 GiB.
+const poolClasses = 14
+
+// poolClass is the smallest class that holds b bytes, or -1 if b is past the largest.
+func poolClass(b int) int {
+	k := bits.Len(uint((b - 1) / (2 * keepBytes)))
+	if k >= poolClasses {
+		return -1
+	}
+	return k
+}
+
+// heldBytes is the memory a buffer of b bytes takes: its own size when a session keeps it,
+// its size class when it is lent.
+func heldBytes(b int) int64 {
+	if b <= keepBytes {
+		return int64(b)
+	}
+	if k := poolClass(b); k >= 0 {
+		return int64(2*keepBytes) << k
+	}
+	return int64(b)
+}
+
+// bufPool lends large buffers to frames. A sync.Pool per size class lets back-to-back
+// prefills reuse one buffer without allocating, and drops what stays unused over two
+// garbage collections, so a burst's buffers do not outlive it.
+type bufPool[T any] struct {
+	elem    int // bytes per element
+	classes [poolClasses]sync.Pool
+}
+
+func (p *bufPool[T]) get(n int) *[]T {
+	k := poolClass(n * p.elem)
+	if k < 0 {
+		b := make([]T, n)
+		return &b
+	}
+	if v, ok := p.classes[k].Get().(*[]T); ok {
+		*v = (*v)[:n]
+		return v
+	}
+	b := make([]T, n, (2*keepBytes<<k)/p.elem)
+	return &b
+}
+
+func (p *bufPool[T]) put(b *[]T) {
+	if k := poolClass(cap(*b) * p.elem); k >= 0 && cap(*b)*p.elem == 2*keepBytes<<k {
+		p.classes[k].Put(b)
+	}
+}
+
+// scratch is a buffer reused across frames: the session's own while it stays within
+// keepBytes, lent from a pool for one frame when it needs more.
+type scratch[T any] struct {
+	own  []T
+	lent *[]T
+}
+
+// get returns n elements of memory, valid until put.
+func (s *scratch[T]) get(p *bufPool[T], n int) []T {
+	if n*p.elem <= keepBytes {
+		if cap(s.own) < n {
+			s.own = make([]T, n)
+		}
+		return s.own[:n]
+	}
+	if s.lent != nil && cap(*s.lent) < n {
+		s.put(p)
+	}
+	if s.lent == nil {
+		s.lent = p.get(n)
+	}
+	return (*s.lent)[:n]
+}
+
+// put gives a lent buffer back.
+func (s *scratch[T]) put(p *bufPool[T]) {
+	if s.lent != nil {
+		p.put(s.lent)
+		s.lent = nil
+	}
 }
