@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 )
 
@@ -149,5 +150,38 @@ func TestSwarmKey(t *testing.T) {
 	}
 	if _, err := New(ctx, WithSwarmKey(filepath.Join(dir, "missing.key"))); err == nil {
 		t.Fatal("missing swarm key file accepted")
+	}
+}
+
+// TestQUIC: without a swarm key a host speaks QUIC too, and streams run over it.
+func TestQUIC(t *testing.T) {
+	a := newTestHost(t, WithListen("/ip4/127.0.0.1/udp/0/quic-v1"))
+	b := newTestHost(t, WithListen("/ip4/127.0.0.1/udp/0/quic-v1", "/ip4/127.0.0.1/tcp/0"))
+	const proto = "/strata/test-echo/1.0.0"
+	a.Libp2p().SetStreamHandler(proto, func(s network.Stream) {
+		defer s.Close()
+		io.Copy(s, s)
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := b.Connect(ctx, a.AddrInfo()); err != nil {
+		t.Fatal(err)
+	}
+	conns := b.Libp2p().Network().ConnsToPeer(a.ID())
+	if len(conns) == 0 || !isQUIC(conns[0].RemoteMultiaddr()) {
+		t.Fatalf("connections %v: want one over QUIC", conns)
+	}
+	s, err := b.Libp2p().NewStream(ctx, a.ID(), proto)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := []byte("activations over quic")
+	if _, err := s.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	s.CloseWrite()
+	got, err := io.ReadAll(s)
+	if err != nil || string(got) != string(msg) {
+		t.Fatalf("echo %q, %v", got, err)
 	}
 }
