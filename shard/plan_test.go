@@ -124,9 +124,56 @@ func randNodes(rng *rand.Rand, m ModelShape, n int, ratio float64, prefix string
 	return nodes
 }
 
+// roomForTwo reports whether the swarm meets the condition under which PlanLayers always
+// makes at least two replica chains. Memory alone does not say: "twice the model in total"
+// fails on whole layers (three nodes of 0.7 models each hold two copies' bytes, but a chain
+// of one of them holds no copy) and on bin packing (one node of 0.95 models and small ones:
+// whichever chain gets the big node wastes most of it). With, in layers of LayerCost c,
+//
+//	a_i = min(L, floor(mem_i / c))   what node i holds in the middle of a chain
+//	D   = ceil(E/c) + ceil(H/c)      what a chain's first and last nodes lose to embeddings and head
+//
+// the condition is: every node holds the embeddings, the head and a layer at once
+// (mem_i >= E+H+c), and sum(a_i) >= 2L + 2D + max(a_i). Then partition's fallback (fill one
+// chain largest-first until it holds the model, the rest form the second) leaves the second
+// chain at least L+D layers, since the first stops with less than L+D+max(a_i). The
+// max(a_i) term matters: at the bound without it, 702 of 19961 swarms got one chain, and
+// the one examined could not hold two under any arrangement.
+func roomForTwo(m ModelShape, nodes []NodeCapacity) bool {
+	c := m.LayerCost()
+	if c <= 0 {
+		return false
+	}
+	L := int64(m.Layers)
+	var sum, most int64
+	for _, n := range nodes {
+		if n.MemoryBytes < m.EmbedBytes+m.HeadBytes+c {
+			return false
+		}
+		a := min(L, n.MemoryBytes/c)
+		sum += a
+		most = max(most, a)
+	}
+	d := (m.EmbedBytes+c-1)/c + (m.HeadBytes+c-1)/c
+	return sum >= 2*L+2*d+most
+}
+
+// checkTwoReplicas asserts what roomForTwo promises.
+func checkTwoReplicas(t *testing.T, what string, m ModelShape, nodes []NodeCapacity, p Plan, err error) {
+	t.Helper()
+	if err != nil || p.Replicas < 2 {
+		t.Fatalf("%s: room for two replicas, got %d (%v):\nmodel %+v\nnodes %+v", what, p.Replicas, err, m, nodes)
+	}
+	for l, c := range p.Coverage() {
+		if c < 2 {
+			t.Fatalf("%s: layer %d has %d replicas with room for two: %v", what, l, c, p.Chains())
+		}
+	}
+}
+
 func TestPlanPropertiesRandomSwarms(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
-	var planned, short int
+	var planned, short, roomy int
 	for iter := range 600 {
 		m := randShape(rng)
 		nodes := randNodes(rng, m, 1+rng.IntN(12), 0.5+3*rng.Float64(), "n")
@@ -134,6 +181,10 @@ func TestPlanPropertiesRandomSwarms(t *testing.T) {
 		var total int64
 		for _, n := range nodes {
 			total += n.MemoryBytes
+		}
+		if roomForTwo(m, nodes) {
+			checkTwoReplicas(t, fmt.Sprintf("iter %d", iter), m, nodes, p, err)
+			roomy++
 		}
 		if err != nil {
 			var ime *InsufficientMemoryError
@@ -173,6 +224,9 @@ func TestPlanPropertiesRandomSwarms(t *testing.T) {
 			t.Fatalf("iter %d: replanning the current plan: %v", iter, err)
 		}
 		checkPlan(t, m, applied, p3)
+		if roomForTwo(m, applied) {
+			checkTwoReplicas(t, fmt.Sprintf("iter %d, replanned", iter), m, applied, p3, nil)
+		}
 		if p3.Replicas == p.Replicas {
 			if moved := p3.Moved(applied); moved != 0 {
 				t.Fatalf("iter %d: replanning an unchanged swarm moved %d layers:\n%v\n%v", iter, moved, p, p3)
@@ -181,9 +235,52 @@ func TestPlanPropertiesRandomSwarms(t *testing.T) {
 			t.Fatalf("iter %d: replanning lost replicas %d -> %d", iter, p.Replicas, p3.Replicas)
 		}
 	}
-	t.Logf("%d swarms planned, %d too small", planned, short)
-	if planned < 100 || short < 20 {
-		t.Fatalf("random swarms do not exercise both outcomes: %d planned, %d short", planned, short)
+	t.Logf("%d swarms planned, %d too small, %d with room for two replicas", planned, short, roomy)
+	if planned < 100 || short < 20 || roomy < 20 {
+		t.Fatalf("random swarms do not exercise every outcome: %d planned, %d short, %d with room for two", planned, short, roomy)
+	}
+}
+
+// TestPlanTwoReplicasAtTheBound: swarms built to just meet roomForTwo (nodes added until the
+// sum crosses the bound, many of them barely able to hold the embeddings, the head and a
+// layer) get two replicas, planned afresh and replanned in place.
+func TestPlanTwoReplicasAtTheBound(t *testing.T) {
+	rng := rand.New(rand.NewPCG(21, 22))
+	tried := 0
+	for iter := range 3000 {
+		m := randShape(rng)
+		c, L := m.LayerCost(), int64(m.Layers)
+		floor := m.EmbedBytes + m.HeadBytes + c
+		var nodes []NodeCapacity
+		for !roomForTwo(m, nodes) && len(nodes) < 40 {
+			mem := floor
+			switch rng.IntN(3) {
+			case 0:
+				mem += rng.Int64N(c)
+			case 1:
+				mem += rng.Int64N(max(1, L*c/2))
+			default:
+				mem += rng.Int64N(m.TotalBytes())
+			}
+			ms := 0.0
+			if rng.IntN(2) == 0 {
+				ms = 0.5 + 4*rng.Float64()
+			}
+			nodes = append(nodes, NodeCapacity{ID: fmt.Sprintf("b%02d", len(nodes)), MemoryBytes: mem, MsPerLayer: ms})
+		}
+		if !roomForTwo(m, nodes) {
+			continue
+		}
+		tried++
+		p, err := PlanLayers(m, nodes)
+		checkTwoReplicas(t, fmt.Sprintf("iter %d", iter), m, nodes, p, err)
+		checkPlan(t, m, nodes, p)
+		applied := applyPlan(nodes, p)
+		p2, err := PlanLayers(m, applied)
+		checkTwoReplicas(t, fmt.Sprintf("iter %d, replanned", iter), m, applied, p2, err)
+	}
+	if tried < 2500 {
+		t.Fatalf("only %d of 3000 swarms reached the bound", tried)
 	}
 }
 
