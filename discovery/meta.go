@@ -176,5 +176,35 @@ func DecodeNodeMeta(b []byte) (NodeMeta, error) {
 		}
 		n.Addrs = append(n.Addrs, a)
 	}
+	if err := n.check(); err != nil {
+		return NodeMeta{}, fmt.Errorf("decode node metadata: %w", err)
+	}
 	return n, nil
+}
+
+// maxMetaLayer bounds the layer indices a peer may claim: far above any model (the planner
+// caps models at 4096 layers), low enough that no range arithmetic can overflow.
+const maxMetaLayer = 1 << 16
+
+// check refuses metadata no honest node sends, so a lying peer's gossip cannot put negative
+// ranges, unknown states or NaN speeds in front of the planner and the router.
+func (n NodeMeta) check() error {
+	for _, r := range [][2]int{{n.LayerStart, n.LayerEnd}, {n.NextStart, n.NextEnd}} {
+		if r[0] < 0 || r[1] < r[0] || r[1] > maxMetaLayer {
+			return fmt.Errorf("layer range [%d,%d) is not a range of layers", r[0], r[1])
+		}
+	}
+	if n.Chain < -1 || n.Chain > maxMetaLayer {
+		return fmt.Errorf("chain %d out of range", n.Chain)
+	}
+	if n.State > StateDraining {
+		return fmt.Errorf("unknown state %d", n.State)
+	}
+	if n.MemoryBytes < 0 {
+		return fmt.Errorf("negative memory offer %d", n.MemoryBytes)
+	}
+	if ms := float64(n.MsPerLayer); math.IsNaN(ms) || math.IsInf(ms, 0) || ms < 0 {
+		return fmt.Errorf("speed %v ms per layer is not a measurement", n.MsPerLayer)
+	}
+	return nil
 }

@@ -36,10 +36,17 @@ func WriteAtomic(dst string, kv fsggml.KV, ts []*fsggml.Tensor) error {
 	return nil
 }
 
-// Decode reads a GGUF's metadata and tensor table. fs/ggml's decoder panics on hostile lengths
-// (a 2^63-byte key makes it call make with that length), so its panics become errors here:
-// every reader of a file Strata did not write goes through this.
+// Decode reads a GGUF's metadata and tensor table from the start of r. fs/ggml's decoder
+// trusts the lengths it reads: a 2^63-byte key makes it panic and an 80 GB one runs the
+// process out of memory. So lengths are checked against the file's size first and panics
+// become errors: every reader of a file Strata did not write goes through this.
 func Decode(r io.ReadSeeker) (meta *fsggml.GGML, err error) {
+	if err := checkLengths(r); err != nil {
+		return nil, err
+	}
+	if _, err := r.Seek(0, io.SeekStart); err != nil {
+		return nil, fmt.Errorf("read GGUF: %w", err)
+	}
 	defer func() {
 		if p := recover(); p != nil {
 			meta, err = nil, fmt.Errorf("corrupt GGUF: %v", p)
