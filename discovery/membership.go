@@ -519,6 +519,14 @@ func (m *Membership) Shutdown() error {
 // emit queues an event without ever blocking memberlist.
 func (m *Membership) emit(kind EventKind, n *memberlist.Node) {
 	e := Event{Kind: kind, Member: m.decode(n)}
+	switch kind {
+	case EventJoin:
+		m.log.Info("member joined", "member", e.Member.Name, "addr", e.Member.Addr)
+	case EventLeave:
+		// memberlist tells a Leave from a failure only in state it hands no delegate; the
+		// state the member last announced says whether it drained first.
+		m.log.Info("member gone", "member", e.Member.Name, "addr", e.Member.Addr, "last_state", e.Member.State.String())
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.view == nil {
