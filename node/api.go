@@ -89,6 +89,7 @@ type PeerHealth struct {
 	Gossip     string      `json:"gossip"`
 	Memory     int64       `json:"memory_bytes"`
 	FreeRAM    uint64      `json:"free_ram_bytes"`
+	FreeGPU    uint64      `json:"free_gpu_bytes,omitempty"` // only nodes whose ggml sees a GPU
 	MsPerLayer float32     `json:"ms_per_layer"`
 	Sessions   uint32      `json:"sessions"`
 	Self       bool        `json:"self,omitempty"`
@@ -123,7 +124,7 @@ func (n *Node) Health() Health {
 		}
 		h.Peers = append(h.Peers, PeerHealth{
 			PeerID: m.PeerID.String(), State: m.State.String(), Range: shard.Range{Start: m.LayerStart, End: m.LayerEnd},
-			Chain: m.Chain, API: m.APIAddr, Gossip: m.Addr, Memory: m.MemoryBytes, FreeRAM: m.FreeRAM,
+			Chain: m.Chain, API: m.APIAddr, Gossip: m.Addr, Memory: m.MemoryBytes, FreeRAM: m.FreeRAM, FreeGPU: m.FreeGPU,
 			MsPerLayer: m.MsPerLayer, Sessions: m.Sessions, Self: m.PeerID == n.host.ID(),
 		})
 	}

@@ -25,7 +25,7 @@ type Config struct {
 	Join       []string // bootstrap peers' multiaddrs
 	Gossip     string   // host:port of memberlist (default: the libp2p host, port+1)
 	SwarmKey   string   // path of a pre-shared key file: a private swarm (TCP only)
-	MaxMemory  int64    // bytes this node offers for weights and KV cache (default: 80% of free RAM)
+	MaxMemory  int64    // bytes this node offers for weights and KV cache (default: 80% of the RAM free at start)
 	MDNS       bool     // find peers on the LAN
 	ClientOnly bool     // serve the API only, hold no layers
 	APIKey     string   // bearer token the API requires, if set

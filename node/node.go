@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bytes"
 	"context"
 	"encoding/hex"
 	"errors"
@@ -36,7 +37,9 @@ type Node struct {
 	sha       string
 	shaBytes  [32]byte
 	tok       *shard.Tokenizer
-	speed     float32
+	speed     float32 // ms per layer per token, from the self-benchmark (speed.go)
+	freeGPU   uint64  // bytes free on the GPUs ggml sees, at start
+	offer     int64   // memory offered to the planner, fixed at start (see memoryOffer)
 	host      *p2p.Host
 	members   *discovery.Membership
 	gen       *pipeline.Generator
@@ -53,7 +56,18 @@ type Node struct {
 	state    discovery.State
 	planErr  error
 	reloadCh chan struct{}
+
+	quit     chan struct{} // closed by Close: background loops stop
+	quitOnce sync.Once
+
+	annMu     sync.Mutex // serialises announcements, so an older view never overwrites a newer one
+	lastMeta  discovery.NodeMeta
+	announced bool
 }
+
+// reannounceEvery is how often the node checks whether what it announced has drifted
+// (sessions opened or closed, free memory) without a state change announcing it.
+const reannounceEvery = time.Second
 
 // Run starts a node and serves until ctx ends, then drains and leaves the swarm.
 func Run(ctx context.Context, cfg Config) error {
@@ -71,7 +85,8 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	n = &Node{cfg: cfg, log: cfg.Logger, chain: -1, reloadCh: make(chan struct{}, 1)}
+	n = &Node{cfg: cfg, log: cfg.Logger, chain: -1, reloadCh: make(chan struct{}, 1), quit: make(chan struct{})}
+	n.offer = memoryOffer(cfg, freeMemory())
 	n.metrics = newMetrics(n)
 	started := n // the error returns below set n to nil
 	defer func() {
@@ -103,7 +118,14 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 		return nil, err
 	}
 	if !cfg.ClientOnly {
-		n.speed = msPerLayer(slices.Max(n.model.LayerBytes), memoryBandwidth())
+		b, err := n.selfBench(ctx)
+		if err != nil {
+			return nil, err
+		}
+		n.speed, n.freeGPU = b.MsPerLayer, b.FreeGPU
+		n.log.Info("self-benchmark", "layers", b.Range.String(), "layer_bytes", n.model.RangeBytes(b.Range),
+			"ms_per_layer", fmt.Sprintf("%.3g", b.MsPerLayer), "measured_ms", fmt.Sprintf("%.3g", b.RawMs), "steps", b.Steps,
+			"took", b.Took.Round(time.Millisecond), "gpus", b.GPUs, "free_gpu", b.FreeGPU, "offer", n.offer)
 	}
 
 	hostOpts := []p2p.Option{p2p.WithListen(cfg.Listen...), p2p.WithIdentityFile(filepath.Join(cfg.DataDir, "identity.key")), p2p.WithLogger(n.log), p2p.WithObserver(n.metrics)}
@@ -153,7 +175,8 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	if err := n.startAPI(); err != nil {
 		return nil, err
 	}
-	n.announce() // the API address is known only now; an API-only node never announces again
+	n.announce() // the API address is known only now
+	go n.refreshLoop()
 	if len(cfg.Join) > 0 {
 		go n.joinLoop(cfg.Join)
 	}
@@ -260,15 +283,11 @@ func (n *Node) meta() discovery.NodeMeta {
 		ModelSHA256: n.shaBytes,
 		State:       n.state,
 		FreeRAM:     uint64(freeMemory()),
+		FreeGPU:     n.freeGPU,
 		MsPerLayer:  n.speed,
 		Chain:       n.chain,
 		APIAddr:     n.apiAddr,
-	}
-	if !n.cfg.ClientOnly {
-		m.MemoryBytes = n.cfg.MaxMemory
-		if m.MemoryBytes <= 0 {
-			m.MemoryBytes = int64(m.FreeRAM) * 8 / 10
-		}
+		MemoryBytes: n.offer,
 	}
 	if n.stage != nil {
 		r := n.stage.Info().Range
@@ -283,13 +302,70 @@ func (n *Node) meta() discovery.NodeMeta {
 	return m
 }
 
+// memoryOffer is the memory the node offers the planner: --max-memory, else 80% of the
+// memory available at start. It is fixed at start because MemAvailable shrinks by what the
+// node itself loads: an offer that followed it would shrink below the node's own slice and
+// let the planner take away layers the node already holds.
+func memoryOffer(cfg Config, available int64) int64 {
+	switch {
+	case cfg.ClientOnly:
+		return 0
+	case cfg.MaxMemory > 0:
+		return cfg.MaxMemory
+	}
+	return available * 8 / 10
+}
+
 func (n *Node) announce() {
 	if n.members == nil {
 		return
 	}
-	if err := n.members.UpdateMeta(n.meta(), 2*time.Second); err != nil {
+	n.annMu.Lock()
+	defer n.annMu.Unlock()
+	m := n.meta()
+	if err := n.members.UpdateMeta(m, 2*time.Second); err != nil {
 		n.log.Warn("announce", "err", err)
+		return
 	}
+	n.lastMeta, n.announced = m, true
+}
+
+// refreshLoop re-announces the metadata that changes without a state change: the sessions
+// the router weighs routes by and the free memory peers show. It gossips only when a value
+// has moved (drifted), so an idle swarm stays quiet.
+func (n *Node) refreshLoop() {
+	t := time.NewTicker(reannounceEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.quit:
+			return
+		case <-t.C:
+		}
+		n.annMu.Lock()
+		last, ok := n.lastMeta, n.announced
+		n.annMu.Unlock()
+		if !ok || drifted(last, n.meta()) {
+			n.announce()
+		}
+	}
+}
+
+// drifted reports whether cur differs from the announced old in a way peers care about:
+// any field but the free memories, or a free memory that moved by more than 5% (and 64 MiB);
+// smaller moves are allocator noise that would gossip every second.
+func drifted(old, cur discovery.NodeMeta) bool {
+	moved := func(a, b uint64) bool {
+		d := max(a, b) - min(a, b)
+		return d >= 64<<20 && d >= a/20
+	}
+	if moved(old.FreeRAM, cur.FreeRAM) || moved(old.FreeGPU, cur.FreeGPU) {
+		return true
+	}
+	old.FreeRAM, old.FreeGPU = cur.FreeRAM, cur.FreeGPU
+	a, errA := old.Encode()
+	b, errB := cur.Encode()
+	return errA != nil || errB != nil || !bytes.Equal(a, b)
 }
 
 // peers returns the live members that serve (or could serve) this node's model.
@@ -528,19 +604,30 @@ func loadProgress(log *slog.Logger, r shard.Range) func(float32) {
 // Close drains the node: it stops taking sessions, lets running ones finish (bounded), leaves
 // the swarm so the others re-plan at once, and frees everything.
 func (n *Node) Close() error {
+	n.quitOnce.Do(func() { close(n.quit) })
 	n.mu.Lock()
 	n.state = discovery.StateDraining
 	st := n.stage
 	n.mu.Unlock()
 	if n.members != nil {
+		start := time.Now()
 		n.announce()
+		left := 0
 		if st != nil {
+			n.log.Info("draining: no new sessions", "sessions", st.Sessions(), "range", st.Info().Range.String())
 			deadline := time.Now().Add(min(n.cfg.DrainWait, 10*time.Second))
 			for st.Sessions() > 0 && time.Now().Before(deadline) {
 				time.Sleep(100 * time.Millisecond)
 			}
+			if left = st.Sessions(); left > 0 {
+				n.log.Warn("drain time is up; cutting sessions", "sessions", left)
+			}
 		}
-		_ = n.members.Leave(2 * time.Second)
+		if err := n.members.Leave(2 * time.Second); err != nil {
+			n.log.Warn("leave", "err", err)
+		} else {
+			n.log.Info("left the swarm", "took", time.Since(start).Round(time.Millisecond), "sessions_cut", left)
+		}
 		_ = n.members.Shutdown()
 	}
 	if n.api != nil {

@@ -3,10 +3,13 @@ package node_test
 import (
 	"context"
 	"fmt"
+	"os"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/openai/openai-go/v3"
 
 	"github.com/strata-llm/strata/internal/testkit"
 )
@@ -91,6 +94,16 @@ func TestSwarmPlansHealsAndGrows(t *testing.T) {
 	if !covers(rs, 6) {
 		t.Fatalf("after a join: %v", rs)
 	}
+	// The newcomer must have taken a share, not joined as a spare.
+	h4, err := s.Nodes[3].Health(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range h4.Peers {
+		if p.Self && (p.State != "serving" || p.Range.End <= p.Range.Start) {
+			t.Fatalf("the fourth node is %s with range [%d,%d), want a non-empty served range", p.State, p.Range.Start, p.Range.End)
+		}
+	}
 
 	// kill -9 one node: the other three re-plan and serve everything again.
 	victim := s.Nodes[2]
@@ -128,5 +141,194 @@ func TestSwarmSaysWhatIsMissing(t *testing.T) {
 			t.Fatalf("5 s after kill -9: ready=%v missing=%q err=%v", h.Ready, h.Missing, err)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// lists reports whether a node's /health lists the peer.
+func lists(h testkit.Health, id string) bool {
+	for _, p := range h.Peers {
+		if p.PeerID == id {
+			return true
+		}
+	}
+	return false
+}
+
+// peerIDs returns each node's peer ID, in node order.
+func peerIDs(t *testing.T, s *testkit.Swarm) []string {
+	t.Helper()
+	ids := make([]string, len(s.Nodes))
+	for i, n := range s.Nodes {
+		h, err := n.Health(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids[i] = h.PeerID
+	}
+	return ids
+}
+
+// gossipedSessions checks, for every node i and every other node j, the sessions j's /health
+// shows for i: those come from i's announcements, not from j's own stage. It returns whether
+// every one satisfies ok, and the views as text for a failure message.
+func gossipedSessions(t *testing.T, s *testkit.Swarm, ids []string, ok func(int) bool) (bool, string) {
+	t.Helper()
+	all := true
+	var view []string
+	for j, n := range s.Nodes {
+		h, err := n.Health(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range h.Peers {
+			i := slices.Index(ids, p.PeerID)
+			if i < 0 || i == j {
+				continue
+			}
+			view = append(view, fmt.Sprintf("node %d sees node %d with %d", j, i, p.Sessions))
+			all = all && ok(p.Sessions)
+		}
+	}
+	return all && len(view) == len(ids)*(len(ids)-1), strings.Join(view, "; ")
+}
+
+// TestSessionsGossiped: while a stream holds a session on every stage, each node's /health
+// shows the other nodes' sessions, which reach it only by gossip (the periodic re-announce:
+// opening a session changes no state), and shows them go back to 0 once the stream is done.
+// The injected latency (10 ms per frame) keeps the stream open for seconds.
+func TestSessionsGossiped(t *testing.T) {
+	model := swarmModel(t)
+	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", twoLayers, "--inject-latency", "10ms"}})
+	s.MustReady(t, 3, 30*time.Second)
+	ids := peerIDs(t, s)
+	if ok, view := gossipedSessions(t, s, ids, func(n int) bool { return n == 0 }); !ok {
+		t.Fatalf("before any request: %s", view)
+	}
+	var saw bool
+	var last string
+	chunks := 0
+	_, err := stream(context.Background(), client(s.Nodes[0]), chatParams("tell me everything", 200), func(n int) {
+		chunks = n
+		if n != 3 {
+			return
+		}
+		// The stream stays open while this polls: generation runs on in the swarm.
+		deadline := time.Now().Add(5 * time.Second)
+		for !saw && time.Now().Before(deadline) {
+			saw, last = gossipedSessions(t, s, ids, func(n int) bool { return n > 0 })
+			time.Sleep(100 * time.Millisecond)
+		}
+	})
+	if err != nil {
+		t.Fatalf("stream: %v", err)
+	}
+	if !saw {
+		t.Fatalf("within 5 s of the stream's third chunk (of %d), not every node showed the others' sessions: %s", chunks, last)
+	}
+	t.Logf("mid-stream: %s", last)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		ok, view := gossipedSessions(t, s, ids, func(n int) bool { return n == 0 })
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("5 s after the stream ended: %s", view)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestDrainAndLeave: SIGTERM to a stage in the middle of a stream. The node stops taking new
+// sessions but lets the running one finish, then leaves memberlist gracefully: the stream
+// completes, the others drop the node from their view within 3 s of its exit without
+// suspecting it first (failure detection would), take over its layers and keep serving.
+func TestDrainAndLeave(t *testing.T) {
+	model := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1})
+	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", threeLayers, "--inject-latency", "10ms"}})
+	s.MustReady(t, 3, 30*time.Second)
+	ids := peerIDs(t, s)
+	victim, victimID := s.Nodes[2], ids[2]
+	if rs, _ := coverage(t, s.Nodes[0]); len(rs) != 3 {
+		t.Fatalf("three nodes serve %v, want three ranges (the victim must hold layers)", rs)
+	}
+	params := openai.ChatCompletionNewParams{
+		Model:       "tiny-L0-f16-s1",
+		Messages:    []openai.ChatCompletionMessageParamUnion{openai.UserMessage("tell me everything")},
+		MaxTokens:   openai.Int(100),
+		Temperature: openai.Float(0),
+	}
+	stopped := make(chan error, 1)
+	var exitedAt time.Time
+	chunks := 0
+	_, err := stream(context.Background(), client(s.Nodes[0]), params, func(n int) {
+		chunks = n
+		if n == 5 {
+			go func() {
+				err := victim.Stop(30 * time.Second)
+				exitedAt = time.Now()
+				stopped <- err
+			}()
+		}
+	})
+	if err != nil {
+		t.Fatalf("the stream broke while a stage drained: %v (after %d chunks)", err, chunks)
+	}
+	if chunks < 5 {
+		t.Fatalf("the stream ended after %d chunks, before the SIGTERM", chunks)
+	}
+	if err := <-stopped; err != nil {
+		t.Fatal(err)
+	}
+	// Read after the exit: the channel receive orders it after the write.
+	deadline := exitedAt.Add(3 * time.Second)
+	for _, n := range s.Nodes[:2] {
+		for {
+			h, err := n.Health(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !lists(h, victimID) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("node %d still lists the stopped node 3 s after it exited", n.Index)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	t.Logf("survivors dropped the node within %s of its exit", time.Since(exitedAt).Round(10*time.Millisecond))
+
+	vlog, err := os.ReadFile(victim.LogPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`msg="draining: no new sessions" sessions=1`, `msg="left the swarm"`, `sessions_cut=0`} {
+		if !strings.Contains(string(vlog), want) {
+			t.Errorf("the stopped node's log lacks %q:%s", want, victim.Tail(20))
+		}
+	}
+	for _, n := range s.Nodes[:2] {
+		b, err := os.ReadFile(n.LogPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.Contains(line, "Suspect "+victimID) || strings.Contains(line, "Marking "+victimID+" as failed") {
+				t.Errorf("node %d detected the leaver as failed instead of seeing it leave: %s", n.Index, line)
+			}
+			if strings.Contains(line, `msg="member gone"`) && strings.Contains(line, victimID) && !strings.Contains(line, "last_state=draining") {
+				t.Errorf("node %d saw the leaver go without announcing it drained: %s", n.Index, line)
+			}
+		}
+	}
+
+	s.MustReady(t, 2, 30*time.Second)
+	c := client(s.Nodes[0])
+	res, err := c.Chat.Completions.New(context.Background(), openai.ChatCompletionNewParams{
+		Model: params.Model, Messages: params.Messages, MaxTokens: openai.Int(5), Temperature: openai.Float(0),
+	})
+	if err != nil || len(res.Choices) == 0 {
+		t.Fatalf("the two survivors do not serve: %v", err)
 	}
 }
