@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -82,7 +83,7 @@ API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for
 	f.StringVar(&join, "join", "", "comma-separated multiaddrs of peers to join (…/p2p/ID)")
 	f.StringVar(&cfg.Gossip, "gossip", "", "host:port for membership gossip (default: the libp2p port + 1)")
 	f.StringVar(&cfg.SwarmKey, "swarm-key", "", "pre-shared key file: a private swarm (TCP only)")
-	f.StringVar(&maxMem, "max-memory", "", "memory to offer for weights and KV cache, e.g. 12GiB (default: 80% of free RAM)")
+	f.StringVar(&maxMem, "max-memory", "", "memory to offer for weights and KV cache, e.g. 12GiB (default: 80% of the RAM free at start)")
 	f.BoolVar(&cfg.MDNS, "mdns", true, "find peers on the local network")
 	f.BoolVar(&cfg.ClientOnly, "client-only", false, "serve the API without holding layers")
 	f.StringVar(&cfg.APIKey, "api-key", os.Getenv("STRATA_API_KEY"), "bearer token the API requires")
@@ -140,8 +141,15 @@ func printStatus(w io.Writer, h node.Health) {
 		ready = "NOT READY: " + h.Missing
 	}
 	fmt.Fprintf(w, "swarm  %s\nmodel  %s (%d layers, sha256 %.12s)\nnode   %s (%s)\n\n", ready, h.Model, h.Layers, h.ModelSHA256, h.PeerID, h.State)
+	// The GPU column appears only when some node has a GPU: on CPU-only swarms it would be
+	// a column of zeros.
+	gpu := slices.ContainsFunc(h.Peers, func(p node.PeerHealth) bool { return p.FreeGPU > 0 })
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "PEER\tSTATE\tLAYERS\tCHAIN\tMEMORY\tMS/LAYER\tSESSIONS\tAPI")
+	header := "PEER\tSTATE\tLAYERS\tCHAIN\tMEMORY\t"
+	if gpu {
+		header += "FREE GPU\t"
+	}
+	fmt.Fprintln(tw, header+"MS/LAYER\tSESSIONS\tAPI")
 	for _, p := range h.Peers {
 		id := p.PeerID
 		if len(id) > 16 {
@@ -154,7 +162,15 @@ func printStatus(w io.Writer, h node.Health) {
 		if p.Range.End > p.Range.Start {
 			layers = p.Range.String()
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%.2f\t%d\t%s\n", id, p.State, layers, p.Chain, humanBytes(p.Memory), p.MsPerLayer, p.Sessions, p.API)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t", id, p.State, layers, p.Chain, humanBytes(p.Memory))
+		if gpu {
+			g := "-"
+			if p.FreeGPU > 0 {
+				g = humanBytes(int64(p.FreeGPU))
+			}
+			fmt.Fprintf(tw, "%s\t", g)
+		}
+		fmt.Fprintf(tw, "%.2f\t%d\t%s\n", p.MsPerLayer, p.Sessions, p.API)
 	}
 	tw.Flush()
 }
