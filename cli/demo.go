@@ -19,6 +19,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/strata-llm/strata/fetch"
 	"github.com/strata-llm/strata/internal/testkit"
 	"github.com/strata-llm/strata/node"
 	"github.com/strata-llm/strata/shard"
@@ -194,9 +195,10 @@ func startDemoSwarm(ctx context.Context, o demoOptions, log io.Writer) (*testkit
 	}
 	dir := filepath.Join(o.dataDir, "nodes")
 	model := path
-	if o.model != "" {
+	if o.model != "" && !fetch.IsRemote(o.model) {
 		// The nodes resolve it themselves and serve it under its name: an Ollama model keeps
-		// "llama3.2:1b" as its ID rather than the name of a blob in Ollama's store.
+		// "llama3.2:1b" as its ID rather than the name of a blob in Ollama's store. A download
+		// was made once, above, and the nodes share the file.
 		model = o.model
 	}
 	s, err := testkit.StartSwarm(ctx, testkit.SwarmOptions{
@@ -246,6 +248,10 @@ func startDemoSwarm(ctx context.Context, o demoOptions, log io.Writer) (*testkit
 // demoModelPath resolves --model, or synthesizes the preset into the data dir once per seed.
 func demoModelPath(ctx context.Context, o demoOptions, log io.Writer) (string, error) {
 	if o.model != "" {
+		// A download happens once, here, not once per node.
+		if fetch.IsRemote(o.model) {
+			return resolveModel(ctx, o.model, "")
+		}
 		return node.ResolveModel(o.model, "")
 	}
 	path := filepath.Join(o.dataDir, fmt.Sprintf("%s-seed%d.gguf", o.preset, o.seed))

@@ -1,8 +1,6 @@
 package cli
 
 import (
-	"net/http"
-	"net/http/httptest"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -14,14 +12,7 @@ import (
 // local server laid out like the Hugging Face hub give the same text as the file itself.
 func TestPullAndRunFromHub(t *testing.T) {
 	model := testkit.TinyModel(t)
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /strata/tiny-GGUF/resolve/main/tiny.gguf", func(w http.ResponseWriter, r *http.Request) {
-		http.Redirect(w, r, "/cdn/tiny", http.StatusFound)
-	})
-	mux.HandleFunc("GET /cdn/tiny", func(w http.ResponseWriter, r *http.Request) { http.ServeFile(w, r, model) })
-	srv := httptest.NewServer(mux)
-	defer srv.Close()
-	t.Setenv("HF_ENDPOINT", srv.URL)
+	t.Setenv("HF_ENDPOINT", testkit.ServeHub(t, map[string]string{"strata/tiny-GGUF/resolve/main/tiny.gguf": model}))
 	t.Setenv("HOME", t.TempDir())
 
 	ref := "hf://strata/tiny-GGUF/tiny.gguf"

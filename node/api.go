@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/strata-llm/strata/api"
@@ -52,13 +51,7 @@ func (n *Node) Models(ctx context.Context) ([]pipeline.ModelCard, error) {
 }
 
 // ModelID is the name clients use for the model: the --model argument's base name.
-func (n *Node) ModelID() string {
-	id := n.cfg.Model
-	if strings.HasSuffix(id, ".gguf") || strings.Contains(id, string(filepath.Separator)) {
-		id = strings.TrimSuffix(filepath.Base(id), ".gguf")
-	}
-	return id
-}
+func (n *Node) ModelID() string { return modelID(n.cfg.Model) }
 
 // Generate runs a completion through the swarm.
 func (n *Node) Generate(ctx context.Context, req pipeline.Request, emit func(pipeline.Delta) error) (pipeline.Result, error) {

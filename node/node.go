@@ -97,7 +97,7 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
-	if n.modelPath, err = ResolveModel(cfg.Model, ""); err != nil {
+	if n.modelPath, err = n.resolveModel(ctx); err != nil {
 		return nil, err
 	}
 	if cfg.CPULock != "" {
@@ -577,28 +577,9 @@ func (n *Node) retire(old *shard.Stage) {
 	n.log.Info("released layers", "range", old.Info().Range.String())
 }
 
-// progress reports cutting and loading a slice: through the configured reporter, else as log
-// lines at each quarter.
+// progress reports cutting and loading a slice.
 func (n *Node) progress(r shard.Range) func(float32) {
-	if n.cfg.Progress != nil {
-		return n.cfg.Progress("loading layers " + r.String())
-	}
-	return loadProgress(n.log, r)
-}
-
-func loadProgress(log *slog.Logger, r shard.Range) func(float32) {
-	var mu sync.Mutex
-	next := float32(0.25)
-	return func(f float32) {
-		mu.Lock()
-		defer mu.Unlock()
-		if f >= next {
-			log.Info("loading", "range", r.String(), "done", fmt.Sprintf("%.0f%%", f*100))
-			for next <= f {
-				next += 0.25
-			}
-		}
-	}
+	return n.progressFor("loading layers " + r.String())
 }
 
 // Close drains the node: it stops taking sessions, lets running ones finish (bounded), leaves
