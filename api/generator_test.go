@@ -43,20 +43,7 @@ func realServer(t *testing.T, ranges ...shard.Range) *generatorBackend {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var stages []*shard.Stage
-	for _, r := range ranges {
-		st, err := shard.LoadStage(context.Background(), path, r, shard.WithSliceDir(t.TempDir()), shard.WithThreads(1),
-			shard.WithMaxContext(realContext), shard.WithMaxSessions(2))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { st.Close() })
-		stages = append(stages, st)
-	}
-	tok, err := shard.LoadTokenizer(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	stages, tok := testkit.LoadStages(t, path, ranges, shard.WithMaxContext(realContext), shard.WithMaxSessions(2))
 	gen := pipeline.NewGenerator(tok, pipeline.LocalRouter{Stages: stages, Codec: quant.CodecF32}, pipeline.WithMaxContext(realContext))
 	return &generatorBackend{gen: gen, card: pipeline.ModelCard{
 		ID: "tiny", ContextLength: gen.MaxContext(), ChatTemplate: info.ChatTemplate, BOS: tok.BOS, EOS: tok.EOS, Ready: true,

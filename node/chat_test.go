@@ -175,6 +175,47 @@ func TestChatThroughSwarm(t *testing.T) {
 	}
 }
 
+// killHolderAt returns a stream callback that kill -9s the node holding the session (other
+// than entry) when chunk at arrives, and a function that names the node it killed, failing the
+// test if the stream ended first or no node held the session.
+func killHolderAt(t *testing.T, s *testkit.Swarm, entry *testkit.Node, at int) (func(int), func(err error, got string) string) {
+	return disruptHolderAt(t, s, entry, at, (*testkit.Node).Kill)
+}
+
+// disruptHolderAt is killHolderAt with another way to take the node down.
+func disruptHolderAt(t *testing.T, s *testkit.Swarm, entry *testkit.Node, at int, down func(*testkit.Node)) (func(int), func(err error, got string) string) {
+	var once sync.Once
+	killed := make(chan string, 1)
+	kill := func(n int) {
+		if n != at {
+			return
+		}
+		once.Do(func() {
+			v := liveSessionHolder(t, s, entry)
+			if v == nil {
+				killed <- "none"
+				return
+			}
+			down(v)
+			killed <- fmt.Sprintf("node %d", v.Index)
+		})
+	}
+	victim := func(err error, got string) string {
+		t.Helper()
+		var v string
+		select {
+		case v = <-killed:
+		default:
+			t.Fatalf("the stream ended before the kill (err %v): %q", err, got)
+		}
+		if v == "none" {
+			t.Fatal("found no middle node holding the session")
+		}
+		return v
+	}
+	return kill, victim
+}
+
 // liveSessionHolder finds the running node, other than skip, whose own stage holds a session,
 // among those serving neither the first nor the last layer.
 func liveSessionHolder(t *testing.T, s *testkit.Swarm, skip *testkit.Node) *testkit.Node {
@@ -211,7 +252,8 @@ func sessionHolderNow(s *testkit.Swarm, skip *testkit.Node) *testkit.Node {
 // TestStreamSurvivesKill: kill -9 a middle node in the middle of a stream; the stream pauses,
 // the entry node replays the session on a new route, and the client gets exactly the text of
 // an undisturbed run: once with a replica of the dead node's layers present, once when the
-// survivors must load them.
+// survivors must load them. And once the node is frozen instead (SIGSTOP): its streams stay
+// open and never reset, so only membership declaring it dead can fail the step.
 func TestStreamSurvivesKill(t *testing.T) {
 	model := swarmModel(t)
 	// The stream must outlast the kill: take the first prompt the random model does not end early.
@@ -228,9 +270,10 @@ func TestStreamSurvivesKill(t *testing.T) {
 	}
 	bin := testkit.BuildStrata(t)
 	for _, c := range []struct {
-		name  string
-		nodes int
-	}{{"replica present", 6}, {"layers reloaded", 4}} {
+		name   string
+		nodes  int
+		freeze bool
+	}{{"replica present", 6, false}, {"layers reloaded", 4, false}, {"frozen, replica present", 6, true}} {
 		t.Run(c.name, func(t *testing.T) {
 			s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: c.nodes, Model: model, Args: exactArgs})
 			s.MustReady(t, c.nodes, 60*time.Second)
@@ -240,32 +283,13 @@ func TestStreamSurvivesKill(t *testing.T) {
 				t.Fatal(err)
 			}
 			s.MustReady(t, c.nodes, 30*time.Second)
-			var once sync.Once
-			killed := make(chan string, 1)
-			got, err := stream(context.Background(), client(entry), chatParams(user, 300), func(n int) {
-				if n != 30 {
-					return
-				}
-				once.Do(func() {
-					v := liveSessionHolder(t, s, entry)
-					if v == nil {
-						killed <- "none"
-						return
-					}
-					v.Kill()
-					killed <- fmt.Sprintf("node %d", v.Index)
-				})
-			})
-			var victim string
-			select {
-			case victim = <-killed:
-			default:
-				t.Fatalf("the stream ended before the kill (err %v): %q", err, got)
+			down := (*testkit.Node).Kill
+			if c.freeze {
+				down = (*testkit.Node).Freeze
 			}
-			if victim == "none" {
-				t.Fatal("found no middle node holding the session")
-			}
-			t.Logf("killed %s mid-stream", victim)
+			kill, victim := disruptHolderAt(t, s, entry, 30, down)
+			got, err := stream(context.Background(), client(entry), chatParams(user, 300), kill)
+			t.Logf("took down %s mid-stream", victim(err, got))
 			if err != nil {
 				t.Fatalf("stream broke: %v", err)
 			}
@@ -335,33 +359,10 @@ func TestStreamEndsWhenLayersAreLost(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	var once sync.Once
-	killed := make(chan string, 1)
+	kill, victim := killHolderAt(t, s, entry, 10)
 	t0 := time.Now()
-	got, err := stream(ctx, client(entry), chatParams("tell me everything", 1500), func(n int) {
-		if n != 10 {
-			return
-		}
-		once.Do(func() {
-			v := liveSessionHolder(t, s, entry)
-			if v == nil {
-				killed <- "none"
-				return
-			}
-			v.Kill()
-			killed <- fmt.Sprintf("node %d", v.Index)
-		})
-	})
-	var victim string
-	select {
-	case victim = <-killed:
-	default:
-		t.Fatalf("the stream ended before the kill (err %v): %q", err, got)
-	}
-	if victim == "none" {
-		t.Fatal("found no middle node holding the session")
-	}
-	t.Logf("killed %s mid-stream; the stream ended %s later with %v", victim, time.Since(t0).Round(time.Second), err)
+	got, err := stream(ctx, client(entry), chatParams("tell me everything", 1500), kill)
+	t.Logf("killed %s mid-stream; the stream ended %s later with %v", victim(err, got), time.Since(t0).Round(time.Second), err)
 	if err == nil {
 		t.Fatalf("the stream ended without an error after losing layers nobody can serve: %q", got)
 	}

@@ -129,7 +129,11 @@ func (r *router) open(ctx context.Context, session uint64, route []pipeline.Cand
 	if err != nil {
 		return nil, r.hopError(err, route[0].ID)
 	}
-	return &remoteChain{r: r, rt: rt, first: route[0].ID}, nil
+	ids := make([]peer.ID, len(hops))
+	for i, h := range hops {
+		ids[i] = h.Peer.ID
+	}
+	return &remoteChain{r: r, rt: rt, first: route[0].ID, hops: ids}, nil
 }
 
 // hopError marks the peer behind a failure as failed and wraps the error so the generation
@@ -155,11 +159,32 @@ type remoteChain struct {
 	r     *router
 	rt    *p2p.Route
 	first string
+	hops  []peer.ID
 }
 
+// watchEvery is how often an in-flight step checks that its hops are still members.
+const watchEvery = 250 * time.Millisecond
+
+// hopGone is why a step was abandoned: membership declared one of its hops dead.
+type hopGone struct{ peer peer.ID }
+
+func (e hopGone) Error() string { return fmt.Sprintf("hop %s left the swarm mid-step", e.peer) }
+
 func (c *remoteChain) Step(ctx context.Context, in pipeline.StepInput) (pipeline.StepResult, error) {
-	res, err := c.rt.Step(ctx, in.Positions, in.Tokens, in.Sampling, in.Recent, in.WantLogits)
+	// A stage that hangs without resetting its stream (a frozen process, a dropped link with
+	// no RST) would hold the step forever. How long a step takes says nothing: on busy stages
+	// it is queueing behind other sessions. Membership's probes do tell: a hop that stops
+	// answering them is declared dead in about a second, and the step is failed then.
+	sctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	go c.watch(sctx, cancel)
+	res, err := c.rt.Step(sctx, in.Positions, in.Tokens, in.Sampling, in.Recent, in.WantLogits)
 	if err != nil {
+		var gone hopGone
+		if errors.As(context.Cause(sctx), &gone) && ctx.Err() == nil {
+			c.r.markFailed(gone.peer.String())
+			return pipeline.StepResult{}, &pipeline.HopError{Peer: gone.peer.String(), Err: fmt.Errorf("%w (%v)", gone, err)}
+		}
 		if ctx.Err() != nil {
 			return pipeline.StepResult{}, ctx.Err()
 		}
@@ -173,3 +198,26 @@ func (c *remoteChain) Step(ctx context.Context, in pipeline.StepInput) (pipeline
 }
 
 func (c *remoteChain) Close(ctx context.Context) error { return c.rt.Close(ctx) }
+
+// watch cancels the step when a hop's peer is no longer a live member.
+func (c *remoteChain) watch(ctx context.Context, cancel context.CancelCauseFunc) {
+	t := time.NewTicker(watchEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		live := map[peer.ID]bool{}
+		for _, m := range c.r.n.peers() {
+			live[m.PeerID] = true
+		}
+		for _, id := range c.hops {
+			if !live[id] {
+				cancel(hopGone{peer: id})
+				return
+			}
+		}
+	}
+}

@@ -42,15 +42,12 @@ func WithRecovery(wait time.Duration, tries int) GeneratorOption {
 
 // WithStepTimeout bounds how long one step may go unanswered before its route counts as
 // failed and is rebuilt, as if a stage had reset its stream: base plus perPosition for each
-// position the step carries (defaults 30 s and 2 s; base 0 turns the bound off). A peer that
-// hangs without resetting its stream would otherwise stall the generation for good.
-//
-// The bound has to sit well above the slowest honest step, or a slow swarm would replay its
-// sessions forever: the README's 70B-shaped Q4_0 layers on 2 cores prefill about 10 ms per
-// layer per position and decode about 33 ms per layer per token, so a whole 80-layer 70B on
-// such machines takes some 0.8 s per prefill position and 2.6 s per token (about 12 s with 8
-// sessions batched). The defaults give a decode step 32 s and a 128-position prefill chunk
-// 286 s. A node serving something bigger or slower should raise them.
+// position the step carries (default off). A step's time is mostly queueing behind other
+// sessions' steps on busy stages, which no fixed bound can tell from a hang: measured here,
+// a whole 70B-shaped model with 8 streams left one decode step waiting 32 s behind the
+// others' prefill, and a timeout there replays healthy sessions and slows every stream
+// further. Nodes watch membership instead (a hop whose peer leaves it fails the step);
+// this bound is for chains with no such signal.
 func WithStepTimeout(base, perPosition time.Duration) GeneratorOption {
 	return func(g *Generator) { g.stepBase, g.stepPerPos = base, perPosition }
 }
@@ -104,7 +101,7 @@ type Generator struct {
 // NewGenerator makes a generator that tokenizes with tok and routes through router.
 func NewGenerator(tok *shard.Tokenizer, router Router, opts ...GeneratorOption) *Generator {
 	g := &Generator{tok: tok, router: router, chunk: 128, maxContext: 2048, recoverFor: 30 * time.Second, recoverTries: 8, exactReplay: 1024,
-		stepBase: 30 * time.Second, stepPerPos: 2 * time.Second, log: slog.Default(), obs: nopObserver{}}
+		log: slog.Default(), obs: nopObserver{}}
 	for _, o := range opts {
 		o(g)
 	}

@@ -17,21 +17,7 @@ import (
 
 func tinyStages(t *testing.T, ranges ...shard.Range) ([]*shard.Stage, *shard.Tokenizer) {
 	t.Helper()
-	path := testkit.TinyModel(t)
-	var stages []*shard.Stage
-	for _, r := range ranges {
-		st, err := shard.LoadStage(context.Background(), path, r, shard.WithSliceDir(t.TempDir()), shard.WithThreads(1), shard.WithMaxSessions(4))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { st.Close() })
-		stages = append(stages, st)
-	}
-	tok, err := shard.LoadTokenizer(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return stages, tok
+	return testkit.LoadStages(t, testkit.TinyModel(t), ranges, shard.WithMaxSessions(4))
 }
 
 func generate(t *testing.T, g *pipeline.Generator, req pipeline.Request) (pipeline.Result, string) {

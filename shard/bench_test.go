@@ -7,6 +7,7 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/strata-llm/strata/internal/testkit"
@@ -96,4 +97,67 @@ func peakRSS() int64 {
 		}
 	}
 	return 0
+}
+
+// BenchmarkStageBatch measures how a stage's throughput grows when several sessions' decode
+// steps arrive together and run as one batch: one 70B-shaped middle layer (of a 3-layer
+// model, so neither the embeddings nor the LM head are in it), q4_0 and q8_0 weights. This
+// bounds what concurrent streams can gain on a machine: tok/s at 8 sessions over tok/s at 1.
+func BenchmarkStageBatch(b *testing.B) {
+	for _, typ := range []string{"q4_0", "q8_0"} {
+		path := benchModel(b, "70b", 3, typ)
+		info, err := shard.ReadModelInfo(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		hidden := make([]float32, info.Hidden)
+		for i := range hidden {
+			hidden[i] = float32(i%7) / 7
+		}
+		for _, n := range []int{1, 4, 8} {
+			b.Run(fmt.Sprintf("70b-%s/sessions-%d", typ, n), func(b *testing.B) {
+				st, err := shard.LoadStage(context.Background(), path, shard.Range{Start: 1, End: 2},
+					shard.WithThreads(runtime.NumCPU()), shard.WithMaxContext(512), shard.WithMaxSessions(n))
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer st.Close()
+				reopen := func() {
+					for s := range n {
+						_ = st.CloseSession(uint64(s + 1))
+						if err := st.OpenSession(uint64(s + 1)); err != nil {
+							b.Fatal(err)
+						}
+					}
+				}
+				reopen()
+				pos := 0
+				b.ResetTimer()
+				for i := 0; i < b.N; i++ {
+					if pos == 500 {
+						b.StopTimer()
+						reopen()
+						pos = 0
+						b.StartTimer()
+					}
+					var wg sync.WaitGroup
+					errs := make([]error, n)
+					for s := range n {
+						wg.Go(func() {
+							_, errs[s] = st.Forward(context.Background(), shard.Step{Session: uint64(s + 1), Positions: []int32{int32(pos)}, Hidden: hidden})
+						})
+					}
+					wg.Wait()
+					for _, err := range errs {
+						if err != nil {
+							b.Fatal(err)
+						}
+					}
+					pos++
+				}
+				b.ReportMetric(float64(n*b.N)/b.Elapsed().Seconds(), "tok/s")
+				b.ReportMetric(float64(b.Elapsed().Milliseconds())/float64(b.N), "ms/step")
+			})
+		}
+	}
 }

@@ -214,6 +214,14 @@ func (n *Node) Kill() {
 	<-n.exited
 }
 
+// Freeze stops the node with SIGSTOP: it keeps its connections open but answers nothing, like
+// a hung process or a link that drops packets without a reset. Kill still ends it.
+func (n *Node) Freeze() {
+	if n.cmd.Process != nil {
+		_ = syscall.Kill(n.cmd.Process.Pid, syscall.SIGSTOP)
+	}
+}
+
 // Stop asks the node to drain and leave (SIGTERM) and waits for it, killing it after timeout.
 func (n *Node) Stop(timeout time.Duration) error {
 	if n.cmd.Process == nil || n.Exited() {
