@@ -244,3 +244,27 @@ func TestConfigRefusals(t *testing.T) {
 		}
 	}
 }
+
+// TestSteadyDecode: only the chunks produced while every stream decodes count, over that window.
+func TestSteadyDecode(t *testing.T) {
+	ms := func(v ...int) []time.Duration {
+		var out []time.Duration
+		for _, x := range v {
+			out = append(out, time.Duration(x)*time.Millisecond)
+		}
+		return out
+	}
+	streams := []Stream{
+		// decodes from 1 s; the other stream's prefill ends at 2 s; this one ends at 4 s
+		{TTFT: time.Second, Total: 4 * time.Second, Chunks: ms(1000, 1500, 2100, 2600, 3100, 3600, 4000)},
+		{TTFT: 2 * time.Second, Total: 5 * time.Second, Chunks: ms(2000, 2500, 3000, 3500, 4000, 4500, 5000)},
+	}
+	// window (2 s, 4 s]: 5 chunks of the first stream, 4 of the second
+	if got := steadyDecode(streams); got != 9.0/2 {
+		t.Fatalf("steady decode %v, want 4.5", got)
+	}
+	streams[0].Total = 2500 * time.Millisecond // overlap under a second: no measurement
+	if got := steadyDecode(streams); got != 0 {
+		t.Fatalf("short window gave %v", got)
+	}
+}

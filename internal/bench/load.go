@@ -78,6 +78,9 @@ type Stream struct {
 	Total            time.Duration `json:"total_ns"` // request sent to the end of the stream
 	Text             string        `json:"-"`
 	Finish           string        `json:"finish_reason"`
+	// Chunks are the times, from the request, of the events that carried text: one a token,
+	// but for text held back at a stop sequence or a split UTF-8 character.
+	Chunks []time.Duration `json:"-"`
 }
 
 // DecodeRate is the stream's decode speed: tokens after the first over the time after it.
@@ -181,8 +184,12 @@ func (c Client) Complete(ctx context.Context, model, prompt string, maxTokens in
 			return s, fmt.Errorf("completion at %s: %s", c.API, ev.Error.Message)
 		}
 		for _, ch := range ev.Choices {
-			if ch.Text != "" && s.TTFT == 0 {
-				s.TTFT = time.Since(start)
+			if ch.Text != "" {
+				at := time.Since(start)
+				if s.TTFT == 0 {
+					s.TTFT = at
+				}
+				s.Chunks = append(s.Chunks, at)
 			}
 			text.WriteString(ch.Text)
 			if ch.FinishReason != nil {
