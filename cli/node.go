@@ -92,6 +92,7 @@ API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for
 	f.IntVar(&cfg.MaxSessions, "max-sessions", 8, "sessions a stage holds at once")
 	f.IntVar(&cfg.MaxContext, "context", 2048, "tokens per session")
 	f.StringVar(&codec, "codec", "f16", "activation codec on the wire: f32, f16, q8")
+	f.DurationVar(&cfg.RecoverFor, "recover-for", 30*time.Second, "how long a generation whose stage died waits for a new route before it fails")
 	// Benchmarks only (strata bench, scripts/netns-bench.sh): a slower network on one machine.
 	f.DurationVar(&cfg.InjectLatency, "inject-latency", 0, "add this one-way latency to every frame sent to a peer")
 	f.StringVar(&injectBW, "inject-bandwidth", "", "emulate a link of this bandwidth to each peer, e.g. 1Gbit")

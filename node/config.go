@@ -41,6 +41,11 @@ type Config struct {
 	// slice); the CLI draws bars on a terminal. Unset, progress goes to the log.
 	Progress func(label string) func(float32)
 
+	// RecoverFor is how long a generation whose stage failed keeps trying to rebuild its
+	// route, waiting for the swarm to re-plan, before the client gets an error naming the
+	// missing layers (default 30s).
+	RecoverFor time.Duration
+
 	// Tuning, mostly for tests.
 	ReplanDelay time.Duration // settle time after a membership change (default 300ms)
 	DrainWait   time.Duration // how long a replaced stage waits for its sessions (default 30s)
@@ -97,6 +102,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.DrainWait <= 0 {
 		c.DrainWait = 30 * time.Second
+	}
+	if c.RecoverFor <= 0 {
+		c.RecoverFor = 30 * time.Second
 	}
 	return nil
 }

@@ -171,7 +171,8 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	}
 
 	n.router = newRouter(n)
-	n.gen = pipeline.NewGenerator(n.tok, n.router, pipeline.WithMaxContext(cfg.MaxContext), pipeline.WithGeneratorLogger(n.log), pipeline.WithObserver(n.metrics))
+	n.gen = pipeline.NewGenerator(n.tok, n.router, pipeline.WithMaxContext(cfg.MaxContext), pipeline.WithGeneratorLogger(n.log),
+		pipeline.WithObserver(n.metrics), pipeline.WithRecovery(cfg.RecoverFor, 8))
 	if err := n.startAPI(); err != nil {
 		return nil, err
 	}

@@ -32,7 +32,8 @@ type router struct {
 const avoidFor = 5 * time.Second
 
 func newRouter(n *Node) *router {
-	return &router{n: n, failed: map[string]time.Time{}, wait: 20 * time.Second}
+	// A recovery must still hear from OpenChain which layers are missing before it gives up.
+	return &router{n: n, failed: map[string]time.Time{}, wait: min(20*time.Second, n.cfg.RecoverFor*2/3)}
 }
 
 func (r *router) markFailed(id string) {
