@@ -105,11 +105,8 @@ func (n *Node) Health() Health {
 	}
 	planErr := n.planErr
 	n.mu.Unlock()
-	live := uint32(0)
 	n.mu.Lock()
-	if n.stage != nil {
-		live = uint32(n.stage.Sessions())
-	}
+	live := n.sessionsLocked()
 	n.mu.Unlock()
 	for _, m := range n.peers() {
 		if m.PeerID == n.host.ID() {

@@ -50,8 +50,9 @@ type Node struct {
 	cpu       *cpulock.Lock
 
 	mu       sync.Mutex
-	stage    *shard.Stage // the stage served now
-	next     *shard.Stage // loaded for the new plan, served beside stage until the swarm has moved
+	stage    *shard.Stage   // the stage served now
+	next     *shard.Stage   // loaded for the new plan, served beside stage until the swarm has moved
+	retiring []*shard.Stage // replaced stages finishing their sessions
 	chain    int
 	state    discovery.State
 	planErr  error
@@ -293,14 +294,25 @@ func (n *Node) meta() discovery.NodeMeta {
 	if n.stage != nil {
 		r := n.stage.Info().Range
 		m.LayerStart, m.LayerEnd = r.Start, r.End
-		m.Sessions = uint32(n.stage.Sessions())
 	}
 	if n.next != nil {
 		r := n.next.Info().Range
 		m.NextStart, m.NextEnd = r.Start, r.End
-		m.Sessions += uint32(n.next.Sessions())
 	}
+	m.Sessions = n.sessionsLocked()
 	return m
+}
+
+// sessionsLocked counts the sessions on every stage this node holds: the current one, the
+// one loaded for the next plan, and replaced ones still finishing theirs. n.mu is held.
+func (n *Node) sessionsLocked() uint32 {
+	total := 0
+	for _, st := range append([]*shard.Stage{n.stage, n.next}, n.retiring...) {
+		if st != nil {
+			total += st.Sessions()
+		}
+	}
+	return uint32(total)
 }
 
 // memoryOffer is the memory the node offers the planner: --max-memory, else 80% of the
@@ -524,6 +536,9 @@ func (n *Node) moveTo(r shard.Range, chain int) error {
 	if st == nil {
 		n.chain, n.state = -1, discovery.StateIdle
 	}
+	if old != nil {
+		n.retiring = append(n.retiring, old)
+	}
 	n.mu.Unlock()
 	n.announce()
 	if st != nil {
@@ -574,6 +589,9 @@ func (n *Node) retire(old *shard.Stage) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	n.host.StopStage(n.sha, old.Info().Range)
+	n.mu.Lock()
+	n.retiring = slices.DeleteFunc(n.retiring, func(st *shard.Stage) bool { return st == old })
+	n.mu.Unlock()
 	old.Close()
 	n.log.Info("released layers", "range", old.Info().Range.String())
 }
