@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sync"
+	"time"
 
 	"github.com/ollama/ollama/kvcache"
 	"github.com/ollama/ollama/ml"
@@ -352,6 +353,7 @@ func (s *Stage) Close() error {
 func (s *Stage) run() {
 	defer close(s.done)
 	var pending []*request
+	var lastStep time.Duration
 	for {
 		if len(pending) == 0 {
 			select {
@@ -377,6 +379,9 @@ func (s *Stage) run() {
 				break gather
 			}
 		}
+		if s.cpu != nil {
+			pending = s.awaitBatch(pending, lastStep)
+		}
 		var batch []*request
 		var rest []*request
 		seen := make(map[uint64]bool)
@@ -397,12 +402,42 @@ func (s *Stage) run() {
 		}
 		pending = rest
 		if len(batch) > 0 {
+			t := time.Now()
 			s.forwardBatch(batch)
+			lastStep = time.Since(t)
 		}
 		if s.cpu != nil {
 			s.cpu.Unlock()
 		}
 	}
+}
+
+// awaitBatch gives the steps of the stage's other sessions a moment to arrive once it holds the
+// shared cores. The previous stage lets go of them as soon as its batch is computed, and its
+// outputs reach this stage one frame at a time: taking the lock at the first one would split
+// one batch of n sessions into several small ones, each paying for the weights again. The
+// wait is bounded by a twentieth of the last step (at most 2 ms), so a tiny model barely
+// notices it and a large one loses at most 5%.
+func (s *Stage) awaitBatch(pending []*request, lastStep time.Duration) []*request {
+	open := s.Sessions()
+	if len(pending) >= open {
+		return pending
+	}
+	wait := min(2*time.Millisecond, lastStep/20)
+	if wait <= 0 {
+		return pending
+	}
+	deadline := time.NewTimer(wait)
+	defer deadline.Stop()
+	for len(pending) < open {
+		select {
+		case r := <-s.queue:
+			pending = append(pending, r)
+		case <-deadline.C:
+			return pending
+		}
+	}
+	return pending
 }
 
 func (s *Stage) drain(pending []*request) {
