@@ -59,10 +59,14 @@ func TestGenerateStreamsStopsAndCounts(t *testing.T) {
 }
 
 // failingRouter hands out chains that fail once, after a few steps, the way a stage dying
-// mid-generation looks from the entry node.
+// mid-generation looks from the entry node. With noRoute set, the next noRoute opens after
+// the failure find no route (-1: every one), the way an entry node sees a middle node die
+// when no survivor can take its layers.
 type failingRouter struct {
 	pipeline.LocalRouter
 	failAfter int
+	noRoute   int
+	opens     int
 	failed    bool
 }
 
@@ -73,8 +77,16 @@ type failingChain struct {
 }
 
 func (r *failingRouter) OpenChain(ctx context.Context, session uint64) (pipeline.Chain, error) {
+	r.opens++
+	if r.failed && r.noRoute != 0 {
+		r.noRoute--
+		return nil, fmt.Errorf("%w: layers [2,4) are served by no live node (of 6 layers)", pipeline.ErrNoRoute)
+	}
 	c, err := r.LocalRouter.OpenChain(ctx, session)
-	return &failingChain{Chain: c, r: r}, err
+	if err != nil {
+		return nil, err
+	}
+	return &failingChain{Chain: c, r: r}, nil
 }
 
 func (c *failingChain) Step(ctx context.Context, in pipeline.StepInput) (pipeline.StepResult, error) {
@@ -111,45 +123,6 @@ func samp(temp float32, seed uint64) (p sample.Params) {
 	return p
 }
 
-// lostLayersRouter hands out chains whose stage fails after a few steps, then has no route
-// for the next noRoute opens, the way an entry node sees a middle node die when no survivor
-// can take its layers.
-type lostLayersRouter struct {
-	pipeline.LocalRouter
-	failAfter int
-	noRoute   int // opens after the failure that find no route; -1: every one
-	opens     int
-	failed    bool
-}
-
-func (r *lostLayersRouter) OpenChain(ctx context.Context, session uint64) (pipeline.Chain, error) {
-	r.opens++
-	if r.failed && r.noRoute != 0 {
-		r.noRoute--
-		return nil, fmt.Errorf("%w: layers [2,4) are served by no live node (of 6 layers)", pipeline.ErrNoRoute)
-	}
-	c, err := r.LocalRouter.OpenChain(ctx, session)
-	if err != nil {
-		return nil, err
-	}
-	return &lostLayersChain{Chain: c, r: r}, nil
-}
-
-type lostLayersChain struct {
-	pipeline.Chain
-	r     *lostLayersRouter
-	steps int
-}
-
-func (c *lostLayersChain) Step(ctx context.Context, in pipeline.StepInput) (pipeline.StepResult, error) {
-	c.steps++
-	if !c.r.failed && c.steps > c.r.failAfter {
-		c.r.failed = true
-		return pipeline.StepResult{}, &pipeline.HopError{Peer: "stage-2", Err: errors.New("stream reset")}
-	}
-	return c.Chain.Step(ctx, in)
-}
-
 // TestGenerateNoRouteLeft: a hop fails and no route comes back. The generation keeps asking
 // for one within its recovery bounds, never steps a chain it does not have, and ends with
 // ErrNoRoute naming the missing layers; when a route does come back in time, the text is the
@@ -168,7 +141,7 @@ func TestGenerateNoRouteLeft(t *testing.T) {
 	}
 
 	t.Run("never", func(t *testing.T) {
-		r := &lostLayersRouter{LocalRouter: local, failAfter: 12, noRoute: -1}
+		r := &failingRouter{LocalRouter: local, failAfter: 12, noRoute: -1}
 		g := pipeline.NewGenerator(tok, r, pipeline.WithRecovery(10*time.Second, 3))
 		var streamed strings.Builder
 		res, err := g.Generate(context.Background(), pipeline.Request{Prompt: "hello", MaxTokens: 30}, func(d pipeline.Delta) error {
@@ -188,7 +161,7 @@ func TestGenerateNoRouteLeft(t *testing.T) {
 		freed()
 	})
 	t.Run("deadline", func(t *testing.T) {
-		r := &lostLayersRouter{LocalRouter: local, failAfter: 12, noRoute: -1}
+		r := &failingRouter{LocalRouter: local, failAfter: 12, noRoute: -1}
 		g := pipeline.NewGenerator(tok, r, pipeline.WithRecovery(500*time.Millisecond, 100))
 		t0 := time.Now()
 		_, err := g.Generate(context.Background(), pipeline.Request{Prompt: "hello", MaxTokens: 30}, nil)
@@ -202,7 +175,7 @@ func TestGenerateNoRouteLeft(t *testing.T) {
 		freed()
 	})
 	t.Run("comes back", func(t *testing.T) {
-		r := &lostLayersRouter{LocalRouter: local, failAfter: 12, noRoute: 2}
+		r := &failingRouter{LocalRouter: local, failAfter: 12, noRoute: 2}
 		got, streamed := generate(t, pipeline.NewGenerator(tok, r), pipeline.Request{Prompt: "hello", MaxTokens: 30})
 		if r.opens != 1+3 || got.Text != want.Text || streamed != want.Text {
 			t.Fatalf("after %d opens: %q (streamed %q), undisturbed %q", r.opens, got.Text, streamed, want.Text)
