@@ -9,16 +9,17 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/strata-llm/strata/fetch"
+	"github.com/strata-llm/strata/node"
 )
 
 // defaultModelCache is where downloaded models live: the models/ dir of the default data dir,
 // the same place `strata node start` keeps them.
 func defaultModelCache() string {
-	home, err := os.UserHomeDir()
+	d, err := node.DefaultDataDir()
 	if err != nil {
 		return filepath.Join(os.TempDir(), "strata-models")
 	}
-	return filepath.Join(home, ".strata", "models")
+	return filepath.Join(d, "models")
 }
 
 // resolveModel turns a --model value into a local GGUF path, downloading a URL or hf://

@@ -55,6 +55,16 @@ type Config struct {
 	InjectBandwidth float64       // bytes/s of the emulated link; 0: unlimited
 }
 
+// DefaultDataDir is where a node keeps its identity, slices and downloaded models when
+// --data-dir is not given: ~/.strata.
+func DefaultDataDir() (string, error) {
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return "", fmt.Errorf("data dir: %w", err)
+	}
+	return filepath.Join(home, ".strata"), nil
+}
+
 func (c *Config) setDefaults() error {
 	if c.Model == "" {
 		m, err := defaultModel()
@@ -67,11 +77,11 @@ func (c *Config) setDefaults() error {
 		}
 	}
 	if c.DataDir == "" {
-		home, err := os.UserHomeDir()
+		d, err := DefaultDataDir()
 		if err != nil {
-			return fmt.Errorf("data dir: %w", err)
+			return err
 		}
-		c.DataDir = filepath.Join(home, ".strata")
+		c.DataDir = d
 	}
 	if len(c.Listen) == 0 {
 		// TCP first: it is the faster transport on a LAN (measured ~2x QUIC's throughput for
