@@ -51,6 +51,23 @@ func covers(ranges []string, layers int) bool {
 	return !slices.Contains(seen, false)
 }
 
+// settled waits until n sees want serving ranges that cover all layers. Ready can come while a
+// node still serves its first range beside the one the settled plan gives it (nodes that
+// planned from different early views); a stream opened then may land on the range being
+// retired, so tests that need one session per node wait for the move first.
+func settled(t *testing.T, n *testkit.Node, want, layers int) []string {
+	t.Helper()
+	var rs []string
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if rs, _ = coverage(t, n); covers(rs, layers) && len(rs) == want {
+			return rs
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nodes serve %v, want %d ranges covering %d layers", rs, want, layers)
+		}
+	}
+}
+
 // TestSwarmPlansHealsAndGrows: three node processes join through --join and split the model
 // so that every layer is served; a fourth joining takes layers without a gap in coverage;
 // after kill -9 of one, the others re-plan within 5 s and are ready again.
@@ -58,17 +75,7 @@ func TestSwarmPlansHealsAndGrows(t *testing.T) {
 	model := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1})
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", twoLayers}})
 	s.MustReady(t, 3, 30*time.Second)
-	// Ready can come while a node still serves its first range beside the one the settled
-	// plan gives it (nodes that planned from different early views): wait for the move.
-	var rs []string
-	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-		if rs, _ = coverage(t, s.Nodes[1]); covers(rs, 6) && len(rs) == 3 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("three nodes serve %v, want three ranges covering 6 layers", rs)
-		}
-	}
+	rs := settled(t, s.Nodes[1], 3, 6)
 	t.Logf("3 nodes: %v", rs)
 
 	// A fourth node: coverage must hold at every moment while it takes its share.
@@ -207,6 +214,7 @@ func TestSessionsGossiped(t *testing.T) {
 	model := swarmModel(t)
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", twoLayers, "--inject-latency", "10ms"}})
 	s.MustReady(t, 3, 30*time.Second)
+	settled(t, s.Nodes[0], 3, 6)
 	ids := peerIDs(t, s)
 	if ok, view := gossipedSessions(t, s, ids, func(n int) bool { return n == 0 }); !ok {
 		t.Fatalf("before any request: %s", view)
@@ -256,9 +264,7 @@ func TestDrainAndLeave(t *testing.T) {
 	s.MustReady(t, 3, 30*time.Second)
 	ids := peerIDs(t, s)
 	victim, victimID := s.Nodes[2], ids[2]
-	if rs, _ := coverage(t, s.Nodes[0]); len(rs) != 3 {
-		t.Fatalf("three nodes serve %v, want three ranges (the victim must hold layers)", rs)
-	}
+	settled(t, s.Nodes[0], 3, 6) // the victim must hold layers
 	params := openai.ChatCompletionNewParams{
 		Model:       "tiny-L0-f16-s1",
 		Messages:    []openai.ChatCompletionMessageParamUnion{openai.UserMessage("tell me everything")},
