@@ -51,21 +51,34 @@ func covers(ranges []string, layers int) bool {
 	return !slices.Contains(seen, false)
 }
 
-// settled waits until n sees want serving ranges that cover all layers. Ready can come while a
-// node still serves its first range beside the one the settled plan gives it (nodes that
-// planned from different early views); a stream opened then may land on the range being
-// retired, so tests that need one session per node wait for the move first.
+// settled waits until n sees want serving ranges that partition the layers: they cover every
+// layer and none overlaps another. Ready can come while nodes that planned from different
+// early views still serve overlapping ranges ([0,3) beside [2,4)) or a first range beside the
+// one the settled plan gives them; a stream opened then may skip a node or land on a range
+// being retired, so tests that need a session on every node wait for the plan first.
 func settled(t *testing.T, n *testkit.Node, want, layers int) []string {
 	t.Helper()
 	var rs []string
 	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-		if rs, _ = coverage(t, n); covers(rs, layers) && len(rs) == want {
+		if rs, _ = coverage(t, n); covers(rs, layers) && len(rs) == want && span(rs) == layers {
 			return rs
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("nodes serve %v, want %d ranges covering %d layers", rs, want, layers)
+			t.Fatalf("nodes serve %v, want %d ranges that partition %d layers", rs, want, layers)
 		}
 	}
+}
+
+// span is the ranges' total length: the layer count exactly when ranges that cover every layer
+// do not overlap.
+func span(ranges []string) int {
+	total := 0
+	for _, r := range ranges {
+		var a, b int
+		fmt.Sscanf(r, "[%d,%d)", &a, &b)
+		total += b - a
+	}
+	return total
 }
 
 // TestSwarmPlansHealsAndGrows: three node processes join through --join and split the model
