@@ -134,7 +134,10 @@ func (r *router) open(ctx context.Context, session uint64, route []pipeline.Cand
 	for i, h := range hops {
 		ids[i] = h.Peer.ID
 	}
-	return &remoteChain{r: r, rt: rt, first: route[0].ID, hops: ids}, nil
+	c := &remoteChain{r: r, rt: rt, first: route[0].ID, hops: ids}
+	c.gone, c.stopWatch = context.WithCancelCause(context.Background())
+	go c.watch()
+	return c, nil
 }
 
 // hopError marks the peer behind a failure as failed and wraps the error so the generation
@@ -161,9 +164,13 @@ type remoteChain struct {
 	rt    *p2p.Route
 	first string
 	hops  []peer.ID
+	// gone is cancelled with a hopGone cause once a hop leaves membership, or when the chain
+	// closes: one watcher per chain, so a decode step starts no goroutine of its own.
+	gone      context.Context
+	stopWatch context.CancelCauseFunc
 }
 
-// watchEvery is how often an in-flight step checks that its hops are still members.
+// watchEvery is how often a chain checks that its hops are still members.
 const watchEvery = 250 * time.Millisecond
 
 // hopGone is why a step was abandoned: membership declared one of its hops dead.
@@ -178,7 +185,7 @@ func (c *remoteChain) Step(ctx context.Context, in pipeline.StepInput) (pipeline
 	// answering them is declared dead in about a second, and the step is failed then.
 	sctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	go c.watch(sctx, cancel)
+	defer context.AfterFunc(c.gone, func() { cancel(context.Cause(c.gone)) })()
 	res, err := c.rt.Step(sctx, in.Positions, in.Tokens, in.Sampling, in.Recent, in.WantLogits)
 	if err != nil {
 		var gone hopGone
@@ -198,15 +205,18 @@ func (c *remoteChain) Step(ctx context.Context, in pipeline.StepInput) (pipeline
 	return out, nil
 }
 
-func (c *remoteChain) Close(ctx context.Context) error { return c.rt.Close(ctx) }
+func (c *remoteChain) Close(ctx context.Context) error {
+	c.stopWatch(context.Canceled)
+	return c.rt.Close(ctx)
+}
 
-// watch cancels the step when a hop's peer is no longer a live member.
-func (c *remoteChain) watch(ctx context.Context, cancel context.CancelCauseFunc) {
+// watch cancels c.gone when a hop's peer is no longer a live member, until the chain closes.
+func (c *remoteChain) watch() {
 	t := time.NewTicker(watchEvery)
 	defer t.Stop()
 	for {
 		select {
-		case <-ctx.Done():
+		case <-c.gone.Done():
 			return
 		case <-t.C:
 		}
@@ -216,7 +226,7 @@ func (c *remoteChain) watch(ctx context.Context, cancel context.CancelCauseFunc)
 		}
 		for _, id := range c.hops {
 			if !live[id] {
-				cancel(hopGone{peer: id})
+				c.stopWatch(hopGone{peer: id})
 				return
 			}
 		}
