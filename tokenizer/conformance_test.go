@@ -2,7 +2,6 @@ package tokenizer
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -285,4 +284,9 @@ func TestRoundTripWarAndPeace(t *testing.T) {
 	}
 }
 
-var _ = bytes.Equal
+
+
+func exists(path string) (bool, error) {
+	_, err := os.Stat(path)
+	return err == nil, err
+}

@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -69,6 +70,7 @@ type Tokenizer struct {
 	symText   []string         // symbol id -> text, past len(Tokens)
 	byteSym   [256]int32       // the symbol of each byte's GPT-2 character
 	maxTokLen int              // WordPiece: the longest token, in bytes
+	spmWords  bool             // SentencePiece: merge word by word (see spmWords)
 }
 
 type merge struct {
@@ -99,7 +101,10 @@ func New(v Vocab) (*Tokenizer, error) {
 	default:
 		return nil, fmt.Errorf("tokenizer: unsupported tokenizer model %q", v.Model)
 	}
-	for i, s := range v.Tokens {
+	if slices.Contains(v.Tokens, "") {
+		t.v.Tokens = slices.Clone(v.Tokens) // empty tokens get names; the caller's slice stays
+	}
+	for i, s := range t.v.Tokens {
 		if s == "" {
 			s = "[EMPTY_" + strconv.Itoa(i) + "]"
 			t.v.Tokens[i] = s
@@ -134,6 +139,9 @@ func New(v Vocab) (*Tokenizer, error) {
 		if err := t.loadMerges(); err != nil {
 			return nil, err
 		}
+	}
+	if t.kind == kindSPM {
+		t.spmWords = spmWords(t.v.Tokens)
 	}
 	t.pieces = make([][]byte, n)
 	for i := range n {
