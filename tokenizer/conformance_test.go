@@ -284,8 +284,6 @@ func TestRoundTripWarAndPeace(t *testing.T) {
 	}
 }
 
-
-
 func exists(path string) (bool, error) {
 	_, err := os.Stat(path)
 	return err == nil, err
