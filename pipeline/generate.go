@@ -11,8 +11,6 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/ollama/ollama/tokenizer"
-
 	"github.com/strata-llm/strata/pipeline/sample"
 	"github.com/strata-llm/strata/shard"
 )
@@ -174,7 +172,7 @@ func (g *Generator) generate(ctx context.Context, start time.Time, req Request, 
 	for err == nil && res.CompletionTokens < maxNew {
 		g.obs.Token(res.CompletionTokens, time.Since(start))
 		res.CompletionTokens++
-		if g.tok.Is(next, tokenizer.SpecialEOS) {
+		if g.tok.IsEOS(next) {
 			res.FinishReason = "stop"
 			break
 		}
@@ -419,7 +417,7 @@ func newTextStream(tok *shard.Tokenizer, stop []string, emit func(Delta) error) 
 // push adds a generated token; it reports true when a stop sequence has been reached.
 func (t *textStream) push(id int32) (bool, error) {
 	t.pending = append(t.pending, id)
-	if types := t.tok.Vocabulary().Types; int(id) < len(types) && types[id] == tokenizer.TOKEN_TYPE_CONTROL {
+	if t.tok.IsControl(id) {
 		return false, nil // control tokens are markup, not text: never shown, as llama.cpp does
 	}
 	t.ids = append(t.ids, id)

@@ -27,7 +27,7 @@ func byteTokens(t *testing.T, tok *shard.Tokenizer, s string) []int32 {
 			}
 			r = rune(256 + n)
 		}
-		id := tok.Vocabulary().Encode(string(r))
+		id := tok.TokenID(string(r))
 		if id < 0 {
 			t.Fatalf("no token for byte %#x", b)
 		}
