@@ -60,7 +60,7 @@ func (q *bpeQueue) pop() bpeBigram {
 // map each word's bytes to GPT-2's alphabet, and merge each word by rank.
 func (e *encoder) bpe(text string) error {
 	t := e.t
-	cpts, widths := decodeCpts(text, nil, nil)
+	cpts, widths := decodeCpts(text, make([]rune, 0, len(text)), make([]uint8, 0, len(text)))
 	lens := []int{len(cpts)}
 	for _, s := range t.split {
 		lens = s.split(cpts, lens)
