@@ -82,6 +82,12 @@ func (e *encoder) bpe(text string) error {
 		if err := e.check(nb); err != nil {
 			return err
 		}
+		// A word always merges the same way: a long text reuses the ids of words seen before.
+		if span, ok := e.words[word]; ok {
+			e.out = append(e.out, e.out[span[0]:span[1]]...)
+			continue
+		}
+		from := len(e.out)
 		if t.ignore {
 			buf = buf[:0]
 			for i := 0; i < len(word); i++ {
@@ -89,6 +95,7 @@ func (e *encoder) bpe(text string) error {
 			}
 			if id, ok := t.ids[string(buf)]; ok {
 				e.out = append(e.out, id)
+				e.remember(word, from)
 				continue
 			}
 		}
@@ -140,8 +147,19 @@ func (e *encoder) bpe(text string) error {
 				}
 			}
 		}
+		e.remember(word, from)
 	}
 	return nil
+}
+
+// remember notes where a word's ids are in the output, for texts long enough to repeat words.
+func (e *encoder) remember(word string, from int) {
+	if e.words == nil {
+		e.words = make(map[string][2]int)
+	}
+	if len(e.words) < 1<<16 {
+		e.words[word] = [2]int{from, len(e.out)}
+	}
 }
 
 // validUTF8 reports whether s round-trips through the pre-tokenizer unchanged.

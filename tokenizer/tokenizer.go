@@ -398,11 +398,12 @@ func (t *Tokenizer) Tokenize(ctx context.Context, text string, o Options) ([]int
 
 // encoder is the state of one Tokenize call.
 type encoder struct {
-	t    *Tokenizer
-	ctx  context.Context
-	max  int
-	out  []int32
-	work int // units of work since ctx was last looked at
+	t     *Tokenizer
+	ctx   context.Context
+	max   int
+	out   []int32
+	work  int               // units of work since ctx was last looked at
+	words map[string][2]int // BPE: where each word's ids already are in out
 }
 
 // check looks at ctx and the bound now and then, so neither costs much.
