@@ -84,16 +84,28 @@ func (e *encoder) spm(text string) error {
 	if !e.t.spmWords {
 		return e.spmMerge(text)
 	}
+	word := func(w string) error {
+		if span, ok := e.words[w]; ok { // a word always merges the same way
+			e.out = append(e.out, e.out[span[0]:span[1]]...)
+			return nil
+		}
+		from := len(e.out)
+		if err := e.spmMerge(w); err != nil {
+			return err
+		}
+		e.remember(w, from)
+		return nil
+	}
 	start := 0
 	for i := 1; i < len(text); i++ {
 		if strings.HasPrefix(text[i:], spmSpace) && !strings.HasSuffix(text[:i], spmSpace) {
-			if err := e.spmMerge(text[start:i]); err != nil {
+			if err := word(text[start:i]); err != nil {
 				return err
 			}
 			start = i
 		}
 	}
-	return e.spmMerge(text[start:])
+	return word(text[start:])
 }
 
 // spmMerge is llama.cpp's llm_tokenizer_spm_session: start from characters, merge the pair whose
