@@ -46,7 +46,7 @@ func realServer(t *testing.T, ranges ...shard.Range) *generatorBackend {
 	stages, tok := testkit.LoadStages(t, path, ranges, shard.WithMaxContext(realContext), shard.WithMaxSessions(2))
 	gen := pipeline.NewGenerator(tok, pipeline.LocalRouter{Stages: stages, Codec: quant.CodecF32}, pipeline.WithMaxContext(realContext))
 	return &generatorBackend{gen: gen, card: pipeline.ModelCard{
-		ID: "tiny", ContextLength: gen.MaxContext(), ChatTemplate: info.ChatTemplate, BOS: tok.BOS, EOS: tok.EOS, Ready: true,
+		ID: "tiny", ContextLength: gen.MaxContext(), ChatTemplate: info.ChatTemplate, BOS: tok.BOS, EOS: tok.EOS, Vocab: info.Vocab, Ready: true,
 	}}
 }
 
