@@ -104,6 +104,8 @@ func NewServer(backend Backend, opts ...Option) *Server {
 	s.apiMux.Handle("/v1/completions", s.method(http.MethodPost, s.handleCompletion))
 	s.apiMux.Handle("/v1/models", s.method(http.MethodGet, s.handleModels))
 	s.apiMux.Handle("/v1/models/{id...}", s.method(http.MethodGet, s.handleModel))
+	s.mountOllama()
+	s.mountAnthropic()
 	s.apiMux.Handle("/v1/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, invalidRequestCode(http.StatusNotFound, "", "unknown_url", fmt.Sprintf("unknown endpoint %s %s", r.Method, r.URL.Path)))
 	}))
@@ -120,7 +122,10 @@ func NewServer(backend Backend, opts ...Option) *Server {
 	return s
 }
 
-func isAPIPath(p string) bool { return p == "/v1" || strings.HasPrefix(p, "/v1/") }
+// isAPIPath: /v1/ is OpenAI's (and Anthropic's /v1/messages), /api/ Ollama's.
+func isAPIPath(p string) bool {
+	return p == "/v1" || strings.HasPrefix(p, "/v1/") || strings.HasPrefix(p, "/api/")
+}
 
 // Handle mounts a route of the node's (/health, /metrics, a dashboard at "/") beside the API,
 // with http.ServeMux patterns. Routes outside /v1/ are not covered by the API key: the node
