@@ -106,9 +106,13 @@ func (s *Server) ollamaModels(w http.ResponseWriter, r *http.Request, readyOnly,
 	writeJSON(w, http.StatusOK, map[string]any{"models": list})
 }
 
-func (s *Server) handleOllamaTags(w http.ResponseWriter, r *http.Request) { s.ollamaModels(w, r, false, false) }
+func (s *Server) handleOllamaTags(w http.ResponseWriter, r *http.Request) {
+	s.ollamaModels(w, r, false, false)
+}
 
-func (s *Server) handleOllamaPS(w http.ResponseWriter, r *http.Request) { s.ollamaModels(w, r, true, true) }
+func (s *Server) handleOllamaPS(w http.ResponseWriter, r *http.Request) {
+	s.ollamaModels(w, r, true, true)
+}
 
 // findOllamaModel resolves a model name as Ollama's clients write it: "name" or "name:latest".
 func (s *Server) findOllamaModel(ctx context.Context, name string) (pipeline.ModelCard, *apiError) {
