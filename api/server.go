@@ -1,6 +1,6 @@
 // Package api serves Strata's swarm through the OpenAI HTTP API (chat and text completions,
-// plain and streamed as server-sent events, and the model list), so that any OpenAI client can
-// talk to any node.
+// plain and streamed as server-sent events, and the model list), Ollama's API (/api/...) and
+// Anthropic's Messages (/v1/messages), so that clients of any of them can talk to any node.
 package api
 
 import (
@@ -168,6 +168,9 @@ func (s *Server) auth(h http.Handler) http.Handler {
 	want := []byte("Bearer " + s.apiKey)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		got := r.Header.Get("Authorization")
+		if k := r.Header.Get("X-Api-Key"); got == "" && k != "" {
+			got = "Bearer " + k // Anthropic's clients send the key this way
+		}
 		if got == "" {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="strata"`)
 			writeError(w, invalidRequestCode(http.StatusUnauthorized, "", "missing_api_key",
