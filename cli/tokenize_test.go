@@ -76,4 +76,3 @@ func TestTokenizeVocabOnly(t *testing.T) {
 		t.Fatalf("vocabulary-only tokenize: %q", out)
 	}
 }
-
