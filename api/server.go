@@ -173,13 +173,13 @@ func (s *Server) auth(h http.Handler) http.Handler {
 		}
 		if got == "" {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="strata"`)
-			writeError(w, invalidRequestCode(http.StatusUnauthorized, "", "missing_api_key",
+			writeErrorFor(w, r, invalidRequestCode(http.StatusUnauthorized, "", "missing_api_key",
 				"missing API key: send it as 'Authorization: Bearer KEY'"))
 			return
 		}
 		if subtle.ConstantTimeCompare([]byte(got), want) != 1 {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="strata", error="invalid_token"`)
-			writeError(w, invalidRequestCode(http.StatusUnauthorized, "", "invalid_api_key", "incorrect API key"))
+			writeErrorFor(w, r, invalidRequestCode(http.StatusUnauthorized, "", "invalid_api_key", "incorrect API key"))
 			return
 		}
 		h.ServeHTTP(w, r)
@@ -188,6 +188,19 @@ func (s *Server) auth(h http.Handler) http.Handler {
 
 // recover is the last resort: a panic in a handler is logged with its stack and answered 500
 // (if nothing was written yet) instead of killing the connection silently.
+// writeErrorFor answers e in the shape the path's API uses: Ollama's under /api/, Anthropic's
+// at /v1/messages, OpenAI's elsewhere.
+func writeErrorFor(w http.ResponseWriter, r *http.Request, e *apiError) {
+	switch {
+	case strings.HasPrefix(r.URL.Path, "/api/"):
+		ollamaAPIError(w, e)
+	case r.URL.Path == "/v1/messages":
+		anthropicError(w, e)
+	default:
+		writeError(w, e)
+	}
+}
+
 func (s *Server) recover(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rw := &recordingWriter{ResponseWriter: w}
@@ -201,7 +214,7 @@ func (s *Server) recover(h http.Handler) http.Handler {
 			}
 			s.log.Error("panic serving request", "method", r.Method, "path", r.URL.Path, "panic", v, "stack", string(debug.Stack()))
 			if !rw.wrote {
-				writeError(rw, serverError(http.StatusInternalServerError, "internal error"))
+				writeErrorFor(rw, r, serverError(http.StatusInternalServerError, "internal error"))
 			}
 		}()
 		h.ServeHTTP(rw, r)
