@@ -320,9 +320,8 @@ func (s *Server) messages(w http.ResponseWriter, r *http.Request, req pipeline.R
 		if !stream || d.Text == "" {
 			return ctx.Err()
 		}
-		// The prompt's size is known only at the end; message_start carries 0 input tokens and
-		// message_delta the final usage, which Anthropic's clients sum.
-		if err := begin(0); err != nil {
+		// message_start carries the prompt's size, which the first piece brings.
+		if err := begin(d.PromptTokens); err != nil {
 			return err
 		}
 		return event("content_block_delta", map[string]any{"type": "content_block_delta", "index": 0,

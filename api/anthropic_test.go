@@ -61,6 +61,10 @@ func TestAnthropicMessages(t *testing.T) {
 			text.WriteString(ev["delta"].(map[string]any)["text"].(string))
 		case "message_delta":
 			final = ev
+		case "message_start":
+			if in := ev["message"].(map[string]any)["usage"].(map[string]any)["input_tokens"]; in != float64(msg.Usage.InputTokens) {
+				t.Fatalf("message_start input_tokens %v, want %d", in, msg.Usage.InputTokens)
+			}
 		}
 	}
 	order := strings.Join(names, " ")

@@ -188,6 +188,15 @@ func (g *Generator) generate(ctx context.Context, start time.Time, req Request, 
 	}
 	sp.PenaltyStart = int32(len(prompt)) // presence and frequency count the completion only
 
+	if emit != nil {
+		first, inner := true, emit
+		emit = func(d Delta) error {
+			if first {
+				first, d.PromptTokens = false, len(prompt)
+			}
+			return inner(d)
+		}
+	}
 	s := &run{g: g, start: start, tokens: prompt, promptLen: len(prompt), sampling: sp, bias: req.LogitBias,
 		out: newTextStream(g.tok, req.Stop, emit)}
 	if req.Logprobs {

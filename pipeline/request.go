@@ -45,6 +45,9 @@ type Delta struct {
 	Text     string
 	Tokens   []int32
 	Logprobs []TokenLogprobs // one per token, when the request asked
+	// PromptTokens is the prompt's length in tokens, on the first Delta of a generation only
+	// (for APIs that report it before the completion ends).
+	PromptTokens int
 }
 
 // TokenText is a token with its text (Decode of that token alone, which may be a partial
