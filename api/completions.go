@@ -11,6 +11,8 @@ import (
 	"io"
 	"math"
 	"net/http"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -29,8 +31,10 @@ const (
 	seedZero = 0x5eed_0000_0000_0001
 )
 
-// decode reads a JSON body into v with OpenAI's error shapes for the ways it can fail.
-func (s *Server) decode(w http.ResponseWriter, r *http.Request, v any) *apiError {
+// decode reads a JSON body into v with OpenAI's error shapes for the ways it can fail. When
+// known is not nil, a top-level field outside it is refused, as OpenAI refuses unrecognized
+// arguments: a field this server would silently ignore must be a 400 instead.
+func (s *Server) decode(w http.ResponseWriter, r *http.Request, v any, known []string) *apiError {
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, s.maxBody))
 	if err != nil {
 		var tooBig *http.MaxBytesError
@@ -55,8 +59,41 @@ func (s *Server) decode(w http.ResponseWriter, r *http.Request, v any) *apiError
 	if dec.More() {
 		return invalidRequest("", "request body has data after the JSON object")
 	}
+	if known != nil {
+		if k := unknownField(body, known); k != "" {
+			return invalidRequest(k, fmt.Sprintf("unrecognized request argument supplied: %s (this server does not support it)", k))
+		}
+	}
 	return nil
 }
+
+// unknownField returns a top-level key of the JSON object body that is not in known, in the
+// body's order.
+func unknownField(body []byte, known []string) string {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+		return ""
+	}
+	for dec.More() {
+		t, err := dec.Token()
+		if err != nil {
+			return ""
+		}
+		k, _ := t.(string)
+		if !slices.Contains(known, k) {
+			return k
+		}
+		var skip json.RawMessage
+		if err := dec.Decode(&skip); err != nil {
+			return ""
+		}
+	}
+	return ""
+}
+
+// maxChoices bounds the completions one request runs at once (prompts times n): each is a
+// session on every stage of its route.
+const maxChoices = 16
 
 // options turns the shared request fields into a pipeline request (minus the prompt), checked
 // against the model's card.
@@ -95,8 +132,44 @@ func (f *samplingFields) options(card pipeline.ModelCard) (pipeline.Request, *ap
 	if apiErr != nil {
 		return req, apiErr
 	}
-	req.Sampling = p.WithRandomSeed()
+	req.Sampling = p
+	if req.LogitBias, apiErr = logitBias(f.LogitBias, card.Vocab); apiErr != nil {
+		return req, apiErr
+	}
 	return req, nil
+}
+
+// logitBias checks OpenAI's logit_bias: token ids (as strings) to values in [-100, 100].
+func logitBias(m map[string]float64, vocab int) ([]sample.Bias, *apiError) {
+	if len(m) > sample.MaxBias {
+		return nil, invalidRequest("logit_bias", fmt.Sprintf("logit_bias has %d entries, at most %d", len(m), sample.MaxBias))
+	}
+	var out []sample.Bias
+	for k, v := range m {
+		id, err := strconv.ParseInt(k, 10, 32)
+		switch {
+		case err != nil || id < 0:
+			return nil, invalidRequest("logit_bias", fmt.Sprintf("logit_bias key %q is not a token id", k))
+		case vocab > 0 && id >= int64(vocab):
+			return nil, invalidRequest("logit_bias", fmt.Sprintf("logit_bias token %d is outside the vocabulary of %d", id, vocab))
+		case math.IsNaN(v) || v < -100 || v > 100:
+			return nil, invalidRequest("logit_bias", fmt.Sprintf("logit_bias value for token %d must be between -100 and 100, got %g", id, v))
+		}
+		out = append(out, sample.Bias{Token: int32(id), Value: float32(v)})
+	}
+	slices.SortFunc(out, func(a, b sample.Bias) int { return int(a.Token) - int(b.Token) })
+	return out, nil
+}
+
+// choices is n, checked.
+func (f *samplingFields) choices() (int, *apiError) {
+	if f.N == nil {
+		return 1, nil
+	}
+	if *f.N < 1 || *f.N > maxChoices {
+		return 0, invalidRequest("n", fmt.Sprintf("n must be between 1 and %d, got %d", maxChoices, *f.N))
+	}
+	return *f.N, nil
 }
 
 // sampling maps OpenAI's sampling fields (and the llama.cpp extensions) to sample.Params.
@@ -145,13 +218,15 @@ func (f *samplingFields) sampling() (sample.Params, *apiError) {
 	if f.MinP != nil {
 		p.MinP = float32(*f.MinP)
 	}
-	// Strata's sampler has llama.cpp's multiplicative repeat penalty, not OpenAI's additive
-	// frequency/presence penalties: a positive penalty x maps to repeat_penalty 1 + x/2
-	// (0.2 gives llama.cpp's customary 1.1). Negative ones (encouraging repeats) are ignored.
+	// OpenAI's additive penalties, over the tokens sampled so far (negative ones encourage
+	// repeats); llama.cpp's multiplicative repeat penalty is a separate extension.
+	p.FrequencyPenalty = float32(deref(f.FrequencyPenalty))
+	p.PresencePenalty = float32(deref(f.PresencePenalty))
 	if f.RepeatPenalty != nil {
 		p.RepeatPenalty = float32(*f.RepeatPenalty)
-	} else if pen := max(deref(f.FrequencyPenalty), deref(f.PresencePenalty)); pen > 0 {
-		p.RepeatPenalty = float32(1 + pen/2)
+	}
+	if f.RepeatLastN != nil && *f.RepeatLastN < 0 {
+		return p, invalidRequest("repeat_last_n", fmt.Sprintf("repeat_last_n must be >= 0, got %d", *f.RepeatLastN))
 	}
 	if p.RepeatPenalty > 0 && p.RepeatPenalty != 1 {
 		p.RepeatLastN = defaultRepeatLastN
@@ -168,13 +243,21 @@ func (f *samplingFields) sampling() (sample.Params, *apiError) {
 	if err := p.Validate(); err != nil {
 		return p, invalidRequest("", err.Error())
 	}
-	if f.N != nil && *f.N != 1 {
-		return p, invalidRequest("n", fmt.Sprintf("only n=1 is supported, got %d", *f.N))
-	}
-	if lp := bytes.TrimSpace(f.Logprobs); len(lp) > 0 && !bytes.Equal(lp, []byte("false")) && !bytes.Equal(lp, []byte("null")) && !bytes.Equal(lp, []byte("0")) {
-		return p, invalidRequest("logprobs", "logprobs are not supported")
-	}
 	return p, nil
+}
+
+// logprobsCount reads the completions endpoint's logprobs: an integer, the alternatives
+// wanted per token (null: none).
+func (f *samplingFields) textLogprobs() (bool, int, *apiError) {
+	lp := bytes.TrimSpace(f.Logprobs)
+	if len(lp) == 0 || string(lp) == "null" {
+		return false, 0, nil
+	}
+	var n int
+	if err := json.Unmarshal(lp, &n); err != nil || n < 0 || n > sample.MaxTopLogprobs {
+		return false, 0, invalidRequest("logprobs", fmt.Sprintf("logprobs must be an integer between 0 and %d, got %s", sample.MaxTopLogprobs, lp))
+	}
+	return true, n, nil
 }
 
 func deref(v *float64) float64 {
@@ -188,7 +271,7 @@ var chatRoles = map[string]string{"system": "system", "developer": "system", "us
 
 func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 	var cr chatRequest
-	if e := s.decode(w, r, &cr); e != nil {
+	if e := s.decode(w, r, &cr, chatKeys); e != nil {
 		writeError(w, e)
 		return
 	}
@@ -214,13 +297,33 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		}
 		msgs[i] = msg
 	}
-	if t := bytes.TrimSpace(cr.Tools); len(t) > 0 && string(t) != "null" && string(t) != "[]" {
-		writeError(w, invalidRequest("tools", "tools are not supported"))
+	if e := cr.unsupported(); e != nil {
+		writeError(w, e)
 		return
 	}
-	if cr.ResponseFormat != nil && cr.ResponseFormat.Type != "" && cr.ResponseFormat.Type != "text" {
-		writeError(w, invalidRequest("response_format", fmt.Sprintf("response_format %q is not supported; only text", cr.ResponseFormat.Type)))
+	n, e := cr.choices()
+	if e != nil {
+		writeError(w, e)
 		return
+	}
+	var logprobs bool
+	if lp := bytes.TrimSpace(cr.Logprobs); len(lp) > 0 && string(lp) != "null" {
+		if err := json.Unmarshal(lp, &logprobs); err != nil {
+			writeError(w, invalidRequest("logprobs", "logprobs must be a boolean in chat completions"))
+			return
+		}
+	}
+	top := 0
+	if cr.TopLogprobs != nil {
+		if *cr.TopLogprobs < 0 || *cr.TopLogprobs > sample.MaxTopLogprobs {
+			writeError(w, invalidRequest("top_logprobs", fmt.Sprintf("top_logprobs must be between 0 and %d, got %d", sample.MaxTopLogprobs, *cr.TopLogprobs)))
+			return
+		}
+		if !logprobs && *cr.TopLogprobs > 0 {
+			writeError(w, invalidRequest("top_logprobs", "top_logprobs needs logprobs set to true"))
+			return
+		}
+		top = *cr.TopLogprobs
 	}
 
 	card, e := s.findModel(r.Context(), cr.Model)
@@ -233,56 +336,123 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		writeError(w, e)
 		return
 	}
+	req.Logprobs, req.TopLogprobs = logprobs, top
 	if !card.Ready {
 		writeError(w, notReady(card))
 		return
 	}
-	if card.ChatTemplate == "" {
-		writeError(w, invalidRequest("messages", fmt.Sprintf("model %s has no chat template; use /v1/completions with a prompt", card.ID)))
+	prompt, e := s.renderChat(card, msgs)
+	if e != nil {
+		writeError(w, e)
 		return
+	}
+	req.Prompt = prompt
+	s.generate(w, r, &cr.samplingFields, choicesOf([]pipeline.Request{req}, n, cr.Seed != nil), chatFormat{})
+}
+
+// unsupported refuses the chat fields this server cannot honour yet, each by name.
+func (cr *chatRequest) unsupported() *apiError {
+	set := func(raw json.RawMessage) bool {
+		t := bytes.TrimSpace(raw)
+		return len(t) > 0 && string(t) != "null"
+	}
+	switch {
+	case set(cr.Tools) && string(bytes.TrimSpace(cr.Tools)) != "[]":
+		return invalidRequest("tools", "tools are not supported")
+	case set(cr.ToolChoice) && string(bytes.TrimSpace(cr.ToolChoice)) != `"none"`:
+		return invalidRequest("tool_choice", "tool_choice is not supported: this server takes no tools")
+	case set(cr.Functions):
+		return invalidRequest("functions", "functions (the legacy form of tools) are not supported")
+	case set(cr.FunctionCall) && string(bytes.TrimSpace(cr.FunctionCall)) != `"none"`:
+		return invalidRequest("function_call", "function_call (the legacy form of tool_choice) is not supported")
+	case set(cr.ParallelTools) && !set(cr.Tools):
+		// Meaningless without tools; accepted so that clients that always send it work.
+	case cr.Store != nil && *cr.Store:
+		return invalidRequest("store", "store: this server does not store completions")
+	case set(cr.Metadata):
+		return invalidRequest("metadata", "metadata is only for stored completions, which this server does not keep")
+	case cr.ServiceTier != "" && cr.ServiceTier != "auto" && cr.ServiceTier != "default":
+		return invalidRequest("service_tier", fmt.Sprintf("service_tier %q is not offered; use auto or default", cr.ServiceTier))
+	case cr.ResponseFormat != nil && cr.ResponseFormat.Type != "" && cr.ResponseFormat.Type != "text":
+		return invalidRequest("response_format", fmt.Sprintf("response_format %q is not supported; only text", cr.ResponseFormat.Type))
+	}
+	return nil
+}
+
+// renderChat renders messages through the model's chat template, less the template's BOS
+// (pipeline.Request leaves BOS to the tokenizer, which adds one when the model asks).
+func (s *Server) renderChat(card pipeline.ModelCard, msgs []map[string]any) (string, *apiError) {
+	if card.ChatTemplate == "" {
+		return "", invalidRequest("messages", fmt.Sprintf("model %s has no chat template; use /v1/completions with a prompt", card.ID))
 	}
 	prompt, err := s.templates.render(card.ChatTemplate, card.BOS, card.EOS, msgs)
 	if err != nil {
 		var te *templateError
 		if errors.As(err, &te) && te.raised {
-			writeError(w, invalidRequest("messages", "the model's chat template rejected the messages: "+te.Error()))
-		} else {
-			s.log.Error("chat template failed", "model", card.ID, "err", err)
-			writeError(w, serverError(http.StatusInternalServerError, fmt.Sprintf("model %s: %v", card.ID, err)))
+			return "", invalidRequest("messages", "the model's chat template rejected the messages: "+te.Error())
 		}
-		return
+		s.log.Error("chat template failed", "model", card.ID, "err", err)
+		return "", serverError(http.StatusInternalServerError, fmt.Sprintf("model %s: %v", card.ID, err))
 	}
-	// pipeline.Request leaves BOS to the tokenizer (it adds one when the model asks), so a
-	// template's own bos_token would make two.
 	if card.BOS != "" {
 		prompt = strings.TrimPrefix(prompt, card.BOS)
 	}
-	req.Prompt = prompt
-	s.generate(w, r, &cr.samplingFields, req, chatFormat{})
+	return prompt, nil
+}
+
+// choicesOf is every prompt n times, choice i of prompt p at index p*n+i as OpenAI numbers
+// them. Each gets its own seed: a seed the client chose is varied per choice (the first keeps
+// it, so n=1 reproduces as before), a random one is drawn per choice.
+func choicesOf(prompts []pipeline.Request, n int, seeded bool) []pipeline.Request {
+	out := make([]pipeline.Request, 0, len(prompts)*n)
+	for _, p := range prompts {
+		for i := 0; i < n; i++ {
+			q := p
+			if seeded && i > 0 {
+				q.Sampling.Seed = p.Sampling.Seed + uint64(i)*0x9e3779b97f4a7c15
+				if q.Sampling.Seed == 0 {
+					q.Sampling.Seed = seedZero
+				}
+			}
+			q.Sampling = q.Sampling.WithRandomSeed()
+			out = append(out, q)
+		}
+	}
+	return out
 }
 
 func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 	var cr completionRequest
-	if e := s.decode(w, r, &cr); e != nil {
+	if e := s.decode(w, r, &cr, completionKeys); e != nil {
 		writeError(w, e)
 		return
 	}
-	prompts, err := stringOrArray(cr.Prompt)
+	prompts, e := completionPrompts(cr.Prompt)
+	if e != nil {
+		writeError(w, e)
+		return
+	}
+	n, e := cr.choices()
+	if e != nil {
+		writeError(w, e)
+		return
+	}
+	logprobs, top, e := cr.textLogprobs()
 	switch {
-	case err != nil:
-		writeError(w, invalidRequest("prompt", "prompt "+err.Error()+" (token arrays are not supported)"))
+	case e != nil:
+		writeError(w, e)
 		return
-	case len(prompts) == 0:
-		writeError(w, invalidRequest("prompt", "prompt is required"))
+	case len(prompts)*n > maxChoices:
+		writeError(w, invalidRequest("n", fmt.Sprintf("%d prompts times n=%d is %d completions; at most %d per request", len(prompts), n, len(prompts)*n, maxChoices)))
 		return
-	case len(prompts) > 1:
-		writeError(w, invalidRequest("prompt", fmt.Sprintf("only one prompt per request is supported, got %d", len(prompts))))
-		return
-	case cr.Echo:
-		writeError(w, invalidRequest("echo", "echo is not supported"))
+	case cr.Echo && logprobs:
+		writeError(w, invalidRequest("logprobs", "logprobs with echo would need the prompt's logprobs, which this server does not compute; use one or the other"))
 		return
 	case cr.Suffix != nil && *cr.Suffix != "":
 		writeError(w, invalidRequest("suffix", "suffix is not supported"))
+		return
+	case cr.BestOf != nil && *cr.BestOf != n:
+		writeError(w, invalidRequest("best_of", fmt.Sprintf("best_of must equal n (%d): choosing the best of several completions is not supported", n)))
 		return
 	}
 	card, e := s.findModel(r.Context(), cr.Model)
@@ -295,24 +465,123 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 		writeError(w, e)
 		return
 	}
+	req.Logprobs, req.TopLogprobs, req.Echo = logprobs, top, cr.Echo
 	if !card.Ready {
 		writeError(w, notReady(card))
 		return
 	}
-	req.Prompt = prompts[0]
-	s.generate(w, r, &cr.samplingFields, req, textFormat{})
+	reqs := make([]pipeline.Request, len(prompts))
+	for i, p := range prompts {
+		reqs[i] = req
+		if p.ids != nil {
+			for _, id := range p.ids {
+				if card.Vocab > 0 && int(id) >= card.Vocab {
+					writeError(w, invalidRequest("prompt", fmt.Sprintf("prompt token %d is outside the vocabulary of %d", id, card.Vocab)))
+					return
+				}
+			}
+			reqs[i].PromptIDs = p.ids
+		} else {
+			reqs[i].Prompt = p.text
+		}
+	}
+	s.generate(w, r, &cr.samplingFields, choicesOf(reqs, n, cr.Seed != nil), textFormat{})
+}
+
+// promptIn is one prompt of a text completion: text, or token ids.
+type promptIn struct {
+	text string
+	ids  []int32
+}
+
+// completionPrompts decodes OpenAI's prompt: a string, an array of strings, an array of token
+// ids, or an array of arrays of token ids.
+func completionPrompts(raw json.RawMessage) ([]promptIn, *apiError) {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil, invalidRequest("prompt", "prompt is required")
+	}
+	bad := invalidRequest("prompt", "prompt must be a string, an array of strings, an array of token ids or an array of arrays of token ids")
+	if raw[0] == '"' {
+		var s string
+		if err := json.Unmarshal(raw, &s); err != nil {
+			return nil, bad
+		}
+		return []promptIn{{text: s}}, nil
+	}
+	var items []json.RawMessage
+	if err := json.Unmarshal(raw, &items); err != nil {
+		return nil, bad
+	}
+	if len(items) == 0 {
+		return nil, invalidRequest("prompt", "prompt is an empty array")
+	}
+	ids := func(raw json.RawMessage) ([]int32, bool) {
+		var v []int64
+		if err := json.Unmarshal(raw, &v); err != nil {
+			return nil, false
+		}
+		out := make([]int32, len(v))
+		for i, x := range v {
+			if x < 0 || x > math.MaxInt32 {
+				return nil, false
+			}
+			out[i] = int32(x)
+		}
+		return out, true
+	}
+	switch first := bytes.TrimSpace(items[0]); {
+	case len(first) > 0 && first[0] == '"':
+		var ss []string
+		if err := json.Unmarshal(raw, &ss); err != nil {
+			return nil, bad
+		}
+		out := make([]promptIn, len(ss))
+		for i, s := range ss {
+			out[i] = promptIn{text: s}
+		}
+		return out, nil
+	case len(first) > 0 && first[0] == '[':
+		out := make([]promptIn, len(items))
+		for i, it := range items {
+			v, ok := ids(it)
+			if !ok {
+				return nil, invalidRequest("prompt", fmt.Sprintf("prompt[%d] must be an array of token ids (integers >= 0)", i))
+			}
+			if len(v) == 0 {
+				return nil, invalidRequest("prompt", fmt.Sprintf("prompt[%d] is empty", i))
+			}
+			out[i] = promptIn{ids: v}
+		}
+		return out, nil
+	default:
+		v, ok := ids(raw)
+		if !ok {
+			return nil, bad
+		}
+		return []promptIn{{ids: v}}, nil
+	}
 }
 
 func notReady(card pipeline.ModelCard) *apiError {
 	return serverError(http.StatusServiceUnavailable, fmt.Sprintf("model %s is not ready: not every layer is served by the swarm yet", card.ID))
 }
 
+// outcome is one choice's finished generation, for the non-streamed answer.
+type outcome struct {
+	res      pipeline.Result
+	text     string
+	logprobs []pipeline.TokenLogprobs
+}
+
 // format is what differs between chat and text completions: the response objects.
 type format interface {
 	idPrefix() string
 	promptParam() string // the request field the prompt came from
-	full(id string, created int64, model, text, finish string, u usage) any
-	chunk(id string, created int64, model string, first bool, text string, finish *string) any
+	full(id string, created int64, model string, outs []outcome, logprobs bool, u usage) any
+	// chunk is one streamed piece of choice index; role marks the first chunk of a chat
+	// choice, offset is the bytes of the choice's text sent before this piece.
+	chunk(id string, created int64, model string, index int, role bool, text string, lps []pipeline.TokenLogprobs, logprobs bool, offset int, finish *string) any
 	usageChunk(id string, created int64, model string, u usage) any
 }
 
@@ -322,26 +591,56 @@ func (chatFormat) idPrefix() string { return "chatcmpl-" }
 
 func (chatFormat) promptParam() string { return "messages" }
 
-func (chatFormat) full(id string, created int64, model, text, finish string, u usage) any {
-	return chatCompletion{ID: id, Object: "chat.completion", Created: created, Model: model,
-		Choices: []chatChoice{{Message: &assistantMsg{Role: "assistant", Content: &text}, FinishReason: &finish}},
-		Usage:   &u}
+func (chatFormat) full(id string, created int64, model string, outs []outcome, logprobs bool, u usage) any {
+	c := chatCompletion{ID: id, Object: "chat.completion", Created: created, Model: model, Usage: &u}
+	for i, o := range outs {
+		text, finish := o.text, finishReason(o.res)
+		ch := chatChoice{Index: i, Message: &assistantMsg{Role: "assistant", Content: &text}, FinishReason: &finish}
+		if logprobs {
+			ch.Logprobs = chatLogprobsOf(o.logprobs)
+		}
+		c.Choices = append(c.Choices, ch)
+	}
+	return c
 }
 
-func (chatFormat) chunk(id string, created int64, model string, first bool, text string, finish *string) any {
+func (chatFormat) chunk(id string, created int64, model string, index int, role bool, text string, lps []pipeline.TokenLogprobs, logprobs bool, _ int, finish *string) any {
 	delta := &assistantMsg{}
-	if first {
+	if role {
 		delta.Role = "assistant"
 	}
 	if finish == nil {
 		delta.Content = &text
 	}
-	return chatCompletion{ID: id, Object: "chat.completion.chunk", Created: created, Model: model,
-		Choices: []chatChoice{{Delta: delta, FinishReason: finish}}}
+	ch := chatChoice{Index: index, Delta: delta, FinishReason: finish}
+	if logprobs && finish == nil && !role {
+		ch.Logprobs = chatLogprobsOf(lps)
+	}
+	return chatCompletion{ID: id, Object: "chat.completion.chunk", Created: created, Model: model, Choices: []chatChoice{ch}}
 }
 
 func (chatFormat) usageChunk(id string, created int64, model string, u usage) any {
 	return chatCompletion{ID: id, Object: "chat.completion.chunk", Created: created, Model: model, Choices: []chatChoice{}, Usage: &u}
+}
+
+func tokenBytes(s string) []int {
+	b := make([]int, len(s))
+	for i := 0; i < len(s); i++ {
+		b[i] = int(s[i])
+	}
+	return b
+}
+
+func chatLogprobsOf(lps []pipeline.TokenLogprobs) *chatLogprobs {
+	out := &chatLogprobs{Content: make([]chatTokenLogprob, 0, len(lps))}
+	for _, lp := range lps {
+		e := chatTokenLogprob{Token: lp.Text, Logprob: float64(lp.Logprob), Bytes: tokenBytes(lp.Text), TopLogprobs: []chatTopLogprob{}}
+		for _, t := range lp.Top {
+			e.TopLogprobs = append(e.TopLogprobs, chatTopLogprob{Token: t.Text, Logprob: float64(t.Logprob), Bytes: tokenBytes(t.Text)})
+		}
+		out.Content = append(out.Content, e)
+	}
+	return out
 }
 
 type textFormat struct{}
@@ -350,52 +649,88 @@ func (textFormat) idPrefix() string { return "cmpl-" }
 
 func (textFormat) promptParam() string { return "prompt" }
 
-func (textFormat) full(id string, created int64, model, text, finish string, u usage) any {
-	return textCompletion{ID: id, Object: "text_completion", Created: created, Model: model,
-		Choices: []textChoice{{Text: text, FinishReason: &finish}}, Usage: &u}
+func (textFormat) full(id string, created int64, model string, outs []outcome, logprobs bool, u usage) any {
+	c := textCompletion{ID: id, Object: "text_completion", Created: created, Model: model, Usage: &u}
+	for i, o := range outs {
+		finish := finishReason(o.res)
+		ch := textChoice{Index: i, Text: o.text, FinishReason: &finish}
+		if logprobs { // never with echo: the text is all completion
+			ch.Logprobs = textLogprobsOf(o.logprobs, 0)
+		}
+		c.Choices = append(c.Choices, ch)
+	}
+	return c
 }
 
-func (textFormat) chunk(id string, created int64, model string, _ bool, text string, finish *string) any {
-	return textCompletion{ID: id, Object: "text_completion", Created: created, Model: model,
-		Choices: []textChoice{{Text: text, FinishReason: finish}}}
+func (textFormat) chunk(id string, created int64, model string, index int, _ bool, text string, lps []pipeline.TokenLogprobs, logprobs bool, offset int, finish *string) any {
+	ch := textChoice{Index: index, Text: text, FinishReason: finish}
+	if logprobs && finish == nil {
+		ch.Logprobs = textLogprobsOf(lps, offset)
+	}
+	return textCompletion{ID: id, Object: "text_completion", Created: created, Model: model, Choices: []textChoice{ch}}
 }
 
 func (textFormat) usageChunk(id string, created int64, model string, u usage) any {
 	return textCompletion{ID: id, Object: "text_completion", Created: created, Model: model, Choices: []textChoice{}, Usage: &u}
 }
 
-// generate runs req on the backend and answers in f's shapes, plain or streamed.
-func (s *Server) generate(w http.ResponseWriter, r *http.Request, fields *samplingFields, req pipeline.Request, f format) {
+// textLogprobsOf is the legacy logprobs object; text_offset counts bytes from offset.
+func textLogprobsOf(lps []pipeline.TokenLogprobs, offset int) *textLogprobs {
+	out := &textLogprobs{Tokens: []string{}, TokenLogprobs: []float64{}, TopLogprobs: []map[string]float64{}, TextOffset: []int{}}
+	for _, lp := range lps {
+		out.Tokens = append(out.Tokens, lp.Text)
+		out.TokenLogprobs = append(out.TokenLogprobs, float64(lp.Logprob))
+		top := make(map[string]float64, len(lp.Top))
+		for _, t := range lp.Top {
+			if _, dup := top[t.Text]; !dup { // two ids can share a text; the likelier one stays
+				top[t.Text] = float64(t.Logprob)
+			}
+		}
+		out.TopLogprobs = append(out.TopLogprobs, top)
+		out.TextOffset = append(out.TextOffset, offset)
+		offset += len(lp.Text)
+	}
+	return out
+}
+
+// generate runs reqs (the choices) on the backend at once and answers in f's shapes, plain or
+// streamed.
+func (s *Server) generate(w http.ResponseWriter, r *http.Request, fields *samplingFields, reqs []pipeline.Request, f format) {
 	start := time.Now()
 	id := f.idPrefix() + randomID()
 	created := s.now().Unix()
-	ctx := r.Context()
+	ctx, cancel := context.WithCancel(r.Context())
+	defer cancel()
+	model := reqs[0].Model
+	logprobs := reqs[0].Logprobs
+	perPrompt, _ := fields.choices()
 
-	var res pipeline.Result
-	var err error
+	var (
+		outs []outcome
+		err  error
+	)
 	if fields.Stream {
 		includeUsage := fields.StreamOptions != nil && fields.StreamOptions.IncludeUsage
-		res, err = s.stream(ctx, w, req, f, id, created, includeUsage)
+		outs, err = s.stream(ctx, cancel, w, reqs, f, id, created, includeUsage, perPrompt)
 	} else {
-		var text strings.Builder
-		res, err = s.backend.Generate(ctx, req, func(d pipeline.Delta) error {
-			text.WriteString(d.Text)
-			return ctx.Err()
-		})
+		outs, err = s.runAll(ctx, cancel, reqs, nil)
 		if err == nil {
-			out := res.Text
-			if out == "" {
-				out = text.String()
-			}
-			writeJSON(w, http.StatusOK, f.full(id, created, req.Model, out, finishReason(res), usageOf(res)))
-		} else if ctx.Err() == nil {
+			writeJSON(w, http.StatusOK, f.full(id, created, model, outs, logprobs, usageOfAll(outs, perPrompt)))
+		} else if r.Context().Err() == nil {
 			writeError(w, backendError(err, f.promptParam()))
 		}
 	}
-	attrs := []any{"id", id, "model", req.Model, "stream", fields.Stream, "prompt_tokens", res.PromptTokens,
-		"completion_tokens", res.CompletionTokens, "finish", res.FinishReason, "duration", time.Since(start)}
+	u := usageOfAll(outs, perPrompt)
+	attrs := []any{"id", id, "model", model, "stream", fields.Stream, "choices", len(reqs), "prompt_tokens", u.PromptTokens,
+		"completion_tokens", u.CompletionTokens, "duration", time.Since(start)}
+	if len(outs) == 1 {
+		attrs = append(attrs, "finish", outs[0].res.FinishReason)
+	}
+	if fields.User != "" {
+		attrs = append(attrs, "user", fields.User)
+	}
 	switch {
-	case ctx.Err() != nil:
+	case r.Context().Err() != nil:
 		s.log.Info("completion cancelled by client", attrs...)
 	case err != nil:
 		s.log.Warn("completion failed", append(attrs, "err", err)...)
@@ -404,15 +739,80 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, fields *sampli
 	}
 }
 
+// runAll runs every choice at once; emit (if not nil) gets each choice's deltas with its index,
+// never two at a time. The first error cancels the others and is returned.
+func (s *Server) runAll(ctx context.Context, cancel context.CancelFunc, reqs []pipeline.Request, emit func(int, pipeline.Delta) error) ([]outcome, error) {
+	outs := make([]outcome, len(reqs))
+	errs := make([]error, len(reqs))
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	panics := make([]any, len(reqs))
+	for i, req := range reqs {
+		wg.Go(func() {
+			// A panic is re-raised on the handler's goroutine, where the server recovers it.
+			defer func() {
+				if v := recover(); v != nil {
+					panics[i] = v
+					cancel()
+				}
+			}()
+			var text strings.Builder
+			res, err := s.backend.Generate(ctx, req, func(d pipeline.Delta) error {
+				text.WriteString(d.Text)
+				outs[i].logprobs = append(outs[i].logprobs, d.Logprobs...)
+				if emit == nil {
+					return ctx.Err()
+				}
+				mu.Lock()
+				defer mu.Unlock()
+				if err := ctx.Err(); err != nil {
+					return err
+				}
+				return emit(i, d)
+			})
+			outs[i].res = res
+			outs[i].text = res.Text
+			if outs[i].text == "" {
+				outs[i].text = text.String()
+			}
+			if err != nil {
+				errs[i] = err
+				cancel()
+			}
+		})
+	}
+	wg.Wait()
+	for _, v := range panics {
+		if v != nil {
+			panic(v)
+		}
+	}
+	// The first failure, not the cancellations it caused in the others.
+	for _, err := range errs {
+		if err != nil && !errors.Is(err, context.Canceled) {
+			return outs, err
+		}
+	}
+	for _, err := range errs {
+		if err != nil {
+			return outs, err
+		}
+	}
+	return outs, nil
+}
+
 // stream answers with server-sent events. Headers go out with the first piece of text, so that
 // a request the backend refuses straight away (a prompt too long, no route) still gets a
 // proper status code; after that an error can only be reported as an error event.
-func (s *Server) stream(ctx context.Context, w http.ResponseWriter, req pipeline.Request, f format, id string, created int64, includeUsage bool) (pipeline.Result, error) {
+func (s *Server) stream(ctx context.Context, cancel context.CancelFunc, w http.ResponseWriter, reqs []pipeline.Request, f format, id string, created int64, includeUsage bool, perPrompt int) ([]outcome, error) {
 	rc := http.NewResponseController(w)
+	model := reqs[0].Model
+	logprobs := reqs[0].Logprobs
 	var (
-		mu      sync.Mutex
+		mu      sync.Mutex // guards the writer against the backend's late calls
 		started bool
 		done    bool
+		offsets = make([]int, len(reqs))
 	)
 	send := func(v any) error {
 		b, err := marshal(v)
@@ -438,61 +838,66 @@ func (s *Server) stream(ctx context.Context, w http.ResponseWriter, req pipeline
 		h.Set("X-Accel-Buffering", "no") // keep reverse proxies from buffering the stream
 		w.WriteHeader(http.StatusOK)
 		if _, ok := f.(chatFormat); ok {
-			return send(f.chunk(id, created, req.Model, true, "", nil))
+			for i := range reqs {
+				if err := send(f.chunk(id, created, model, i, true, "", nil, logprobs, 0, nil)); err != nil {
+					return err
+				}
+			}
 		}
 		return nil
 	}
 
-	res, err := s.backend.Generate(ctx, req, func(d pipeline.Delta) error {
+	outs, err := s.runAll(ctx, cancel, reqs, func(i int, d pipeline.Delta) error {
 		mu.Lock()
 		defer mu.Unlock()
 		if done {
 			return errors.New("emit called after Generate returned")
 		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if d.Text == "" {
+		if d.Text == "" && !(logprobs && len(d.Logprobs) > 0) {
 			return nil
 		}
 		if err := begin(); err != nil {
 			return err
 		}
-		return send(f.chunk(id, created, req.Model, false, d.Text, nil))
+		off := offsets[i]
+		offsets[i] += len(d.Text)
+		return send(f.chunk(id, created, model, i, false, d.Text, d.Logprobs, logprobs, off, nil))
 	})
 	mu.Lock()
 	defer mu.Unlock()
 	done = true
-	if ctx.Err() != nil {
-		return res, err
-	}
 	if err != nil {
+		if errors.Is(err, context.Canceled) {
+			return outs, err // the client went away: nobody to tell
+		}
 		if !started {
 			writeError(w, backendError(err, f.promptParam()))
-			return res, err
+			return outs, err
 		}
 		ae := backendError(err, f.promptParam())
 		_ = send(struct {
 			Error *apiError `json:"error"`
 		}{ae})
-		return res, err
+		return outs, err
 	}
 	if err := begin(); err != nil {
-		return res, err
+		return outs, err
 	}
-	finish := finishReason(res)
-	if err := send(f.chunk(id, created, req.Model, false, "", &finish)); err != nil {
-		return res, err
+	for i, o := range outs {
+		finish := finishReason(o.res)
+		if err := send(f.chunk(id, created, model, i, false, "", nil, logprobs, 0, &finish)); err != nil {
+			return outs, err
+		}
 	}
 	if includeUsage {
-		if err := send(f.usageChunk(id, created, req.Model, usageOf(res))); err != nil {
-			return res, err
+		if err := send(f.usageChunk(id, created, model, usageOfAll(outs, perPrompt))); err != nil {
+			return outs, err
 		}
 	}
 	if _, err := io.WriteString(w, "data: [DONE]\n\n"); err != nil {
-		return res, fmt.Errorf("writing to client: %w", err)
+		return outs, fmt.Errorf("writing to client: %w", err)
 	}
-	return res, rc.Flush()
+	return outs, rc.Flush()
 }
 
 func finishReason(res pipeline.Result) string {
@@ -502,8 +907,18 @@ func finishReason(res pipeline.Result) string {
 	return res.FinishReason
 }
 
-func usageOf(res pipeline.Result) usage {
-	return usage{PromptTokens: res.PromptTokens, CompletionTokens: res.CompletionTokens, TotalTokens: res.PromptTokens + res.CompletionTokens}
+// usageOfAll counts each prompt once (its perPrompt choices share it, as OpenAI counts them)
+// and every choice's completion.
+func usageOfAll(outs []outcome, perPrompt int) usage {
+	var u usage
+	for i, o := range outs {
+		if perPrompt <= 1 || i%perPrompt == 0 {
+			u.PromptTokens += o.res.PromptTokens
+		}
+		u.CompletionTokens += o.res.CompletionTokens
+	}
+	u.TotalTokens = u.PromptTokens + u.CompletionTokens
+	return u
 }
 
 func randomID() string {

@@ -46,7 +46,7 @@ func realServer(t *testing.T, ranges ...shard.Range) *generatorBackend {
 	stages, tok := testkit.LoadStages(t, path, ranges, shard.WithMaxContext(realContext), shard.WithMaxSessions(2))
 	gen := pipeline.NewGenerator(tok, pipeline.LocalRouter{Stages: stages, Codec: quant.CodecF32}, pipeline.WithMaxContext(realContext))
 	return &generatorBackend{gen: gen, card: pipeline.ModelCard{
-		ID: "tiny", ContextLength: gen.MaxContext(), ChatTemplate: info.ChatTemplate, BOS: tok.BOS, EOS: tok.EOS, Ready: true,
+		ID: "tiny", ContextLength: gen.MaxContext(), ChatTemplate: info.ChatTemplate, BOS: tok.BOS, EOS: tok.EOS, Vocab: info.Vocab, Ready: true,
 	}}
 }
 
@@ -171,4 +171,102 @@ func TestNoRouteMidStream(t *testing.T) {
 	if st.Err() == nil || !strings.Contains(st.Err().Error(), "layers [2,4)") {
 		t.Fatalf("client error %v", st.Err())
 	}
+}
+
+// TestRealTokenPromptsAndLogprobs: through the official client, a prompt of token ids
+// continues exactly as the same prompt in text; logprobs come in OpenAI's shapes with the
+// greedy token on top; n choices come back as one response; usage counts what was returned.
+func TestRealTokenPromptsAndLogprobs(t *testing.T) {
+	b := realServer(t, shard.Range{Start: 0, End: 3}, shard.Range{Start: 3, End: 6})
+	ts := startServer(t, b)
+	c := client(ts)
+	ctx := context.Background()
+	const prompt = "Once upon a time"
+	ids, err := b.gen.Encode(prompt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids64 := make([]int64, len(ids))
+	for i, id := range ids {
+		ids64[i] = int64(id)
+	}
+	text, err := c.Completions.New(ctx, openai.CompletionNewParams{Model: "tiny", MaxTokens: openai.Int(12), Temperature: openai.Float(0),
+		Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompt)}, Logprobs: openai.Int(3)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	byIDs, err := c.Completions.New(ctx, openai.CompletionNewParams{Model: "tiny", MaxTokens: openai.Int(12), Temperature: openai.Float(0),
+		Prompt: openai.CompletionNewParamsPromptUnion{OfArrayOfTokens: ids64}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if text.Choices[0].Text != byIDs.Choices[0].Text || text.Usage.PromptTokens != int64(len(ids)) || byIDs.Usage.PromptTokens != int64(len(ids)) {
+		t.Fatalf("text prompt %q (usage %+v), id prompt %q (usage %+v)", text.Choices[0].Text, text.Usage, byIDs.Choices[0].Text, byIDs.Usage)
+	}
+	lp := text.Choices[0].Logprobs
+	if int64(len(lp.Tokens)) != text.Usage.CompletionTokens || len(lp.TokenLogprobs) != len(lp.Tokens) || len(lp.TopLogprobs) != len(lp.Tokens) {
+		t.Fatalf("logprobs for %d tokens: %+v", text.Usage.CompletionTokens, lp)
+	}
+	for i, tok := range lp.Tokens {
+		best, ok := lp.TopLogprobs[i][tok]
+		if !ok || best != lp.TokenLogprobs[i] || lp.TokenLogprobs[i] > 0 {
+			t.Fatalf("token %d %q logprob %v, top %v", i, tok, lp.TokenLogprobs[i], lp.TopLogprobs[i])
+		}
+	}
+
+	// Two prompts of ids; then one prompt, two choices (the stages hold two sessions at once).
+	multi, err := c.Completions.New(ctx, openai.CompletionNewParams{Model: "tiny", MaxTokens: openai.Int(6), Temperature: openai.Float(0),
+		Prompt: openai.CompletionNewParamsPromptUnion{OfArrayOfTokenArrays: [][]int64{ids64, ids64[:2]}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(multi.Choices) != 2 || !strings.HasPrefix(byIDs.Choices[0].Text, multi.Choices[0].Text) || multi.Choices[1].Index != 1 ||
+		multi.Usage.CompletionTokens != 2*6 || multi.Usage.PromptTokens != int64(len(ids)+2) {
+		t.Fatalf("choices %+v usage %+v", multi.Choices, multi.Usage)
+	}
+	two, err := c.Completions.New(ctx, openai.CompletionNewParams{Model: "tiny", MaxTokens: openai.Int(6), Temperature: openai.Float(0), N: openai.Int(2),
+		Prompt: openai.CompletionNewParamsPromptUnion{OfArrayOfTokens: ids64}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(two.Choices) != 2 || two.Choices[0].Text != two.Choices[1].Text || two.Choices[0].Text != multi.Choices[0].Text ||
+		two.Usage.CompletionTokens != 2*6 || two.Usage.PromptTokens != int64(len(ids)) {
+		t.Fatalf("n=2: choices %+v usage %+v", two.Choices, two.Usage)
+	}
+
+	// Echo: the prompt, then the completion.
+	echo, err := c.Completions.New(ctx, openai.CompletionNewParams{Model: "tiny", MaxTokens: openai.Int(12), Temperature: openai.Float(0),
+		Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompt)}, Echo: openai.Bool(true)})
+	if err != nil || echo.Choices[0].Text != prompt+text.Choices[0].Text {
+		t.Fatalf("echo %+v %v", echo.Choices, err)
+	}
+
+	// Chat logprobs, streamed: one entry per token, top alternatives best first.
+	st := c.Chat.Completions.NewStreaming(ctx, openai.ChatCompletionNewParams{Model: "tiny", MaxTokens: openai.Int(10), Temperature: openai.Float(0),
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")}, Logprobs: openai.Bool(true), TopLogprobs: openai.Int(2),
+		StreamOptions: openai.ChatCompletionStreamOptionsParam{IncludeUsage: openai.Bool(true)}})
+	var entries []openai.ChatCompletionTokenLogprob
+	var used int64
+	for st.Next() {
+		ch := st.Current()
+		if len(ch.Choices) > 0 {
+			entries = append(entries, ch.Choices[0].Logprobs.Content...)
+		}
+		used += ch.Usage.CompletionTokens
+	}
+	if err := st.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if int64(len(entries)) != used || used == 0 {
+		t.Fatalf("%d logprob entries for %d completion tokens", len(entries), used)
+	}
+	for _, e := range entries {
+		if len(e.TopLogprobs) != 2 || e.TopLogprobs[0].Logprob != e.Logprob || e.TopLogprobs[1].Logprob > e.Logprob || len(e.Bytes) != len(e.Token) {
+			t.Fatalf("entry %+v", e)
+		}
+	}
+
+	// A token id outside the vocabulary is the client's mistake.
+	_, err = c.Completions.New(ctx, openai.CompletionNewParams{Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfArrayOfTokens: []int64{1, 1 << 30}}})
+	assertAPIError(t, err, 400, "")
 }

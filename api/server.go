@@ -1,6 +1,6 @@
 // Package api serves Strata's swarm through the OpenAI HTTP API (chat and text completions,
-// plain and streamed as server-sent events, and the model list), so that any OpenAI client can
-// talk to any node.
+// plain and streamed as server-sent events, and the model list), Ollama's API (/api/...) and
+// Anthropic's Messages (/v1/messages), so that clients of any of them can talk to any node.
 package api
 
 import (
@@ -104,6 +104,8 @@ func NewServer(backend Backend, opts ...Option) *Server {
 	s.apiMux.Handle("/v1/completions", s.method(http.MethodPost, s.handleCompletion))
 	s.apiMux.Handle("/v1/models", s.method(http.MethodGet, s.handleModels))
 	s.apiMux.Handle("/v1/models/{id...}", s.method(http.MethodGet, s.handleModel))
+	s.mountOllama()
+	s.mountAnthropic()
 	s.apiMux.Handle("/v1/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, invalidRequestCode(http.StatusNotFound, "", "unknown_url", fmt.Sprintf("unknown endpoint %s %s", r.Method, r.URL.Path)))
 	}))
@@ -120,7 +122,10 @@ func NewServer(backend Backend, opts ...Option) *Server {
 	return s
 }
 
-func isAPIPath(p string) bool { return p == "/v1" || strings.HasPrefix(p, "/v1/") }
+// isAPIPath: /v1/ is OpenAI's (and Anthropic's /v1/messages), /api/ Ollama's.
+func isAPIPath(p string) bool {
+	return p == "/v1" || strings.HasPrefix(p, "/v1/") || strings.HasPrefix(p, "/api/")
+}
 
 // Handle mounts a route of the node's (/health, /metrics, a dashboard at "/") beside the API,
 // with http.ServeMux patterns. Routes outside /v1/ are not covered by the API key: the node
@@ -163,15 +168,18 @@ func (s *Server) auth(h http.Handler) http.Handler {
 	want := []byte("Bearer " + s.apiKey)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		got := r.Header.Get("Authorization")
+		if k := r.Header.Get("X-Api-Key"); got == "" && k != "" {
+			got = "Bearer " + k // Anthropic's clients send the key this way
+		}
 		if got == "" {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="strata"`)
-			writeError(w, invalidRequestCode(http.StatusUnauthorized, "", "missing_api_key",
+			writeErrorFor(w, r, invalidRequestCode(http.StatusUnauthorized, "", "missing_api_key",
 				"missing API key: send it as 'Authorization: Bearer KEY'"))
 			return
 		}
 		if subtle.ConstantTimeCompare([]byte(got), want) != 1 {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="strata", error="invalid_token"`)
-			writeError(w, invalidRequestCode(http.StatusUnauthorized, "", "invalid_api_key", "incorrect API key"))
+			writeErrorFor(w, r, invalidRequestCode(http.StatusUnauthorized, "", "invalid_api_key", "incorrect API key"))
 			return
 		}
 		h.ServeHTTP(w, r)
@@ -180,6 +188,19 @@ func (s *Server) auth(h http.Handler) http.Handler {
 
 // recover is the last resort: a panic in a handler is logged with its stack and answered 500
 // (if nothing was written yet) instead of killing the connection silently.
+// writeErrorFor answers e in the shape the path's API uses: Ollama's under /api/, Anthropic's
+// at /v1/messages, OpenAI's elsewhere.
+func writeErrorFor(w http.ResponseWriter, r *http.Request, e *apiError) {
+	switch {
+	case strings.HasPrefix(r.URL.Path, "/api/"):
+		ollamaAPIError(w, e)
+	case r.URL.Path == "/v1/messages":
+		anthropicError(w, e)
+	default:
+		writeError(w, e)
+	}
+}
+
 func (s *Server) recover(h http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rw := &recordingWriter{ResponseWriter: w}
@@ -193,7 +214,7 @@ func (s *Server) recover(h http.Handler) http.Handler {
 			}
 			s.log.Error("panic serving request", "method", r.Method, "path", r.URL.Path, "panic", v, "stack", string(debug.Stack()))
 			if !rw.wrote {
-				writeError(rw, serverError(http.StatusInternalServerError, "internal error"))
+				writeErrorFor(rw, r, serverError(http.StatusInternalServerError, "internal error"))
 			}
 		}()
 		h.ServeHTTP(rw, r)

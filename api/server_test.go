@@ -227,7 +227,7 @@ func TestChatSamplingFields(t *testing.T) {
 	}
 	p := b.lastRequest().Sampling
 	if p.Temperature != 0.7 || p.TopP != 0.9 || p.TopK != 40 || p.MinP != 0.05 || p.Seed != 42 ||
-		p.RepeatPenalty != 1.1 || p.RepeatLastN != defaultRepeatLastN || b.lastRequest().MaxTokens != 100 {
+		p.FrequencyPenalty != 0.2 || p.RepeatPenalty != 0 || b.lastRequest().MaxTokens != 100 {
 		t.Fatalf("sampling %+v, max_tokens %d", p, b.lastRequest().MaxTokens)
 	}
 
@@ -471,23 +471,38 @@ func TestErrors(t *testing.T) {
 		{"max_tokens beyond context", "POST", chat, `{"model":"llama-test",` + user + `,"max_tokens":5000}`, 400, "max_tokens", "context_length_exceeded"},
 		{"max_completion_tokens beyond context", "POST", chat, `{"model":"llama-test",` + user + `,"max_completion_tokens":99999}`, 400, "max_completion_tokens", "context_length_exceeded"},
 		{"max_tokens zero", "POST", chat, `{"model":"llama-test",` + user + `,"max_tokens":0}`, 400, "max_tokens", ""},
-		{"n=2", "POST", chat, `{"model":"llama-test",` + user + `,"n":2}`, 400, "n", ""},
+		{"n=17", "POST", chat, `{"model":"llama-test",` + user + `,"n":17}`, 400, "n", ""},
+		{"n=0", "POST", chat, `{"model":"llama-test",` + user + `,"n":0}`, 400, "n", ""},
+		{"unknown field", "POST", chat, `{"model":"llama-test",` + user + `,"reasoning_effort":"high"}`, 400, "reasoning_effort", ""},
+		{"legacy functions", "POST", chat, `{"model":"llama-test",` + user + `,"functions":[{"name":"f"}]}`, 400, "functions", ""},
+		{"tool_choice", "POST", chat, `{"model":"llama-test",` + user + `,"tool_choice":"auto"}`, 400, "tool_choice", ""},
+		{"store", "POST", chat, `{"model":"llama-test",` + user + `,"store":true}`, 400, "store", ""},
+		{"logit_bias key", "POST", chat, `{"model":"llama-test",` + user + `,"logit_bias":{"x":1}}`, 400, "logit_bias", ""},
+		{"logit_bias value", "POST", chat, `{"model":"llama-test",` + user + `,"logit_bias":{"5":101}}`, 400, "logit_bias", ""},
+		{"top_logprobs without logprobs", "POST", chat, `{"model":"llama-test",` + user + `,"top_logprobs":2}`, 400, "top_logprobs", ""},
+		{"top_logprobs 21", "POST", chat, `{"model":"llama-test",` + user + `,"logprobs":true,"top_logprobs":21}`, 400, "top_logprobs", ""},
+		{"logprobs int in chat", "POST", chat, `{"model":"llama-test",` + user + `,"logprobs":3}`, 400, "logprobs", ""},
+		{"negative repeat_last_n", "POST", chat, `{"model":"llama-test",` + user + `,"repeat_penalty":1.1,"repeat_last_n":-1}`, 400, "repeat_last_n", ""},
 		{"temperature 3", "POST", chat, `{"model":"llama-test",` + user + `,"temperature":3}`, 400, "temperature", ""},
 		{"top_p 2", "POST", chat, `{"model":"llama-test",` + user + `,"top_p":2}`, 400, "top_p", ""},
 		{"top_k negative", "POST", chat, `{"model":"llama-test",` + user + `,"top_k":-1}`, 400, "top_k", ""},
 		{"stop wrong type", "POST", chat, `{"model":"llama-test",` + user + `,"stop":5}`, 400, "stop", ""},
 		{"tools", "POST", chat, `{"model":"llama-test",` + user + `,"tools":[{"type":"function","function":{"name":"f"}}]}`, 400, "tools", ""},
 		{"json mode", "POST", chat, `{"model":"llama-test",` + user + `,"response_format":{"type":"json_object"}}`, 400, "response_format", ""},
-		{"logprobs", "POST", chat, `{"model":"llama-test",` + user + `,"logprobs":true}`, 400, "logprobs", ""},
 		{"not ready", "POST", chat, `{"model":"org/partial",` + user + `}`, 503, "", ""},
 		{"wrong method", "GET", chat, ``, 405, "", "method_not_allowed"},
 		{"wrong method models", "POST", "/v1/models", `{}`, 405, "", "method_not_allowed"},
 		{"unknown endpoint", "POST", "/v1/embeddings", `{}`, 404, "", "unknown_url"},
 		{"too large", "POST", chat, `{"model":"llama-test","messages":[{"role":"user","content":"` + strings.Repeat("x", 1<<17) + `"}]}`, 413, "", ""},
 		{"completion without prompt", "POST", "/v1/completions", `{"model":"llama-test"}`, 400, "prompt", ""},
-		{"completion token prompt", "POST", "/v1/completions", `{"model":"llama-test","prompt":[1,2,3]}`, 400, "prompt", ""},
-		{"completion two prompts", "POST", "/v1/completions", `{"model":"llama-test","prompt":["a","b"]}`, 400, "prompt", ""},
-		{"completion echo", "POST", "/v1/completions", `{"model":"llama-test","prompt":"a","echo":true}`, 400, "echo", ""},
+		{"completion negative token", "POST", "/v1/completions", `{"model":"llama-test","prompt":[1,-2,3]}`, 400, "prompt", ""},
+		{"completion mixed token arrays", "POST", "/v1/completions", `{"model":"llama-test","prompt":[[1,2],["a"]]}`, 400, "prompt", ""},
+		{"completion empty prompt array", "POST", "/v1/completions", `{"model":"llama-test","prompt":[]}`, 400, "prompt", ""},
+		{"completion echo with logprobs", "POST", "/v1/completions", `{"model":"llama-test","prompt":"a","echo":true,"logprobs":1}`, 400, "logprobs", ""},
+		{"completion logprobs 21", "POST", "/v1/completions", `{"model":"llama-test","prompt":"a","logprobs":21}`, 400, "logprobs", ""},
+		{"completion best_of", "POST", "/v1/completions", `{"model":"llama-test","prompt":"a","best_of":3}`, 400, "best_of", ""},
+		{"completion too many choices", "POST", "/v1/completions", `{"model":"llama-test","prompt":["a","b","c"],"n":6}`, 400, "n", ""},
+		{"completion unknown field", "POST", "/v1/completions", `{"model":"llama-test","prompt":"a","messages":[]}`, 400, "messages", ""},
 		{"completion not ready", "POST", "/v1/completions", `{"model":"org/partial","prompt":"a"}`, 503, "", ""},
 	}
 	for _, tc := range tests {

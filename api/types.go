@@ -30,17 +30,39 @@ type samplingFields struct {
 	StreamOptions       *struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
-	Logprobs json.RawMessage `json:"logprobs"` // bool in chat, int in completions
+	Logprobs  json.RawMessage    `json:"logprobs"` // bool in chat, int in completions
+	LogitBias map[string]float64 `json:"logit_bias"`
+	User      string             `json:"user"` // logged with the request summary
 }
 
 type chatRequest struct {
 	samplingFields
 	Messages       []chatMessage   `json:"messages"`
+	TopLogprobs    *int            `json:"top_logprobs"`
 	Tools          json.RawMessage `json:"tools"`
+	ToolChoice     json.RawMessage `json:"tool_choice"`
+	ParallelTools  json.RawMessage `json:"parallel_tool_calls"`
+	Functions      json.RawMessage `json:"functions"`
+	FunctionCall   json.RawMessage `json:"function_call"`
+	Store          *bool           `json:"store"`
+	Metadata       json.RawMessage `json:"metadata"`
+	ServiceTier    string          `json:"service_tier"`
 	ResponseFormat *struct {
 		Type string `json:"type"`
 	} `json:"response_format"`
 }
+
+// samplingKeys are the request fields samplingFields reads; chatKeys and completionKeys add
+// each endpoint's own. A field outside them is answered 400, as OpenAI does, rather than
+// silently ignored.
+var samplingKeys = []string{"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+	"repeat_penalty", "repeat_last_n", "frequency_penalty", "presence_penalty", "seed", "stop", "n", "stream",
+	"stream_options", "logprobs", "logit_bias", "user"}
+
+var chatKeys = append([]string{"messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions",
+	"function_call", "store", "metadata", "service_tier", "response_format"}, samplingKeys...)
+
+var completionKeys = append([]string{"prompt", "echo", "suffix", "best_of"}, samplingKeys...)
 
 type chatMessage struct {
 	Role    string          `json:"role"`
@@ -53,6 +75,7 @@ type completionRequest struct {
 	Prompt json.RawMessage `json:"prompt"`
 	Echo   bool            `json:"echo"`
 	Suffix *string         `json:"suffix"`
+	BestOf *int            `json:"best_of"`
 }
 
 // text returns a message's content: a string, or the text parts of a content array.
@@ -122,11 +145,11 @@ type chatCompletion struct {
 }
 
 type chatChoice struct {
-	Index        int              `json:"index"`
-	Message      *assistantMsg    `json:"message,omitempty"`
-	Delta        *assistantMsg    `json:"delta,omitempty"`
-	FinishReason *string          `json:"finish_reason"`
-	Logprobs     *json.RawMessage `json:"logprobs"`
+	Index        int           `json:"index"`
+	Message      *assistantMsg `json:"message,omitempty"`
+	Delta        *assistantMsg `json:"delta,omitempty"`
+	FinishReason *string       `json:"finish_reason"`
+	Logprobs     any           `json:"logprobs"`
 }
 
 type assistantMsg struct {
@@ -145,10 +168,10 @@ type textCompletion struct {
 }
 
 type textChoice struct {
-	Index        int              `json:"index"`
-	Text         string           `json:"text"`
-	FinishReason *string          `json:"finish_reason"`
-	Logprobs     *json.RawMessage `json:"logprobs"`
+	Index        int     `json:"index"`
+	Text         string  `json:"text"`
+	FinishReason *string `json:"finish_reason"`
+	Logprobs     any     `json:"logprobs"`
 }
 
 type modelObject struct {
@@ -164,4 +187,31 @@ type modelObject struct {
 type modelList struct {
 	Object string        `json:"object"`
 	Data   []modelObject `json:"data"`
+}
+
+// chatLogprobs is a chat choice's logprobs in OpenAI's shape.
+type chatLogprobs struct {
+	Content []chatTokenLogprob `json:"content"`
+	Refusal []chatTokenLogprob `json:"refusal"`
+}
+
+type chatTokenLogprob struct {
+	Token       string           `json:"token"`
+	Logprob     float64          `json:"logprob"`
+	Bytes       []int            `json:"bytes"`
+	TopLogprobs []chatTopLogprob `json:"top_logprobs"`
+}
+
+type chatTopLogprob struct {
+	Token   string  `json:"token"`
+	Logprob float64 `json:"logprob"`
+	Bytes   []int   `json:"bytes"`
+}
+
+// textLogprobs is a text completion choice's logprobs in OpenAI's legacy shape.
+type textLogprobs struct {
+	Tokens        []string             `json:"tokens"`
+	TokenLogprobs []float64            `json:"token_logprobs"`
+	TopLogprobs   []map[string]float64 `json:"top_logprobs"`
+	TextOffset    []int                `json:"text_offset"`
 }

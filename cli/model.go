@@ -13,7 +13,7 @@ import (
 
 func newModelCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "model", Short: "Make, inspect and download GGUF models"}
-	cmd.AddCommand(newSynthCommand(), newInfoCommand(), newPullCommand())
+	cmd.AddCommand(newSynthCommand(), newInfoCommand(), newPullCommand(), newTokenizeCommand())
 	return cmd
 }
 

@@ -46,6 +46,7 @@ func (n *Node) Models(ctx context.Context) ([]pipeline.ModelCard, error) {
 		ChatTemplate:  n.model.ChatTemplate,
 		BOS:           n.tok.BOS,
 		EOS:           n.tok.EOS,
+		Vocab:         n.model.Vocab,
 		Ready:         routeErr == nil,
 	}}, nil
 }

@@ -3,7 +3,9 @@ package node_test
 import (
 	"context"
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -153,6 +155,9 @@ func TestChatThroughSwarm(t *testing.T) {
 			t.Fatalf("node %d streamed %q (%v), strata run %q", n.Index, got, err, want)
 		}
 	}
+
+	// The official npm clients (OpenAI, Ollama, Anthropic) through the API-only node.
+	runNodeClients(t, "http://"+apiOnly.API, modelID)
 
 	users := make([]string, 8)
 	for i := range users {
@@ -381,5 +386,32 @@ func TestStreamEndsWhenLayersAreLost(t *testing.T) {
 	}
 	if log := entry.Tail(100000); strings.Contains(log, "panic") {
 		t.Fatalf("the entry node panicked:%s", entry.Tail(60))
+	}
+}
+
+// runNodeClients runs api/testdata/clients/clients.mjs (the official openai, ollama and
+// @anthropic-ai/sdk npm clients) against url, or logs why it cannot (no node, no packages).
+func runNodeClients(t *testing.T, url, model string) {
+	t.Helper()
+	node, err := exec.LookPath("node")
+	if err != nil {
+		t.Log("node is not installed: the npm clients are not run")
+		return
+	}
+	dir := filepath.Join("..", "api", "testdata", "clients")
+	for _, p := range []string{"openai", "ollama", "@anthropic-ai/sdk"} {
+		if _, err := os.Stat(filepath.Join(dir, "node_modules", p, "package.json")); err != nil {
+			t.Logf("npm package %s is not installed (scripts/install-deps.sh): the npm clients are not run", p)
+			return
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute) // a hang guard only
+	defer cancel()
+	cmd := exec.CommandContext(ctx, node, "clients.mjs")
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "STRATA_URL="+url, "STRATA_MODEL="+model)
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.HasSuffix(strings.TrimSpace(string(out)), "ok") {
+		t.Fatalf("npm clients against %s: %v\n%s", url, err, out)
 	}
 }

@@ -26,7 +26,7 @@ type dashboard struct {
 	client *http.Client
 }
 
-// peerStatsTimeout bounds the wait for one peer's /api/node: a slow or gone peer must not
+// peerStatsTimeout bounds the wait for one peer's /strata/node: a slow or gone peer must not
 // stall the page, which polls every second.
 const peerStatsTimeout = 800 * time.Millisecond
 
@@ -63,7 +63,7 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-// serveNode answers GET /api/node: this node's counters, for the dashboard of any node.
+// serveNode answers GET /strata/node: this node's counters, for the dashboard of any node.
 func (d *dashboard) serveNode(w http.ResponseWriter, r *http.Request) {
 	st, err := d.n.Stats()
 	if err != nil {
@@ -73,7 +73,7 @@ func (d *dashboard) serveNode(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, st)
 }
 
-// SwarmView is GET /api/swarm: this node's view of the swarm (/health) and every reachable
+// SwarmView is GET /strata/swarm: this node's view of the swarm (/health) and every reachable
 // node's counters. Counters are totals; the page turns two polls into rates.
 type SwarmView struct {
 	TimeMs int64                 `json:"time_ms"`
@@ -110,20 +110,34 @@ func (d *dashboard) serveSwarm(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, v)
 }
 
-// peerStats fetches a peer's /api/node.
+// peerStats fetches a peer's /strata/node.
 func (d *dashboard) peerStats(ctx context.Context, p PeerHealth) (NodeStats, error) {
 	var st NodeStats
 	addr, err := peerAPIAddr(p)
 	if err != nil {
 		return st, err
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/api/node", nil)
-	if err != nil {
-		return st, fmt.Errorf("peer stats: %w", err)
+	get := func(path string) (*http.Response, error) {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
+		if err != nil {
+			return nil, fmt.Errorf("peer stats: %w", err)
+		}
+		resp, err := d.client.Do(req)
+		if err != nil {
+			return nil, fmt.Errorf("peer stats: %w", err)
+		}
+		return resp, nil
 	}
-	resp, err := d.client.Do(req)
+	resp, err := get("/strata/node")
 	if err != nil {
-		return st, fmt.Errorf("peer stats: %w", err)
+		return st, err
+	}
+	if resp.StatusCode == http.StatusNotFound {
+		// A node from before the move to /strata/ serves its counters at /api/node.
+		resp.Body.Close()
+		if resp, err = get("/api/node"); err != nil {
+			return st, err
+		}
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {

@@ -224,7 +224,7 @@ func (c *stageCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// NodeStats is a summary of one node's metrics for the dashboard (GET /api/node): totals
+// NodeStats is a summary of one node's metrics for the dashboard (GET /strata/node): totals
 // since start, from which the page computes rates between two polls.
 type NodeStats struct {
 	PeerID          string             `json:"peer_id"`

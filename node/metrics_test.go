@@ -183,7 +183,7 @@ func fetchJSON(t *testing.T, url string, v any) {
 // TestMetricsThreeNodeSwarm: a chat through a three-node swarm moves every counter it should,
 // on the entry and on each stage, by amounts that agree with each other: each route step
 // is one step on each of the three stages and one hop sample per hop, bytes sent are bytes
-// received, and /api/swarm reports the same totals.
+// received, and /strata/swarm reports the same totals.
 func TestMetricsThreeNodeSwarm(t *testing.T) {
 	mpath := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1, Type: "f32"})
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: mpath, Args: []string{"--max-memory", "5MiB"}})
@@ -287,18 +287,18 @@ func TestMetricsThreeNodeSwarm(t *testing.T) {
 
 	// The dashboard's JSON agrees with /metrics and reaches every node.
 	var v node.SwarmView
-	fetchJSON(t, "http://"+entry.API+"/api/swarm", &v)
+	fetchJSON(t, "http://"+entry.API+"/strata/swarm", &v)
 	if len(v.Nodes) != 3 || len(v.Unreachable) != 0 || len(v.Health.Peers) != 3 {
-		t.Fatalf("/api/swarm: %d nodes with counters, unreachable %v, %d peers", len(v.Nodes), v.Unreachable, len(v.Health.Peers))
+		t.Fatalf("/strata/swarm: %d nodes with counters, unreachable %v, %d peers", len(v.Nodes), v.Unreachable, len(v.Health.Peers))
 	}
 	if es := v.Nodes[h.PeerID]; es == nil || es.Tokens != float64(usage.CompletionTokens) || es.TTFTCount != 1 {
-		t.Errorf("/api/swarm entry counters: %+v", es)
+		t.Errorf("/strata/swarm entry counters: %+v", es)
 	}
 	var total float64
 	for _, ns := range v.Nodes {
 		total += ns.StageSteps
 	}
-	check("/api/swarm steps served", total, float64(3*steps))
+	check("/strata/swarm steps served", total, float64(3*steps))
 
 	t.Logf("%d prompt + %d completion tokens in %d chunks; TTFT %.1f ms; prefill step %.1f ms (%d); decode step mean %.2f ms (%d)",
 		usage.PromptTokens, usage.CompletionTokens, chunks, 1000*ttft, 1000*prefill/float64(prefillN), prefillN,

@@ -186,7 +186,7 @@ func (c *remoteChain) Step(ctx context.Context, in pipeline.StepInput) (pipeline
 	sctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	defer context.AfterFunc(c.gone, func() { cancel(context.Cause(c.gone)) })()
-	res, err := c.rt.Step(sctx, in.Positions, in.Tokens, in.Sampling, in.Recent, in.WantLogits)
+	res, err := c.rt.StepWith(sctx, in.Positions, in.Tokens, in.Sampling, in.Recent, in.WantLogits, p2p.StepExtras{Bias: in.Bias, TopLogprobs: in.TopLogprobs})
 	if err != nil {
 		var gone hopGone
 		if errors.As(context.Cause(sctx), &gone) && ctx.Err() == nil {
@@ -198,7 +198,7 @@ func (c *remoteChain) Step(ctx context.Context, in pipeline.StepInput) (pipeline
 		}
 		return pipeline.StepResult{}, c.r.hopError(err, c.first)
 	}
-	out := pipeline.StepResult{Token: res.Token, Logprob: res.Logprob}
+	out := pipeline.StepResult{Token: res.Token, Logprob: res.Logprob, Top: res.Top}
 	if in.WantLogits {
 		out.Logits = append([]float32(nil), res.Logits...)
 	}

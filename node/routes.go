@@ -19,9 +19,9 @@ func (n *Node) extraRoutes() map[string]http.Handler {
 			ErrorHandling: promhttp.ContinueOnError, // one broken collector must not hide the rest
 			Registry:      reg,
 		}),
-		"GET /api/node":  http.HandlerFunc(d.serveNode),
-		"GET /api/swarm": http.HandlerFunc(d.serveSwarm),
-		"GET /":          d.static(),
+		"GET /strata/node":  http.HandlerFunc(d.serveNode),
+		"GET /strata/swarm": http.HandlerFunc(d.serveSwarm),
+		"GET /":             d.static(),
 	}
 }
 

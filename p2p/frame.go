@@ -77,12 +77,17 @@ type Header struct {
 
 	// forward
 	Sampling   sample.Params // "sp"
-	Recent     []int32       // "rt": recent tokens, for the repeat penalty
+	Recent     []int32       // "rt": recent tokens, for the penalties
 	WantLogits bool          // "wl"
+	BiasTokens []int32       // "bi": logit_bias token ids, paired with BiasValues
+	BiasValues []float32     // "bv"
+	TopN       int           // "tl": how many top logprobs the result should carry (<= sample.MaxTopLogprobs)
 
 	// result
-	Token   int32   // "tk"
-	Logprob float32 // "lp"
+	Token    int32     // "tk"
+	Logprob  float32   // "lp"
+	TopIDs   []int32   // "ti": the TopN most likely tokens, best first
+	TopProbs []float32 // "tv": their log-probabilities
 
 	// error
 	Code    ErrorCode // "ec"
@@ -96,6 +101,10 @@ func (h *Header) reset() {
 		Tokens:     keep(h.Tokens),
 		Shape:      keep(h.Shape),
 		Recent:     keep(h.Recent),
+		BiasTokens: keep(h.BiasTokens),
+		BiasValues: keep(h.BiasValues),
+		TopIDs:     keep(h.TopIDs),
+		TopProbs:   keep(h.TopProbs),
 		NextHops:   keep(h.NextHops),
 		NextRanges: keep(h.NextRanges),
 	}
@@ -415,8 +424,13 @@ func (h *Header) encode(e *msgpack.Encoder) error {
 	count(h.Sampling != sample.Params{})
 	count(len(h.Recent) > 0)
 	count(h.WantLogits)
+	count(len(h.BiasTokens) > 0)
+	count(len(h.BiasValues) > 0)
+	count(h.TopN != 0)
 	count(h.Token != 0)
 	count(h.Logprob != 0)
+	count(len(h.TopIDs) > 0)
+	count(len(h.TopProbs) > 0)
 	count(h.Code != 0)
 	count(h.Message != "")
 	count(h.Origin != "")
@@ -529,11 +543,39 @@ func (h *Header) encode(e *msgpack.Encoder) error {
 	if h.WantLogits {
 		put("wl", func() error { return e.EncodeBool(true) })
 	}
+	putFloat32s := func(key string, v []float32) {
+		put(key, func() error {
+			if err := e.EncodeArrayLen(len(v)); err != nil {
+				return err
+			}
+			for _, x := range v {
+				if err := e.EncodeFloat32(x); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	if len(h.BiasTokens) > 0 {
+		putInt32s("bi", h.BiasTokens)
+	}
+	if len(h.BiasValues) > 0 {
+		putFloat32s("bv", h.BiasValues)
+	}
+	if h.TopN != 0 {
+		putInt("tl", int64(h.TopN))
+	}
 	if h.Token != 0 {
 		putInt("tk", int64(h.Token))
 	}
 	if h.Logprob != 0 {
 		put("lp", func() error { return e.EncodeFloat32(h.Logprob) })
+	}
+	if len(h.TopIDs) > 0 {
+		putInt32s("ti", h.TopIDs)
+	}
+	if len(h.TopProbs) > 0 {
+		putFloat32s("tv", h.TopProbs)
 	}
 	if h.Code != 0 {
 		putUint("ec", uint64(h.Code))
@@ -582,6 +624,12 @@ func (r *Reader) decodeHeader(h *Header) error {
 	}
 	if h.Kind == 0 {
 		return fmt.Errorf("%w: header has no kind", ErrMalformed)
+	}
+	if len(h.BiasTokens) != len(h.BiasValues) || len(h.BiasTokens) > sample.MaxBias {
+		return fmt.Errorf("%w: %d logit bias ids with %d values (at most %d)", ErrMalformed, len(h.BiasTokens), len(h.BiasValues), sample.MaxBias)
+	}
+	if len(h.TopIDs) != len(h.TopProbs) || len(h.TopIDs) > sample.MaxTopLogprobs {
+		return fmt.Errorf("%w: %d top ids with %d logprobs (at most %d)", ErrMalformed, len(h.TopIDs), len(h.TopProbs), sample.MaxTopLogprobs)
 	}
 	return nil
 }
@@ -694,6 +742,18 @@ func (hd headerDecoder) field(h *Header, key []byte) error {
 		h.Token = int32(v)
 	case "lp":
 		h.Logprob, err = hd.d.DecodeFloat32()
+	case "bi":
+		h.BiasTokens, err = hd.int32s(h.BiasTokens)
+	case "bv":
+		h.BiasValues, err = hd.float32s(h.BiasValues)
+	case "tl":
+		var v int64
+		v, err = hd.int(0, sample.MaxTopLogprobs)
+		h.TopN = int(v)
+	case "ti":
+		h.TopIDs, err = hd.int32s(h.TopIDs)
+	case "tv":
+		h.TopProbs, err = hd.float32s(h.TopProbs)
 	case "ec":
 		var v uint64
 		v, err = hd.uint(math.MaxUint16)
@@ -833,6 +893,21 @@ func (hd headerDecoder) int32s(dst []int32) ([]int32, error) {
 			return dst, err
 		}
 		dst = append(dst, int32(v))
+	}
+	return dst, nil
+}
+
+func (hd headerDecoder) float32s(dst []float32) ([]float32, error) {
+	n, err := hd.arrayLen()
+	if err != nil {
+		return dst, err
+	}
+	for j := 0; j < n; j++ {
+		v, err := hd.d.DecodeFloat32()
+		if err != nil {
+			return dst, err
+		}
+		dst = append(dst, v)
 	}
 	return dst, nil
 }

@@ -25,8 +25,11 @@ func fullHeader() Header {
 		Model: "ab12", Range: shard.Range{Start: 3, End: 9}, MaxContext: 8192,
 		NextHops:   []string{"/ip4/127.0.0.1/tcp/1/p2p/12D3KooWRBhwfeP2Y4TCx1SM6s9rUoHhR5STiGwxBhgFRcw3UERE"},
 		NextRanges: []shard.Range{{Start: 9, End: 12}},
-		Sampling:   sample.Params{Temperature: 0.7, TopK: 40, TopP: 0.9, MinP: 0.05, RepeatPenalty: 1.1, RepeatLastN: 64, Seed: 42},
-		Recent:     []int32{5, 6}, WantLogits: true, Token: -3, Logprob: -0.25,
+		Sampling: sample.Params{Temperature: 0.7, TopK: 40, TopP: 0.9, MinP: 0.05, RepeatPenalty: 1.1, RepeatLastN: 64, Seed: 42,
+			PresencePenalty: -0.5, FrequencyPenalty: 1.5, PenaltyStart: 17},
+		Recent: []int32{5, 6}, WantLogits: true, Token: -3, Logprob: -0.25,
+		BiasTokens: []int32{3, 128000}, BiasValues: []float32{-100, 2.5}, TopN: 20,
+		TopIDs: []int32{9, 1}, TopProbs: []float32{-0.1, -2.75},
 		Code: CodeBusy, Message: "why", Origin: "someone",
 	}
 }
@@ -198,6 +201,26 @@ func TestUnknownFieldsSkipped(t *testing.T) {
 	}
 	if h.Kind != KindForward || h.Session != 7 {
 		t.Fatalf("got %+v", h)
+	}
+}
+
+// TestExtrasBounded: logit bias and top logprobs must come in pairs and within bounds.
+func TestExtrasBounded(t *testing.T) {
+	for _, h := range []Header{
+		{Kind: KindForward, BiasTokens: []int32{1, 2}, BiasValues: []float32{1}},
+		{Kind: KindForward, BiasTokens: make([]int32, sample.MaxBias+1), BiasValues: make([]float32, sample.MaxBias+1)},
+		{Kind: KindResult, TopIDs: []int32{1}},
+		{Kind: KindResult, TopIDs: make([]int32, sample.MaxTopLogprobs+1), TopProbs: make([]float32, sample.MaxTopLogprobs+1)},
+		{Kind: KindForward, TopN: sample.MaxTopLogprobs + 1},
+	} {
+		var buf bytes.Buffer
+		if err := NewWriter(&buf).WriteFrame(&h, nil); err != nil {
+			t.Fatal(err)
+		}
+		var got Header
+		if _, err := NewReader(&buf).ReadFrame(&got); !errors.Is(err, ErrMalformed) {
+			t.Errorf("%+v: got %v, want ErrMalformed", h, err)
+		}
 	}
 }
 

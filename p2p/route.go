@@ -34,7 +34,16 @@ type Route struct {
 type Result struct {
 	Token   int32
 	Logprob float32
-	Logits  []float32 // when asked for; valid until the next Step
+	Top     []sample.TokenLogprob // the StepExtras.TopLogprobs most likely tokens, best first
+	Logits  []float32             // when asked for; valid until the next Step
+}
+
+// StepExtras are a step's optional requests beyond sampling settings: a logit bias (at most
+// sample.MaxBias entries) and top logprobs (at most sample.MaxTopLogprobs). A stage from
+// before them ignores both; a result that lacks the top logprobs asked for is an error.
+type StepExtras struct {
+	Bias        []sample.Bias
+	TopLogprobs int
 }
 
 // RouteOption configures OpenRoute.
@@ -130,6 +139,17 @@ func (r *Route) MaxContext() int { return r.maxCtx }
 // the step on every stage and breaks the route. A StageError for one step (a bad input,
 // a full context) leaves the route usable; a broken stream does not.
 func (r *Route) Step(ctx context.Context, positions, tokens []int32, sampling sample.Params, recent []int32, wantLogits bool) (Result, error) {
+	return r.StepWith(ctx, positions, tokens, sampling, recent, wantLogits, StepExtras{})
+}
+
+// StepWith is Step with extras.
+func (r *Route) StepWith(ctx context.Context, positions, tokens []int32, sampling sample.Params, recent []int32, wantLogits bool, ex StepExtras) (Result, error) {
+	if len(ex.Bias) > sample.MaxBias {
+		return Result{}, fmt.Errorf("%d logit bias entries, at most %d", len(ex.Bias), sample.MaxBias)
+	}
+	if ex.TopLogprobs < 0 || ex.TopLogprobs > sample.MaxTopLogprobs {
+		return Result{}, fmt.Errorf("top logprobs %d: must be in [0, %d]", ex.TopLogprobs, sample.MaxTopLogprobs)
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed {
@@ -140,7 +160,11 @@ func (r *Route) Step(ctx context.Context, positions, tokens []int32, sampling sa
 	req := &nx.fwd
 	*req = Header{
 		Kind: KindForward, Session: r.id, Step: r.step, Positions: positions, Tokens: tokens,
-		Sampling: sampling, Recent: recent, WantLogits: wantLogits,
+		Sampling: sampling, Recent: recent, WantLogits: wantLogits, TopN: ex.TopLogprobs,
+	}
+	for _, b := range ex.Bias {
+		req.BiasTokens = append(req.BiasTokens, b.Token)
+		req.BiasValues = append(req.BiasValues, b.Value)
 	}
 	// Only a reset here: a cancel frame would race with this goroutine's own writes. The
 	// stage sees the reset as an abort all the same.
@@ -174,6 +198,16 @@ func (r *Route) Step(ctx context.Context, positions, tokens []int32, sampling sa
 		return Result{}, r.broken(ctx, fmt.Errorf("step answered with %s", rep.Kind))
 	}
 	res := Result{Token: rep.Token, Logprob: rep.Logprob}
+	if ex.TopLogprobs > 0 {
+		if len(rep.TopIDs) == 0 {
+			// The last stage predates top logprobs: say so rather than answer without them.
+			return res, fmt.Errorf("the last stage returned no top logprobs of the %d asked for (a node too old for logprobs?)", ex.TopLogprobs)
+		}
+		res.Top = make([]sample.TokenLogprob, len(rep.TopIDs))
+		for i, id := range rep.TopIDs {
+			res.Top[i] = sample.TokenLogprob{Token: id, Logprob: rep.TopProbs[i]}
+		}
+	}
 	if wantLogits {
 		if rep.Codec != quant.CodecF32 || len(rep.Shape) != 1 {
 			return Result{}, r.broken(ctx, fmt.Errorf("logits in %s with shape %v", rep.Codec, rep.Shape))

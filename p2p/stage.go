@@ -507,6 +507,7 @@ type stageSession struct {
 	tag    string
 
 	sampler  sample.Sampler
+	bias     []sample.Bias
 	acts     scratch[float32] // decoded activations
 	out      scratch[byte]    // encoded activations or logits
 	reply    Header
@@ -1045,13 +1046,23 @@ func (ss *stageSession) result(h *Header, logits []float32) bool {
 		return ss.reject(h.Step, CodeInternal, "executor returned %d logits, vocabulary is %d", len(logits), ss.info.Vocab) != nil
 	}
 	n := len(h.Positions)
-	tok, lp := ss.sampler.Sample(logits, h.Sampling, h.Recent, h.Positions[n-1])
+	ss.bias = ss.bias[:0]
+	for i, id := range h.BiasTokens {
+		ss.bias = append(ss.bias, sample.Bias{Token: id, Value: h.BiasValues[i]})
+	}
+	ch := ss.sampler.Choose(logits, h.Sampling, sample.Step{Recent: h.Recent, Position: h.Positions[n-1], Bias: ss.bias, TopLogprobs: h.TopN})
+	tok, lp := ch.Token, ch.Logprob
 	if tok < 0 {
 		return ss.reject(h.Step, CodeExec, "no usable logit to sample from (all NaN or -Inf)") != nil
 	}
 	ss.srv.steps.Add(1)
 	r := &ss.reply
-	*r = Header{Kind: KindResult, Session: ss.id, Step: h.Step, Token: tok, Logprob: lp, Shape: r.Shape[:0]}
+	*r = Header{Kind: KindResult, Session: ss.id, Step: h.Step, Token: tok, Logprob: lp, Shape: r.Shape[:0],
+		TopIDs: r.TopIDs[:0], TopProbs: r.TopProbs[:0]}
+	for _, t := range ch.Top {
+		r.TopIDs = append(r.TopIDs, t.Token)
+		r.TopProbs = append(r.TopProbs, t.Logprob)
+	}
 	var payload []byte
 	if h.WantLogits {
 		r.Codec = quant.CodecF32
@@ -1072,7 +1083,7 @@ func (ss *stageSession) relay(h *Header, acts []byte) bool {
 	*fwd = Header{
 		Kind: KindForward, Session: ss.id, Step: h.Step, Positions: h.Positions, Codec: ss.codec,
 		Shape: append(fwd.Shape[:0], len(h.Positions), ss.info.Hidden), Sampling: h.Sampling,
-		Recent: h.Recent, WantLogits: h.WantLogits,
+		Recent: h.Recent, WantLogits: h.WantLogits, BiasTokens: h.BiasTokens, BiasValues: h.BiasValues, TopN: h.TopN,
 	}
 	// An abort while waiting downstream resets the next stream, which ends the wait.
 	stop := context.AfterFunc(ss.ctx, func() { nx.st.Reset() })

@@ -1067,3 +1067,45 @@ func TestHostileNextHop(t *testing.T) {
 		t.Fatalf("unreachable counted %d times", n)
 	}
 }
+
+// TestStepExtras: a logit bias and top logprobs travel through every stage: the bias moves the
+// greedy token, the last stage returns the alternatives with the model's own logprobs, and
+// the presence/frequency penalties count only the completion part of the recent tokens.
+func TestStepExtras(t *testing.T) {
+	c := newTestChain(t, []int{0, 2, 4}, 64, 100)
+	entry := newTestHost(t)
+	r, err := entry.OpenRoute(context.Background(), 77, c.hops, WithModel(testModel), WithCodec(quant.CodecF32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close(context.Background())
+	ctx := context.Background()
+	res, err := r.StepWith(ctx, []int32{0, 1}, []int32{3, 9}, sample.Params{}, nil, true, StepExtras{TopLogprobs: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := c.expect(9, 1)
+	if res.Token != want || len(res.Top) != 3 || res.Top[0].Token != want || res.Top[0].Logprob != res.Logprob {
+		t.Fatalf("token %d (want %d), top %+v", res.Token, want, res.Top)
+	}
+	for _, e := range res.Top {
+		if d := math.Abs(float64(e.Logprob - logSoftmaxAt(res.Logits, e.Token))); d > 1e-4 {
+			t.Fatalf("top %+v: logprob off by %g", e, d)
+		}
+	}
+	// Ban the expected token: the next best wins, and the logprob reported is still the
+	// model's own for the token sampled.
+	res, err = r.StepWith(ctx, []int32{2}, []int32{want}, sample.Params{}, nil, true, StepExtras{Bias: []sample.Bias{{Token: c.expect(want, 2), Value: -100}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Token == c.expect(want, 2) || len(res.Top) != 0 {
+		t.Fatalf("banned token %d sampled (top %v)", res.Token, res.Top)
+	}
+	if d := math.Abs(float64(res.Logprob - logSoftmaxAt(res.Logits, res.Token))); d > 1e-4 {
+		t.Fatalf("biased step: logprob off by %g", d)
+	}
+	if _, err := r.StepWith(ctx, []int32{3}, []int32{1}, sample.Params{}, nil, false, StepExtras{TopLogprobs: sample.MaxTopLogprobs + 1}); err == nil {
+		t.Fatal("21 top logprobs were asked for")
+	}
+}

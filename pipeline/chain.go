@@ -20,14 +20,19 @@ type StepInput struct {
 	Positions  []int32
 	Tokens     []int32
 	Sampling   sample.Params
-	Recent     []int32 // the last tokens, for the repeat penalty
+	Recent     []int32 // the last tokens, for the penalties
 	WantLogits bool    // return the full logits too (tests and oracles)
+	// Bias is the request's logit_bias; TopLogprobs asks for that many alternatives
+	// (at most sample.MaxTopLogprobs) with the sampled token.
+	Bias        []sample.Bias
+	TopLogprobs int
 }
 
 // StepResult is the token sampled after the step's last position.
 type StepResult struct {
 	Token   int32
 	Logprob float32
+	Top     []sample.TokenLogprob // the TopLogprobs most likely tokens, best first
 	Logits  []float32
 }
 

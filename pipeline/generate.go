@@ -140,10 +140,30 @@ func (g *Generator) Generate(ctx context.Context, req Request, emit func(Delta) 
 	return res, err
 }
 
+// penaltyWindow bounds the completion tokens the presence and frequency penalties count (a
+// step carries them all to the last stage).
+const penaltyWindow = 4096
+
 func (g *Generator) generate(ctx context.Context, start time.Time, req Request, emit func(Delta) error) (Result, error) {
-	prompt, err := g.Encode(req.Prompt)
-	if err != nil {
-		return Result{}, err
+	var prompt []int32
+	if req.PromptIDs != nil {
+		for i, id := range req.PromptIDs {
+			if id < 0 {
+				return Result{}, fmt.Errorf("%w: prompt token %d is %d", ErrBadToken, i, id)
+			}
+		}
+		prompt = slices.Clone(req.PromptIDs)
+	} else {
+		var err error
+		if prompt, err = g.Encode(req.Prompt); err != nil {
+			return Result{}, err
+		}
+	}
+	if req.TopLogprobs < 0 || req.TopLogprobs > sample.MaxTopLogprobs {
+		return Result{}, fmt.Errorf("top logprobs %d: must be in [0, %d]", req.TopLogprobs, sample.MaxTopLogprobs)
+	}
+	if len(req.LogitBias) > sample.MaxBias {
+		return Result{}, fmt.Errorf("%d logit bias entries: at most %d", len(req.LogitBias), sample.MaxBias)
 	}
 	if len(prompt) == 0 {
 		return Result{}, fmt.Errorf("%w: the prompt has no tokens", ErrEmptyPrompt)
@@ -164,23 +184,52 @@ func (g *Generator) generate(ctx context.Context, start time.Time, req Request, 
 	if !sp.Greedy() && sp.Seed == 0 {
 		sp.Seed = rand.Uint64() | 1 // 0 asks for a random seed; fix it for replays
 	}
+	sp.PenaltyStart = int32(len(prompt)) // presence and frequency count the completion only
 
-	s := &run{g: g, start: start, tokens: prompt, sampling: sp, out: newTextStream(g.tok, req.Stop, emit)}
+	if emit != nil {
+		first, inner := true, emit
+		emit = func(d Delta) error {
+			if first {
+				first, d.PromptTokens = false, len(prompt)
+			}
+			return inner(d)
+		}
+	}
+	s := &run{g: g, start: start, tokens: prompt, promptLen: len(prompt), sampling: sp, bias: req.LogitBias,
+		out: newTextStream(g.tok, req.Stop, emit)}
+	if req.Logprobs {
+		s.top = max(req.TopLogprobs, 0)
+		s.logprobs = true
+	}
 	defer s.close()
 	res := Result{PromptTokens: len(prompt), FinishReason: "length"}
 	next, err := s.prefill(ctx)
+	if err == nil && req.Echo {
+		echo := req.Prompt
+		if req.PromptIDs != nil {
+			if echo, err = g.tok.Decode(prompt); err != nil {
+				err = fmt.Errorf("detokenize prompt: %w", err)
+			}
+		}
+		if err == nil {
+			err = s.out.echo(echo)
+		}
+	}
 	for err == nil && res.CompletionTokens < maxNew {
 		g.obs.Token(res.CompletionTokens, time.Since(start))
-		res.CompletionTokens++
-		if g.tok.IsEOS(next) {
+		// The end-of-sequence token ends the completion without being part of it: it is
+		// neither shown nor counted, so usage equals the tokens handed out.
+		if g.tok.IsEOS(next.Token) {
 			res.FinishReason = "stop"
 			break
 		}
-		s.tokens = append(s.tokens, next)
+		res.CompletionTokens++
+		s.tokens = append(s.tokens, next.Token)
 		var stop bool
-		if stop, err = s.out.push(next); err != nil || stop {
+		if stop, err = s.out.pushInfo(next.Token, s.info(next)); err != nil || stop {
 			if stop {
 				res.FinishReason = "stop"
+				res.StopSequence = s.out.stopped
 			}
 			break
 		}
@@ -199,17 +248,45 @@ func (g *Generator) generate(ctx context.Context, start time.Time, req Request, 
 	return res, nil
 }
 
+// ErrBadToken means a prompt given as token ids holds one the model does not have.
+var ErrBadToken = errors.New("invalid token id")
+
+// info is a sampled token's logprobs as a Delta carries them, when the request asked.
+func (s *run) info(r StepResult) *TokenLogprobs {
+	if !s.logprobs {
+		return nil
+	}
+	lp := &TokenLogprobs{TokenText: TokenText{ID: r.Token, Text: s.g.pieceText(r.Token), Logprob: r.Logprob}}
+	for _, t := range r.Top {
+		lp.Top = append(lp.Top, TokenText{ID: t.Token, Text: s.g.pieceText(t.Token), Logprob: t.Logprob})
+	}
+	return lp
+}
+
+// pieceText is one token's text alone; a token the tokenizer cannot decode shows as "".
+func (g *Generator) pieceText(id int32) string {
+	t, err := g.tok.Decode([]int32{id})
+	if err != nil {
+		return ""
+	}
+	return t
+}
+
 // run is one generation's state: every token so far, so a broken route can be rebuilt by
 // replaying them through a new one.
 type run struct {
-	g        *Generator
-	start    time.Time
-	chain    Chain
-	session  uint64
-	tokens   []int32
-	bounds   []int // where each step that went through ended, in tokens: its shape, for replays
-	sampling sample.Params
-	out      *textStream
+	g         *Generator
+	start     time.Time
+	chain     Chain
+	session   uint64
+	tokens    []int32
+	promptLen int
+	bounds    []int // where each step that went through ended, in tokens: its shape, for replays
+	sampling  sample.Params
+	bias      []sample.Bias
+	logprobs  bool
+	top       int
+	out       *textStream
 }
 
 func (s *run) close() {
@@ -222,9 +299,9 @@ func (s *run) close() {
 }
 
 // prefill feeds the prompt in chunks and returns the first sampled token.
-func (s *run) prefill(ctx context.Context) (int32, error) {
+func (s *run) prefill(ctx context.Context) (StepResult, error) {
 	if err := s.open(ctx); err != nil {
-		return 0, err
+		return StepResult{}, err
 	}
 	return s.step(ctx, 0, s.tokens)
 }
@@ -241,17 +318,17 @@ func (s *run) open(ctx context.Context) error {
 
 // step feeds tokens starting at position from, in chunks, and samples after the last. When a
 // stage fails it rebuilds the route and replays the whole session before trying again.
-func (s *run) step(ctx context.Context, from int, toks []int32) (int32, error) {
+func (s *run) step(ctx context.Context, from int, toks []int32) (StepResult, error) {
 	tok, err := s.feed(ctx, from, toks)
 	if err == nil {
 		return tok, nil
 	}
 	if ctx.Err() != nil {
-		return 0, ctx.Err()
+		return StepResult{}, ctx.Err()
 	}
 	var hop *HopError
 	if !errors.As(err, &hop) {
-		return 0, err
+		return StepResult{}, err
 	}
 	return s.recover(ctx, from, toks, hop)
 }
@@ -259,7 +336,7 @@ func (s *run) step(ctx context.Context, from int, toks []int32) (int32, error) {
 // recover rebuilds the route after failed, replays the session on it and feeds toks again,
 // as often as the generator's recovery allows. Every try starts from a fresh route: a chain
 // that failed or never opened is not used again.
-func (s *run) recover(ctx context.Context, from int, toks []int32, failed *HopError) (int32, error) {
+func (s *run) recover(ctx context.Context, from int, toks []int32, failed *HopError) (StepResult, error) {
 	start := time.Now()
 	deadline := start.Add(s.g.recoverFor)
 	err := error(failed)
@@ -268,7 +345,7 @@ func (s *run) recover(ctx context.Context, from int, toks []int32, failed *HopEr
 		// The deadline is checked only between tries: a router may itself wait for coverage to
 		// come back, and its answer (which layers are missing) is the one worth returning.
 		if attempt >= s.g.recoverTries || time.Now().After(deadline) {
-			return 0, fmt.Errorf("stage %s failed and the route could not be rebuilt (%d tries in %s): %w",
+			return StepResult{}, fmt.Errorf("stage %s failed and the route could not be rebuilt (%d tries in %s): %w",
 				failed.peer(), attempt, time.Since(start).Round(time.Millisecond), err)
 		}
 		var hop *HopError
@@ -279,11 +356,11 @@ func (s *run) recover(ctx context.Context, from int, toks []int32, failed *HopEr
 		select {
 		case <-time.After(time.Duration(attempt) * 200 * time.Millisecond):
 		case <-ctx.Done():
-			return 0, ctx.Err()
+			return StepResult{}, ctx.Err()
 		}
 		if err = s.open(ctx); err != nil {
 			if ctx.Err() != nil {
-				return 0, ctx.Err()
+				return StepResult{}, ctx.Err()
 			}
 			// No route yet: membership may still be catching up, or a node reloading. A hop
 			// that failed while opening is logged as such at the top of the loop.
@@ -294,16 +371,16 @@ func (s *run) recover(ctx context.Context, from int, toks []int32, failed *HopEr
 		}
 		// Rebuild the new stages' KV caches with everything before `from`, then feed toks again.
 		if err = s.replay(ctx, from); err == nil {
-			var tok int32
+			var tok StepResult
 			if tok, err = s.feed(ctx, from, toks); err == nil {
 				return tok, nil
 			}
 		}
 		if ctx.Err() != nil {
-			return 0, ctx.Err()
+			return StepResult{}, ctx.Err()
 		}
 		if !errors.As(err, &hop) {
-			return 0, err
+			return StepResult{}, err
 		}
 	}
 }
@@ -341,7 +418,7 @@ func (s *run) replay(ctx context.Context, n int) error {
 	return nil
 }
 
-func (s *run) feed(ctx context.Context, from int, toks []int32) (int32, error) {
+func (s *run) feed(ctx context.Context, from int, toks []int32) (StepResult, error) {
 	var res StepResult
 	for off := 0; off < len(toks); off += s.g.chunk {
 		end := min(off+s.g.chunk, len(toks))
@@ -352,18 +429,20 @@ func (s *run) feed(ctx context.Context, from int, toks []int32) (int32, error) {
 		var err error
 		t0 := time.Now()
 		res, err = s.stepOnce(ctx, StepInput{
-			Positions: pos,
-			Tokens:    toks[off:end],
-			Sampling:  s.sampling,
-			Recent:    s.recent(from + end),
+			Positions:   pos,
+			Tokens:      toks[off:end],
+			Sampling:    s.sampling,
+			Recent:      s.recent(from + end),
+			Bias:        s.bias,
+			TopLogprobs: s.top,
 		})
 		s.g.obs.Step(len(pos), time.Since(t0), err)
 		if err != nil {
-			return 0, err
+			return StepResult{}, err
 		}
 		s.bounds = append(s.bounds, from+end)
 	}
-	return res.Token, nil
+	return res, nil
 }
 
 // stepOnce runs one step on the chain within the step timeout. A step that outlasts it is a
@@ -383,13 +462,21 @@ func (s *run) stepOnce(ctx context.Context, in StepInput) (StepResult, error) {
 	return res, err
 }
 
-// recent is the window the repeat penalty looks at, ending at position n.
+// recent is the window the penalties look at, ending at position n: the repeat penalty's
+// last RepeatLastN tokens, and the completion so far (up to penaltyWindow tokens) for the
+// presence and frequency penalties.
 func (s *run) recent(n int) []int32 {
-	k := s.sampling.RepeatLastN
-	if k <= 0 || s.sampling.RepeatPenalty == 0 || s.sampling.RepeatPenalty == 1 {
+	from := n
+	if k := s.sampling.RepeatLastN; k > 0 && s.sampling.RepeatPenalty != 0 && s.sampling.RepeatPenalty != 1 {
+		from = min(from, n-k)
+	}
+	if s.sampling.PresencePenalty != 0 || s.sampling.FrequencyPenalty != 0 {
+		from = min(from, max(s.promptLen, n-penaltyWindow))
+	}
+	if from >= n {
 		return nil
 	}
-	return s.tokens[max(0, n-k):n]
+	return s.tokens[max(0, from):n]
 }
 
 // textStream turns tokens into text, holding back what may still change: an incomplete UTF-8
@@ -400,8 +487,11 @@ type textStream struct {
 	emit    func(Delta) error
 	ids     []int32
 	pending []int32
-	sent    int // bytes of the decoded text already emitted
+	infos   []TokenLogprobs // pending's logprobs, when asked
+	sent    int             // bytes of the decoded text already emitted
 	full    string
+	prefix  string // the echoed prompt, ahead of the completion's text
+	stopped string // the stop sequence found
 }
 
 func newTextStream(tok *shard.Tokenizer, stop []string, emit func(Delta) error) *textStream {
@@ -415,8 +505,23 @@ func newTextStream(tok *shard.Tokenizer, stop []string, emit func(Delta) error) 
 }
 
 // push adds a generated token; it reports true when a stop sequence has been reached.
-func (t *textStream) push(id int32) (bool, error) {
+func (t *textStream) push(id int32) (bool, error) { return t.pushInfo(id, nil) }
+
+// echo hands out the prompt's text ahead of the completion.
+func (t *textStream) echo(prompt string) error {
+	t.prefix = prompt
+	if prompt == "" || t.emit == nil {
+		return nil
+	}
+	return t.emit(Delta{Text: prompt})
+}
+
+// pushInfo is push with the token's logprobs, handed out with it.
+func (t *textStream) pushInfo(id int32, info *TokenLogprobs) (bool, error) {
 	t.pending = append(t.pending, id)
+	if info != nil {
+		t.infos = append(t.infos, *info)
+	}
 	if t.tok.IsControl(id) {
 		return false, nil // control tokens are markup, not text: never shown, as llama.cpp does
 	}
@@ -429,7 +534,8 @@ func (t *textStream) push(id int32) (bool, error) {
 	for _, s := range t.stop {
 		if i := strings.Index(text[max(0, t.sent-len(s)):], s); i >= 0 {
 			t.full = text[:max(0, t.sent-len(s))+i]
-			return true, t.send(t.full)
+			t.stopped = s
+			return true, t.flush()
 		}
 	}
 	safe := len(text)
@@ -451,16 +557,21 @@ func (t *textStream) push(id int32) (bool, error) {
 			}
 		}
 	}
-	return false, t.send(text[:max(safe, t.sent)])
+	return false, t.send(text[:max(safe, t.sent)], false)
 }
 
-func (t *textStream) send(upTo string) error {
-	if len(upTo) <= t.sent {
+// send hands out the text up to upTo with the tokens pending; final hands out pending tokens
+// even with no new text (a trailing control token), so that every token is handed out once.
+func (t *textStream) send(upTo string, final bool) error {
+	if len(upTo) <= t.sent && !(final && len(t.pending) > 0) {
 		return nil
 	}
-	d := Delta{Text: upTo[t.sent:], Tokens: t.pending}
-	t.sent = len(upTo)
-	t.pending = nil
+	d := Delta{Tokens: t.pending, Logprobs: t.infos}
+	if len(upTo) > t.sent {
+		d.Text = upTo[t.sent:]
+		t.sent = len(upTo)
+	}
+	t.pending, t.infos = nil, nil
 	if t.emit == nil {
 		return nil
 	}
@@ -468,6 +579,6 @@ func (t *textStream) send(upTo string) error {
 }
 
 // flush emits what was held back once the generation is over.
-func (t *textStream) flush() error { return t.send(t.full) }
+func (t *textStream) flush() error { return t.send(t.full, true) }
 
-func (t *textStream) text() string { return t.full }
+func (t *textStream) text() string { return t.prefix + t.full }

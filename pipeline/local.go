@@ -67,8 +67,12 @@ func (c *LocalChain) Step(ctx context.Context, in StepInput) (StepResult, error)
 			return StepResult{}, fmt.Errorf("stage %s: %w", st.Info().Range, err)
 		}
 		if i == len(c.stages)-1 {
-			tok, lp := c.sampler.Sample(out.Logits, in.Sampling, in.Recent, in.Positions[len(in.Positions)-1])
-			res := StepResult{Token: tok, Logprob: lp}
+			ch := c.sampler.Choose(out.Logits, in.Sampling, sample.Step{Recent: in.Recent, Position: in.Positions[len(in.Positions)-1],
+				Bias: in.Bias, TopLogprobs: in.TopLogprobs})
+			res := StepResult{Token: ch.Token, Logprob: ch.Logprob}
+			if len(ch.Top) > 0 {
+				res.Top = append([]sample.TokenLogprob(nil), ch.Top...)
+			}
 			if in.WantLogits {
 				res.Logits = append([]float32(nil), out.Logits...)
 			}

@@ -1,4 +1,4 @@
-// Strata's swarm dashboard: polls /api/swarm (this node's /health plus every reachable node's
+// Strata's swarm dashboard: polls /strata/swarm (this node's /health plus every reachable node's
 // counters), draws the layer map and the node table, and streams chat answers from
 // /v1/chat/completions. Plain DOM, no dependencies: the page must work with no internet.
 "use strict";
@@ -58,7 +58,7 @@
 
   async function poll() {
     try {
-      const r = await fetch("api/swarm", { cache: "no-store" });
+      const r = await fetch("strata/swarm", { cache: "no-store" });
       if (!r.ok) throw new Error(`${r.status} ${r.statusText}`);
       const v = await r.json();
       render(v);

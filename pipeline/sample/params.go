@@ -25,7 +25,29 @@ type Params struct {
 	RepeatPenalty float32 `msgpack:"r" json:"repeat_penalty"` // 0 or 1: off
 	RepeatLastN   int     `msgpack:"n" json:"repeat_last_n"`
 	Seed          uint64  `msgpack:"s" json:"seed"`
+
+	// OpenAI's additive penalties: a token's logit loses FrequencyPenalty times the number
+	// of times it was sampled so far, plus PresencePenalty once if it was sampled at all.
+	// Negative values encourage repeats. "Sampled so far" is the tokens of the recent slice
+	// at positions PenaltyStart and later (the completion: the entry sets PenaltyStart to
+	// the prompt's length). Peers from before these fields ignore them.
+	PresencePenalty  float32 `msgpack:"pp" json:"presence_penalty,omitempty"`
+	FrequencyPenalty float32 `msgpack:"fp" json:"frequency_penalty,omitempty"`
+	PenaltyStart     int32   `msgpack:"ps" json:"penalty_start,omitempty"`
 }
+
+// Bias is one entry of OpenAI's logit_bias: Value is added to the token's logit before
+// penalties and sampling (-100 bans a token in practice, +100 all but forces it).
+type Bias struct {
+	Token int32
+	Value float32
+}
+
+// MaxTopLogprobs bounds the alternatives a step reports, as OpenAI's top_logprobs does.
+const MaxTopLogprobs = 20
+
+// MaxBias bounds the logit_bias entries a step carries.
+const MaxBias = 1024
 
 // Greedy reports whether the params pick the most likely token with no randomness.
 func (p Params) Greedy() bool { return p.Temperature <= 0 }
@@ -44,6 +66,12 @@ func (p Params) Validate() error {
 		return fmt.Errorf("min_p %v: must be in [0, 1]", p.MinP)
 	case p.RepeatPenalty != p.RepeatPenalty || p.RepeatPenalty < 0:
 		return fmt.Errorf("repeat_penalty %v: must be >= 0", p.RepeatPenalty)
+	case p.PresencePenalty != p.PresencePenalty || p.PresencePenalty < -2 || p.PresencePenalty > 2:
+		return fmt.Errorf("presence_penalty %v: must be in [-2, 2]", p.PresencePenalty)
+	case p.FrequencyPenalty != p.FrequencyPenalty || p.FrequencyPenalty < -2 || p.FrequencyPenalty > 2:
+		return fmt.Errorf("frequency_penalty %v: must be in [-2, 2]", p.FrequencyPenalty)
+	case p.PenaltyStart < 0:
+		return fmt.Errorf("penalty start %d: must be >= 0", p.PenaltyStart)
 	}
 	return nil
 }

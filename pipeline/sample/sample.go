@@ -36,6 +36,8 @@ type Sampler struct {
 	cand    []candidate // surviving tokens, best first
 	seen    []uint64    // bitset of ids already penalized
 	heap    candHeap
+	counts  []int32 // sorted copy of the completion's tokens, for frequency penalties
+	top     []TokenLogprob
 }
 
 type candidate struct {
@@ -53,13 +55,54 @@ func better(a, b candidate) int {
 	return cmp.Compare(a.id, b.id)
 }
 
+// Step is what one draw knows besides the settings: the tokens before it, its position, the
+// request's logit bias and how many alternatives to report.
+type Step struct {
+	Recent      []int32 // the last tokens, ending at Position
+	Position    int32   // of the last token fed; the draw is for the one after it
+	Bias        []Bias
+	TopLogprobs int // alternatives to report, at most MaxTopLogprobs
+}
+
+// TokenLogprob is a token with its log-probability under the model's distribution.
+type TokenLogprob struct {
+	Token   int32
+	Logprob float32
+}
+
+// Choice is a draw: the token, its log-probability, and the TopLogprobs most likely tokens
+// (highest logit first, lowest id on ties), all under the model's own distribution.
+type Choice struct {
+	Token   int32
+	Logprob float32
+	Top     []TokenLogprob
+}
+
 // Sample is the package-level Sample using s's buffers.
 func (s *Sampler) Sample(logits []float32, p Params, recent []int32, position int32) (token int32, logprob float32) {
+	c := s.Choose(logits, p, Step{Recent: recent, Position: position})
+	return c.Token, c.Logprob
+}
+
+// Choose is Sample with the per-step extras: the logit bias is added before every other
+// filter (as llama.cpp does), and the top alternatives are reported. Choice.Top is valid
+// until the next call.
+func (s *Sampler) Choose(logits []float32, p Params, st Step) Choice {
+	tok, lp := s.sample(logits, p, st)
+	c := Choice{Token: tok, Logprob: lp}
+	if st.TopLogprobs > 0 && tok >= 0 {
+		s.top = topLogprobs(s.top[:0], logits, min(st.TopLogprobs, MaxTopLogprobs))
+		c.Top = s.top
+	}
+	return c
+}
+
+func (s *Sampler) sample(logits []float32, p Params, st Step) (token int32, logprob float32) {
 	n := len(logits)
 	if n == 0 {
 		return -1, float32(math.Inf(-1))
 	}
-	work := s.prepare(logits, p, recent)
+	work := s.prepareStep(logits, p, st)
 
 	best, bestLogit := argmax(work)
 	if math.IsInf(float64(bestLogit), -1) {
@@ -74,7 +117,7 @@ func (s *Sampler) Sample(logits []float32, p Params, recent []int32, position in
 		// A temperature so small that 1/T overflows is greedy in all but name.
 		return best, logProb(logits, best)
 	}
-	u := uniform(p.Seed, position)
+	u := uniform(p.Seed, st.Position)
 	cand, truncated := s.filter(work, p, bestLogit, invT)
 	if !truncated {
 		tok := s.drawFull(work, bestLogit, invT, u)
@@ -158,9 +201,55 @@ func (s *Sampler) filter(work []float32, p Params, bestLogit float32, invT float
 	return cand, true
 }
 
-// prepare copies logits into the work buffer, maps NaN to -Inf and +Inf to the largest float
-// (so softmax stays defined), and applies the repeat penalty once per distinct recent token.
+// prepare is prepareStep for a recent slice that is all completion.
 func (s *Sampler) prepare(logits []float32, p Params, recent []int32) []float32 {
+	return s.prepareStep(logits, p, Step{Recent: recent, Position: p.PenaltyStart + int32(len(recent)) - 1})
+}
+
+// prepareStep copies logits into the work buffer, maps NaN to -Inf and +Inf to the largest
+// float (so softmax stays defined), adds the logit bias, applies the repeat penalty once per
+// distinct recent token, then OpenAI's frequency and presence penalties.
+func (s *Sampler) prepareStep(logits []float32, p Params, st Step) []float32 {
+	work := s.penalize(logits, p, st.Recent)
+	s.additive(work, p, st)
+	return work
+}
+
+// additive applies the logit bias and the frequency and presence penalties.
+func (s *Sampler) additive(work []float32, p Params, st Step) {
+	n := len(work)
+	for _, b := range st.Bias {
+		if b.Token >= 0 && int(b.Token) < n && b.Value == b.Value {
+			work[b.Token] += b.Value
+		}
+	}
+	fp, pp := p.FrequencyPenalty, p.PresencePenalty
+	if fp != fp || pp != pp || (fp == 0 && pp == 0) || len(st.Recent) == 0 {
+		return
+	}
+	// recent[i] sits at position Position-(len-1-i); the completion starts at PenaltyStart.
+	first := int64(len(st.Recent)) - 1 - (int64(st.Position) - int64(p.PenaltyStart))
+	if first >= int64(len(st.Recent)) {
+		return
+	}
+	gen := st.Recent[max(0, first):]
+	s.counts = append(s.counts[:0], gen...)
+	slices.Sort(s.counts)
+	for i := 0; i < len(s.counts); {
+		j := i + 1
+		for j < len(s.counts) && s.counts[j] == s.counts[i] {
+			j++
+		}
+		if id := s.counts[i]; id >= 0 && int(id) < n {
+			work[id] -= float32(j-i)*fp + pp
+		}
+		i = j
+	}
+}
+
+// penalize copies logits into the work buffer, maps NaN to -Inf and +Inf to the largest float
+// (so softmax stays defined), and applies the repeat penalty once per distinct recent token.
+func (s *Sampler) penalize(logits []float32, p Params, recent []int32) []float32 {
 	n := len(logits)
 	if cap(s.work) < n {
 		s.work = make([]float32, n)
@@ -317,6 +406,78 @@ func argmax(v []float32) (int32, float32) {
 		}
 	}
 	return int32(best), bv
+}
+
+// topLogprobs appends the k most likely tokens of logits (highest first, lowest id on ties)
+// with their log-probabilities to dst.
+func topLogprobs(dst []TokenLogprob, logits []float32, k int) []TokenLogprob {
+	if k <= 0 || len(logits) == 0 {
+		return dst
+	}
+	k = min(k, len(logits))
+	ids := make([]int32, 0, k)
+	val := func(i int32) float32 {
+		v := logits[i]
+		if v != v {
+			return float32(math.Inf(-1))
+		}
+		return v
+	}
+	for i := range logits {
+		v := val(int32(i))
+		if len(ids) == k && v <= val(ids[k-1]) {
+			continue // ids only grow, so a tie with the worst kept token loses
+		}
+		j := len(ids)
+		if j < k {
+			ids = append(ids, 0)
+		} else {
+			j = k - 1
+		}
+		for j > 0 && val(ids[j-1]) < v {
+			ids[j] = ids[j-1]
+			j--
+		}
+		ids[j] = int32(i)
+	}
+	m, logZ, infs := logNorm(logits)
+	for _, id := range ids {
+		dst = append(dst, TokenLogprob{Token: id, Logprob: logProbNorm(logits[id], m, logZ, infs)})
+	}
+	return dst
+}
+
+// logNorm is the log of softmax's normalizer of logits as the max m and log of the rescaled
+// sum, computed in one pass (an online log-sum-exp); with +Inf logits, infs counts them.
+func logNorm(logits []float32) (m, logZ float64, infs int) {
+	m = math.Inf(-1)
+	var z float64
+	for _, v := range logits {
+		f := float64(v)
+		if f <= m {
+			z += expNeg(f - m)
+		} else if f > m { // not NaN
+			z = z*expNeg(m-f) + 1
+			m = f
+		}
+		if math.IsInf(f, 1) {
+			infs++
+		}
+	}
+	return m, math.Log(z), infs
+}
+
+func logProbNorm(x float32, m, logZ float64, infs int) float32 {
+	if x != x {
+		return float32(math.Inf(-1))
+	}
+	if infs > 0 {
+		if !math.IsInf(float64(x), 1) {
+			return float32(math.Inf(-1))
+		}
+		return float32(-math.Log(float64(infs)))
+	}
+	return float32(float64(x) - m - logZ)
 }
 
 // logProb is log softmax(logits)[tok], computed stably in one pass (an online log-sum-exp:
