@@ -52,6 +52,9 @@ func WithStepTimeout(base, perPosition time.Duration) GeneratorOption {
 	return func(g *Generator) { g.stepBase, g.stepPerPos = base, perPosition }
 }
 
+// WithAdmission makes generations that find every route busy wait in a, rather than fail.
+func WithAdmission(a *Admission) GeneratorOption { return func(g *Generator) { g.admit = a } }
+
 // WithGeneratorLogger sets the logger.
 func WithGeneratorLogger(l *slog.Logger) GeneratorOption { return func(g *Generator) { g.log = l } }
 
@@ -96,6 +99,7 @@ type Generator struct {
 	stepPerPos   time.Duration
 	log          *slog.Logger
 	obs          Observer
+	admit        *Admission
 }
 
 // NewGenerator makes a generator that tokenizes with tok and routes through router.
@@ -167,7 +171,7 @@ func (g *Generator) generate(ctx context.Context, start time.Time, req Request, 
 		sp.Seed = rand.Uint64() | 1 // 0 asks for a random seed; fix it for replays
 	}
 
-	s := &run{g: g, start: start, tokens: prompt, sampling: sp, out: newTextStream(g.tok, req.Stop, emit)}
+	s := &run{g: g, start: start, client: req.Client, tokens: prompt, sampling: sp, out: newTextStream(g.tok, req.Stop, emit)}
 	defer s.close()
 	res := Result{PromptTokens: len(prompt), FinishReason: "length"}
 	next, err := s.prefill(ctx)
@@ -205,6 +209,7 @@ func (g *Generator) generate(ctx context.Context, start time.Time, req Request, 
 // replaying them through a new one.
 type run struct {
 	g        *Generator
+	client   string
 	start    time.Time
 	chain    Chain
 	session  uint64
@@ -220,12 +225,23 @@ func (s *run) close() {
 		defer cancel()
 		_ = s.chain.Close(ctx)
 		s.chain = nil
+		if s.g.admit != nil {
+			s.g.admit.Wake() // a session ended: the queue's head may start
+		}
 	}
 }
 
-// prefill feeds the prompt in chunks and returns the first sampled token.
+// prefill feeds the prompt in chunks and returns the first sampled token. Opening the first
+// route goes through the admission queue, if any: a busy swarm makes the request wait there.
 func (s *run) prefill(ctx context.Context) (int32, error) {
-	if err := s.open(ctx); err != nil {
+	if a := s.g.admit; a != nil {
+		s.session = rand.Uint64()
+		c, err := a.Do(ctx, s.client, func(ctx context.Context) (Chain, error) { return s.g.router.OpenChain(ctx, s.session) })
+		if err != nil {
+			return 0, fmt.Errorf("open route: %w", err)
+		}
+		s.chain = c
+	} else if err := s.open(ctx); err != nil {
 		return 0, err
 	}
 	return s.step(ctx, 0, s.tokens)
@@ -267,9 +283,7 @@ func (s *run) recover(ctx context.Context, from int, toks []int32, failed *HopEr
 	err := error(failed)
 	for attempt := 0; ; attempt++ {
 		s.close()
-		// The deadline is checked only between tries: a router may itself wait for coverage to
-		// come back, and its answer (which layers are missing) is the one worth returning.
-		if attempt >= s.g.recoverTries || time.Now().After(deadline) {
+		if attempt >= s.g.recoverTries || !time.Now().Before(deadline) {
 			return 0, fmt.Errorf("stage %s failed and the route could not be rebuilt (%d tries in %s): %w",
 				failed.peer(), attempt, time.Since(start).Round(time.Millisecond), err)
 		}
@@ -279,11 +293,20 @@ func (s *run) recover(ctx context.Context, from int, toks []int32, failed *HopEr
 			s.g.obs.Rerouted(hop.Peer)
 		}
 		select {
-		case <-time.After(time.Duration(attempt) * 200 * time.Millisecond):
+		case <-time.After(min(time.Duration(attempt)*200*time.Millisecond, time.Until(deadline))):
 		case <-ctx.Done():
 			return 0, ctx.Err()
 		}
-		if err = s.open(ctx); err != nil {
+		// Opening is bounded by the deadline too: a router waiting for coverage answers
+		// before it (see Router), so the error names what is missing.
+		octx, cancel := context.WithDeadline(ctx, deadline)
+		prev := err
+		err = s.open(octx)
+		if err != nil && octx.Err() != nil && ctx.Err() == nil {
+			err = prev // cut off by the deadline: the last real reason is the one to tell
+		}
+		cancel()
+		if err != nil {
 			if ctx.Err() != nil {
 				return 0, ctx.Err()
 			}

@@ -23,6 +23,9 @@ type Request struct {
 	MaxTokens int    // 0: up to the context length
 	Stop      []string
 	Sampling  sample.Params
+	// Client identifies who asked (an API key's hash, a remote address), for the admission
+	// queue's fairness: requests of one client start in order, clients take turns.
+	Client string
 }
 
 // Delta is a piece of generated text, handed out as soon as it is final (stop sequences and
