@@ -370,6 +370,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, fields *sampli
 	id := f.idPrefix() + randomID()
 	created := s.now().Unix()
 	ctx := r.Context()
+	req.Client = clientKey(r)
 
 	var res pipeline.Result
 	var err error

@@ -93,6 +93,8 @@ API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for
 	f.IntVar(&cfg.MaxContext, "context", 2048, "tokens per session")
 	f.StringVar(&codec, "codec", "f16", "activation codec on the wire: f32, f16, q8")
 	f.DurationVar(&cfg.RecoverFor, "recover-for", 30*time.Second, "how long a generation whose stage died waits for a new route before it fails")
+	f.IntVar(&cfg.Queue, "queue", 64, "requests this entry holds while every route is full (429 beyond; -1: none)")
+	f.DurationVar(&cfg.QueueTimeout, "queue-timeout", 60*time.Second, "how long a queued request waits for a session before it gets 429")
 	// Benchmarks only (strata bench, scripts/netns-bench.sh): a slower network on one machine.
 	f.DurationVar(&cfg.InjectLatency, "inject-latency", 0, "add this one-way latency to every frame sent to a peer")
 	f.StringVar(&injectBW, "inject-bandwidth", "", "emulate a link of this bandwidth to each peer, e.g. 1Gbit")

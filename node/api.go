@@ -70,6 +70,9 @@ type Health struct {
 	Range       *shard.Range `json:"range,omitempty"`
 	API         string       `json:"api"`
 	Peers       []PeerHealth `json:"peers"`
+	// Busy: requests are waiting for room (every route is full). A busy swarm is ready.
+	Busy  bool         `json:"busy"`
+	Queue *QueueHealth `json:"queue,omitempty"`
 }
 
 // PeerHealth is one member of the swarm as this node sees it.
@@ -120,6 +123,9 @@ func (n *Node) Health() Health {
 	}
 	_, err := n.router.route(0, nil)
 	h.Ready = err == nil
+	if q, busy := n.queueHealth(); n.admit != nil {
+		h.Queue, h.Busy = &q, busy
+	}
 	switch {
 	case planErr != nil:
 		h.Missing = planErr.Error()

@@ -46,6 +46,12 @@ type Config struct {
 	// missing layers (default 30s).
 	RecoverFor time.Duration
 
+	// Queue bounds the requests waiting at this entry for room on a busy swarm (default 64;
+	// negative: none, a busy swarm is answered 429 at once); QueueTimeout is how long one
+	// may wait before it is answered 429 (default 60s).
+	Queue        int
+	QueueTimeout time.Duration
+
 	// Tuning, mostly for tests.
 	ReplanDelay time.Duration // settle time after a membership change (default 300ms)
 	DrainWait   time.Duration // how long a replaced stage waits for its sessions (default 30s)
@@ -112,6 +118,12 @@ func (c *Config) setDefaults() error {
 	}
 	if c.DrainWait <= 0 {
 		c.DrainWait = 30 * time.Second
+	}
+	if c.Queue == 0 {
+		c.Queue = 64
+	}
+	if c.QueueTimeout <= 0 {
+		c.QueueTimeout = 60 * time.Second
 	}
 	if c.RecoverFor <= 0 {
 		c.RecoverFor = 30 * time.Second

@@ -43,6 +43,7 @@ type Node struct {
 	host      *p2p.Host
 	members   *discovery.Membership
 	gen       *pipeline.Generator
+	admit     *pipeline.Admission // requests waiting for room on a busy swarm (queue.go)
 	router    *router
 	apiAddr   string
 	api       *http.Server
@@ -172,8 +173,13 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	}
 
 	n.router = newRouter(n)
-	n.gen = pipeline.NewGenerator(n.tok, n.router, pipeline.WithMaxContext(cfg.MaxContext), pipeline.WithGeneratorLogger(n.log),
-		pipeline.WithObserver(n.metrics), pipeline.WithRecovery(cfg.RecoverFor, 8))
+	gopts := []pipeline.GeneratorOption{pipeline.WithMaxContext(cfg.MaxContext), pipeline.WithGeneratorLogger(n.log),
+		pipeline.WithObserver(n.metrics), pipeline.WithRecovery(cfg.RecoverFor, 8)}
+	if cfg.Queue > 0 {
+		n.admit = pipeline.NewAdmission(cfg.Queue, cfg.QueueTimeout)
+		gopts = append(gopts, pipeline.WithAdmission(n.admit))
+	}
+	n.gen = pipeline.NewGenerator(n.tok, n.router, gopts...)
 	if err := n.startAPI(); err != nil {
 		return nil, err
 	}

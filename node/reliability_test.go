@@ -1,0 +1,172 @@
+package node_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/strata-llm/strata/internal/testkit"
+)
+
+// postChat sends a plain chat completion and returns the status, the Retry-After header and
+// the body.
+func postChat(ctx context.Context, api string, body any) (int, string, string, error) {
+	b, err := json.Marshal(body)
+	if err != nil {
+		return 0, "", "", err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+api+"/v1/chat/completions", bytes.NewReader(b))
+	if err != nil {
+		return 0, "", "", err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, "", "", err
+	}
+	defer resp.Body.Close()
+	out, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, resp.Header.Get("Retry-After"), string(out), err
+}
+
+func chatBody(user string, maxTokens int) map[string]any {
+	return map[string]any{"model": modelID, "max_tokens": maxTokens, "temperature": 0,
+		"messages": []map[string]string{{"role": "user", "content": user}}}
+}
+
+// TestBusySwarmQueues: 40 concurrent chats against three nodes whose stages hold 2 sessions
+// each. Every request either completes (it waited in the entry's queue) or is answered 429
+// with a Retry-After; none gets a 503, and /health stays ready throughout: a full stage is
+// busy, not failed.
+func TestBusySwarmQueues(t *testing.T) {
+	model := swarmModel(t)
+	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model,
+		Args: []string{"--max-memory", twoLayers, "--max-sessions", "2", "--queue", "64", "--queue-timeout", "10m"}})
+	s.MustReady(t, 3, 60*time.Second)
+	settled(t, s.Nodes[0], 3, 6)
+	entry := s.Nodes[0]
+
+	stop := make(chan struct{})
+	notReady := make(chan string, 1000)
+	var maxQueued int
+	var watch sync.WaitGroup
+	watch.Add(1)
+	go func() {
+		defer watch.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+			}
+			var h struct {
+				Ready   bool   `json:"ready"`
+				Missing string `json:"missing"`
+				Queue   *struct {
+					Waiting int `json:"waiting"`
+				} `json:"queue"`
+			}
+			resp, err := http.Get("http://" + entry.API + "/health")
+			if err != nil {
+				notReady <- err.Error()
+				continue
+			}
+			err = json.NewDecoder(resp.Body).Decode(&h)
+			resp.Body.Close()
+			switch {
+			case err != nil:
+				notReady <- err.Error()
+			case !h.Ready:
+				notReady <- h.Missing
+			case h.Queue != nil:
+				maxQueued = max(maxQueued, h.Queue.Waiting)
+			}
+		}
+	}()
+
+	const clients = 40
+	type answer struct {
+		status      int
+		retry, body string
+		err         error
+	}
+	answers := make([]answer, clients)
+	var wg sync.WaitGroup
+	for i := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st, ra, body, err := postChat(context.Background(), entry.API, chatBody(fmt.Sprintf("question %d", i), 8))
+			answers[i] = answer{st, ra, body, err}
+		}()
+	}
+	wg.Wait()
+	close(stop)
+	watch.Wait()
+	close(notReady)
+
+	ok, limited := 0, 0
+	for i, a := range answers {
+		switch {
+		case a.err != nil:
+			t.Errorf("chat %d: %v", i, a.err)
+		case a.status == http.StatusOK:
+			ok++
+		case a.status == http.StatusTooManyRequests && a.retry != "":
+			limited++
+		default:
+			t.Errorf("chat %d: status %d (Retry-After %q): %s", i, a.status, a.retry, a.body)
+		}
+	}
+	for m := range notReady {
+		t.Errorf("/health not ready while busy: %s", m)
+	}
+	t.Logf("%d completed, %d answered 429; at most %d waited in the queue at once", ok, limited, maxQueued)
+	if ok == 0 {
+		t.Fatal("no chat completed")
+	}
+	metrics, err := http.Get("http://" + entry.API + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer metrics.Body.Close()
+	m, _ := io.ReadAll(metrics.Body)
+	if !strings.Contains(string(m), "strata_queue_depth") || !strings.Contains(string(m), `strata_queue_requests_total{outcome="started"}`) {
+		t.Fatal("/metrics shows no admission queue")
+	}
+}
+
+// TestQueueFullIs429: with no queue (--queue -1) a request that finds every route full is
+// answered 429 with a Retry-After at once, never 503.
+func TestQueueFullIs429(t *testing.T) {
+	model := swarmModel(t)
+	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 1, Model: model,
+		Args: []string{"--max-sessions", "1", "--queue", "-1"}})
+	s.MustReady(t, 1, 60*time.Second)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	// Hold the only session with a long stream, then ask again.
+	started := make(chan struct{})
+	go func() {
+		_, _ = stream(ctx, client(s.Nodes[0]), chatParams("a long story", 1500), func(n int) {
+			if n == 1 {
+				close(started)
+			}
+		})
+	}()
+	<-started
+	st, ra, body, err := postChat(context.Background(), s.Nodes[0].API, chatBody("hello", 4))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st != http.StatusTooManyRequests || ra == "" {
+		t.Fatalf("status %d, Retry-After %q: %s", st, ra, body)
+	}
+}
