@@ -17,7 +17,10 @@ import (
 )
 
 func (n *Node) startAPI() error {
-	srv := api.NewServer(n, api.WithAPIKey(n.cfg.APIKey), api.WithLogger(n.log))
+	// A body several times the longest prompt that could fit (JSON escapes, a template's own
+	// text) is plenty; past it nothing is read.
+	maxBody := min(max(8*int64(n.gen.MaxPromptBytes()), 1<<20), 16<<20)
+	srv := api.NewServer(n, api.WithAPIKey(n.cfg.APIKey), api.WithLogger(n.log), api.WithMaxBodyBytes(maxBody))
 	srv.Handle("GET /health", http.HandlerFunc(n.serveHealth))
 	for pattern, h := range n.extraRoutes() {
 		srv.Handle(pattern, h)

@@ -143,13 +143,37 @@ func TestBusySwarmQueues(t *testing.T) {
 	}
 }
 
-// TestQueueFullIs429: with no queue (--queue -1) a request that finds every route full is
-// answered 429 with a Retry-After at once, never 503.
-func TestQueueFullIs429(t *testing.T) {
+// TestRequestLimits, on one node: a 5000-message chat is answered 400 naming the limit
+// (before the fix it tokenized for minutes), a body over the cap 413; and with no queue
+// (--queue -1) a request that finds every route full is answered 429 with a Retry-After at
+// once, never 503.
+func TestRequestLimits(t *testing.T) {
 	model := swarmModel(t)
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 1, Model: model,
 		Args: []string{"--max-sessions", "1", "--queue", "-1"}})
 	s.MustReady(t, 1, 60*time.Second)
+
+	msgs := make([]map[string]string, 5000)
+	for i := range msgs {
+		msgs[i] = map[string]string{"role": "user", "content": "hi"}
+	}
+	body := chatBody("", 4)
+	body["messages"] = msgs
+	st, _, out, err := postChat(context.Background(), s.Nodes[0].API, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st != http.StatusBadRequest || !strings.Contains(out, "context_length_exceeded") || !strings.Contains(out, "bytes") {
+		t.Fatalf("5000 messages: status %d: %s", st, out)
+	}
+	body["messages"] = []map[string]string{{"role": "user", "content": strings.Repeat("x", 17<<20)}}
+	st, _, out, err = postChat(context.Background(), s.Nodes[0].API, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st != http.StatusRequestEntityTooLarge || !strings.Contains(out, "larger than") {
+		t.Fatalf("a 17 MiB body: status %d: %s", st, out)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	// Hold the only session with a long stream, then ask again.
@@ -162,11 +186,11 @@ func TestQueueFullIs429(t *testing.T) {
 		})
 	}()
 	<-started
-	st, ra, body, err := postChat(context.Background(), s.Nodes[0].API, chatBody("hello", 4))
+	st, ra, out, err := postChat(context.Background(), s.Nodes[0].API, chatBody("hello", 4))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if st != http.StatusTooManyRequests || ra == "" {
-		t.Fatalf("status %d, Retry-After %q: %s", st, ra, body)
+		t.Fatalf("status %d, Retry-After %q: %s", st, ra, out)
 	}
 }

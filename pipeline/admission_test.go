@@ -154,3 +154,43 @@ func TestGenerateQueuesWhenStagesAreFull(t *testing.T) {
 		t.Fatalf("full stages without a queue: %v, want ErrBusy", err)
 	}
 }
+
+// TestPromptBounds: a prompt that cannot fit is refused before it is tokenized (too many
+// bytes for the context, or more special tokens than the context holds, as a chat of
+// thousands of messages has), and a caller that leaves gets its answer at once.
+func TestPromptBounds(t *testing.T) {
+	stages, tok := tinyStages(t, shard.Range{Start: 0, End: 6})
+	g := pipeline.NewGenerator(tok, pipeline.LocalRouter{Stages: stages, Codec: quant.CodecF32})
+
+	huge := strings.Repeat("a", g.MaxPromptBytes()+1)
+	if _, err := g.Generate(context.Background(), pipeline.Request{Prompt: huge}, nil); !errors.Is(err, pipeline.ErrPromptTooLarge) ||
+		!errors.Is(err, pipeline.ErrContextLength) || !strings.Contains(err.Error(), "bytes") {
+		t.Fatalf("prompt over the byte bound: %v", err)
+	}
+	for _, c := range []struct {
+		messages int
+		why      string
+	}{{5000, "bytes"}, {1000, "at least"}} {
+		var chat strings.Builder
+		for range c.messages {
+			chat.WriteString(chatPromptTurn("hi"))
+		}
+		if _, err := g.Generate(context.Background(), pipeline.Request{Prompt: chat.String()}, nil); !errors.Is(err, pipeline.ErrContextLength) ||
+			!strings.Contains(err.Error(), c.why) {
+			t.Fatalf("%d messages (%d bytes, bound %d): %v", c.messages, chat.Len(), g.MaxPromptBytes(), err)
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := g.Generate(ctx, pipeline.Request{Prompt: "hello"}, nil); !errors.Is(err, context.Canceled) {
+		t.Fatalf("a caller that left: %v", err)
+	}
+	// What fits still runs.
+	if res, err := g.Generate(context.Background(), pipeline.Request{Prompt: "hello", MaxTokens: 3}, nil); err != nil || res.CompletionTokens != 3 {
+		t.Fatalf("a small prompt: %+v, %v", res, err)
+	}
+}
+
+func chatPromptTurn(user string) string {
+	return "<|start_header_id|>user<|end_header_id|>\n\n" + user + "<|eot_id|>"
+}

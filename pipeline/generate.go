@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 	"unicode/utf8"
 
@@ -55,6 +57,11 @@ func WithStepTimeout(base, perPosition time.Duration) GeneratorOption {
 // WithAdmission makes generations that find every route busy wait in a, rather than fail.
 func WithAdmission(a *Admission) GeneratorOption { return func(g *Generator) { g.admit = a } }
 
+// WithPromptConcurrency bounds how many prompts are tokenized at once (default GOMAXPROCS).
+func WithPromptConcurrency(n int) GeneratorOption {
+	return func(g *Generator) { g.encodeSlots = make(chan struct{}, max(1, n)) }
+}
+
 // WithGeneratorLogger sets the logger.
 func WithGeneratorLogger(l *slog.Logger) GeneratorOption { return func(g *Generator) { g.log = l } }
 
@@ -100,6 +107,11 @@ type Generator struct {
 	log          *slog.Logger
 	obs          Observer
 	admit        *Admission
+	boundsOnce   sync.Once
+	bounds       promptBounds
+	// encodeSlots bounds the prompts being tokenized at once: N hostile prompts cost at most
+	// this many bounded units of CPU; the rest wait, or leave.
+	encodeSlots chan struct{}
 }
 
 // NewGenerator makes a generator that tokenizes with tok and routes through router.
@@ -108,6 +120,9 @@ func NewGenerator(tok *shard.Tokenizer, router Router, opts ...GeneratorOption) 
 		log: slog.Default(), obs: nopObserver{}}
 	for _, o := range opts {
 		o(g)
+	}
+	if g.encodeSlots == nil {
+		g.encodeSlots = make(chan struct{}, max(1, runtime.GOMAXPROCS(0)))
 	}
 	if g.obs == nil {
 		g.obs = nopObserver{}
@@ -147,7 +162,7 @@ func (g *Generator) Generate(ctx context.Context, req Request, emit func(Delta) 
 }
 
 func (g *Generator) generate(ctx context.Context, start time.Time, req Request, emit func(Delta) error) (Result, error) {
-	prompt, err := g.Encode(req.Prompt)
+	prompt, err := g.encode(ctx, req.Prompt)
 	if err != nil {
 		return Result{}, err
 	}
