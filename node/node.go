@@ -99,6 +99,12 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
+	// Nothing writes to the slice cache yet: temp files there are a crashed cut's.
+	if k, err := (shard.SliceCache{Dir: filepath.Join(cfg.DataDir, "slices")}).RemoveStale(); err != nil {
+		n.log.Warn("slice cache", "err", err)
+	} else if k > 0 {
+		n.log.Info("removed temporary files a crash left in the slice cache", "files", k)
+	}
 	if n.modelPath, err = n.resolveModel(ctx); err != nil {
 		return nil, err
 	}
