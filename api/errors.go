@@ -90,7 +90,7 @@ func backendError(err error, promptParam string) *apiError {
 		return invalidRequestCode(http.StatusBadRequest, promptParam, "context_length_exceeded", err.Error())
 	case errors.Is(err, pipeline.ErrEmptyPrompt):
 		return invalidRequest(promptParam, err.Error())
-	case errors.Is(err, pipeline.ErrNoRoute):
+	case errors.Is(err, pipeline.ErrNoRoute), errors.Is(err, pipeline.ErrRouteUnavailable):
 		return serverError(http.StatusServiceUnavailable, "the swarm cannot serve the model now: "+err.Error())
 	case errors.Is(err, pipeline.ErrStepTimeout):
 		return serverError(http.StatusGatewayTimeout, "a stage stopped answering: "+err.Error())

@@ -87,6 +87,7 @@ API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for
 	f.BoolVar(&cfg.MDNS, "mdns", true, "find peers on the local network")
 	f.BoolVar(&cfg.ClientOnly, "client-only", false, "serve the API without holding layers")
 	f.StringVar(&cfg.APIKey, "api-key", os.Getenv("STRATA_API_KEY"), "bearer token the API requires")
+	f.BoolVar(&cfg.ProtectMonitoring, "protect-monitoring", false, "put /health, /metrics and the dashboard behind the API key too")
 	f.IntVar(&cfg.Threads, "threads", 0, "ggml CPU threads (default: all cores)")
 	f.StringVar(&cfg.CPULock, "cpu-lock", "", "nodes sharing one machine's cores name the same file: one computes at a time, with all its threads")
 	f.IntVar(&cfg.MaxSessions, "max-sessions", 8, "sessions a stage holds at once")
@@ -112,7 +113,14 @@ func newStatusCommand() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			client := &http.Client{Timeout: 5 * time.Second}
-			resp, err := client.Get("http://" + addr + "/health")
+			req, err := http.NewRequest(http.MethodGet, "http://"+addr+"/health", nil)
+			if err != nil {
+				return err
+			}
+			if key := os.Getenv("STRATA_API_KEY"); key != "" { // a node with --protect-monitoring
+				req.Header.Set("Authorization", "Bearer "+key)
+			}
+			resp, err := client.Do(req)
 			if err != nil {
 				return fmt.Errorf("no node answers at %s: %w", addr, err)
 			}

@@ -20,7 +20,14 @@ func (n *Node) startAPI() error {
 	// A body several times the longest prompt that could fit (JSON escapes, a template's own
 	// text) is plenty; past it nothing is read.
 	maxBody := min(max(8*int64(n.gen.MaxPromptBytes()), 1<<20), 16<<20)
-	srv := api.NewServer(n, api.WithAPIKey(n.cfg.APIKey), api.WithLogger(n.log), api.WithMaxBodyBytes(maxBody))
+	opts := []api.Option{api.WithAPIKey(n.cfg.APIKey), api.WithLogger(n.log), api.WithMaxBodyBytes(maxBody)}
+	if n.cfg.ProtectMonitoring {
+		if n.cfg.APIKey == "" {
+			return errors.New("--protect-monitoring needs an API key (--api-key or STRATA_API_KEY)")
+		}
+		opts = append(opts, api.WithProtectAll())
+	}
+	srv := api.NewServer(n, opts...)
 	srv.Handle("GET /health", http.HandlerFunc(n.serveHealth))
 	for pattern, h := range n.extraRoutes() {
 		srv.Handle(pattern, h)

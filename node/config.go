@@ -29,7 +29,9 @@ type Config struct {
 	MDNS       bool     // find peers on the LAN
 	ClientOnly bool     // serve the API only, hold no layers
 	APIKey     string   // bearer token the API requires, if set
-	Threads    int      // ggml CPU threads (default: all cores)
+	// ProtectMonitoring puts /health, /metrics, the dashboard and its JSON behind APIKey too.
+	ProtectMonitoring bool
+	Threads           int // ggml CPU threads (default: all cores)
 	// CPULock, if set, is a file the nodes sharing this machine's cores all name: each
 	// computes with all its threads while it holds the lock (internal/cpulock).
 	CPULock     string

@@ -141,6 +141,9 @@ var (
 	ErrEmptyPrompt = errors.New("empty prompt")
 	// ErrStepTimeout means a step went unanswered for longer than WithStepTimeout allows.
 	ErrStepTimeout = errors.New("step timed out")
+	// ErrRouteUnavailable means no route could be opened, or rebuilt after a stage failed, in
+	// the time allowed: the swarm's to heal, answered 503 with the reason.
+	ErrRouteUnavailable = errors.New("no route could be opened")
 )
 
 // Encode tokenizes a rendered prompt, adding BOS unless the template already wrote it.
@@ -253,7 +256,7 @@ func (s *run) prefill(ctx context.Context) (int32, error) {
 		s.session = rand.Uint64()
 		c, err := a.Do(ctx, s.client, func(ctx context.Context) (Chain, error) { return s.g.router.OpenChain(ctx, s.session) })
 		if err != nil {
-			return 0, fmt.Errorf("open route: %w", err)
+			return 0, routeError(ctx, err)
 		}
 		s.chain = c
 	} else if err := s.open(ctx); err != nil {
@@ -266,10 +269,22 @@ func (s *run) open(ctx context.Context) error {
 	s.session = rand.Uint64()
 	c, err := s.g.router.OpenChain(ctx, s.session)
 	if err != nil {
-		return fmt.Errorf("open route: %w", err)
+		return routeError(ctx, err)
 	}
 	s.chain = c
 	return nil
+}
+
+// routeError says why a route did not open. Refusals the caller must see as they are (a
+// busy swarm, a full queue, the client leaving) pass through; anything else (a stage that
+// did not answer in time, a link too slow to open over) is ErrRouteUnavailable with the
+// reason, not a bare "deadline exceeded".
+func routeError(ctx context.Context, err error) error {
+	var qe *QueueError
+	if ctx.Err() != nil || errors.As(err, &qe) || errors.Is(err, ErrBusy) || errors.Is(err, ErrNoRoute) {
+		return fmt.Errorf("open route: %w", err)
+	}
+	return fmt.Errorf("%w: %w", ErrRouteUnavailable, err)
 }
 
 // step feeds tokens starting at position from, in chunks, and samples after the last. When a
@@ -299,8 +314,8 @@ func (s *run) recover(ctx context.Context, from int, toks []int32, failed *HopEr
 	for attempt := 0; ; attempt++ {
 		s.close()
 		if attempt >= s.g.recoverTries || !time.Now().Before(deadline) {
-			return 0, fmt.Errorf("stage %s failed and the route could not be rebuilt (%d tries in %s): %w",
-				failed.peer(), attempt, time.Since(start).Round(time.Millisecond), err)
+			return 0, fmt.Errorf("%w: stage %s failed and the route could not be rebuilt (%d tries in %s): %w",
+				ErrRouteUnavailable, failed.peer(), attempt, time.Since(start).Round(time.Millisecond), err)
 		}
 		var hop *HopError
 		if errors.As(err, &hop) {
