@@ -37,8 +37,11 @@ type Config struct {
 	CPULock     string
 	MaxSessions int // sessions a stage holds at once (default 8)
 	MaxContext  int // tokens per session (default 2048)
-	Codec       quant.Codec
-	Logger      *slog.Logger
+	// Deterministic runs each step alone on this node's stages, so a session's tokens do not
+	// depend on what else the swarm serves (see shard.WithUnbatched).
+	Deterministic bool
+	Codec         quant.Codec
+	Logger        *slog.Logger
 	// Progress, if set, makes a progress reporter for a labelled task (cutting and loading a
 	// slice); the CLI draws bars on a terminal. Unset, progress goes to the log.
 	Progress func(label string) func(float32)

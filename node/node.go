@@ -522,6 +522,9 @@ func (n *Node) moveTo(r shard.Range, chain int) error {
 		if n.cpu != nil {
 			opts = append(opts, shard.WithCPULock(n.cpu))
 		}
+		if n.cfg.Deterministic {
+			opts = append(opts, shard.WithUnbatched())
+		}
 		st, err = shard.LoadStage(context.Background(), n.modelPath, r, opts...)
 		if err != nil {
 			n.mu.Lock()

@@ -194,3 +194,42 @@ func TestRequestLimits(t *testing.T) {
 		t.Fatalf("status %d, Retry-After %q: %s", st, ra, out)
 	}
 }
+
+// TestDeterministicStreams: with --deterministic, eight concurrent streams on q8_0 weights
+// (where a batched step's kernels differ from a lone step's) each get exactly the text the
+// model gives alone, as `strata run` computes it.
+func TestDeterministicStreams(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a swarm")
+	}
+	model := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1, Type: "q8_0"})
+	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 2, Model: model,
+		Args: []string{"--max-memory", threeLayers, "--codec", "f32", "--deterministic"}})
+	s.MustReady(t, 2, 60*time.Second)
+	c0 := client(s.Nodes[0])
+	models, err := c0.Models.List(context.Background())
+	if err != nil || len(models.Data) != 1 {
+		t.Fatalf("/v1/models: %v", err)
+	}
+	users := make([]string, 8)
+	for i := range users {
+		users[i] = fmt.Sprintf("question number %d: what is %d times %d?", i, i+2, i+3)
+	}
+	wants := expected(t, model, users, 48)
+	var wg sync.WaitGroup
+	got := make([]string, len(users))
+	errs := make([]error, len(users))
+	for i, u := range users {
+		wg.Go(func() {
+			p := chatParams(u, 48)
+			p.Model = models.Data[0].ID
+			got[i], errs[i] = stream(context.Background(), client(s.Nodes[i%2]), p, nil)
+		})
+	}
+	wg.Wait()
+	for i := range users {
+		if errs[i] != nil || got[i] != jsonText(wants[i].Text) {
+			t.Errorf("stream %d: %q (%v), want %q", i, got[i], errs[i], wants[i].Text)
+		}
+	}
+}
