@@ -152,7 +152,14 @@ func printStatus(w io.Writer, h node.Health) {
 	if !h.Ready {
 		ready = "NOT READY: " + h.Missing
 	}
-	fmt.Fprintf(w, "swarm  %s\nmodel  %s (%d layers, sha256 %.12s)\nnode   %s (%s)\n\n", ready, h.Model, h.Layers, h.ModelSHA256, h.PeerID, h.State)
+	if h.Ready && h.Busy {
+		ready += ", BUSY"
+	}
+	fmt.Fprintf(w, "swarm  %s\nmodel  %s (%d layers, sha256 %.12s)\nnode   %s (%s)\n", ready, h.Model, h.Layers, h.ModelSHA256, h.PeerID, h.State)
+	if q := h.Queue; q != nil && q.Waiting > 0 {
+		fmt.Fprintf(w, "queue  %d waiting of %d (oldest %d ms, mean wait %.0f ms)\n", q.Waiting, q.Depth, q.OldestWaitMs, q.MeanWaitMs)
+	}
+	fmt.Fprintln(w)
 	// The GPU column appears only when some node has a GPU: on CPU-only swarms it would be
 	// a column of zeros.
 	gpu := slices.ContainsFunc(h.Peers, func(p node.PeerHealth) bool { return p.FreeGPU > 0 })

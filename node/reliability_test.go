@@ -233,3 +233,47 @@ func TestDeterministicStreams(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkDeterministicCost: eight concurrent streams of 64 tokens on two nodes, batched
+// (the default) and with --deterministic; reports completion tokens per second of wall time.
+func BenchmarkDeterministicCost(b *testing.B) {
+	model := testkit.Model(b, testkit.SynthOptions{Preset: "tiny", Seed: 1, Type: "q8_0"})
+	for _, mode := range []struct {
+		name string
+		args []string
+	}{{"batched", nil}, {"deterministic", []string{"--deterministic"}}} {
+		b.Run(mode.name, func(b *testing.B) {
+			s := testkit.NewSwarm(b, testkit.SwarmOptions{Nodes: 2, Model: model,
+				Args: append([]string{"--max-memory", threeLayers, "--codec", "f32"}, mode.args...)})
+			s.MustReady(b, 2, 60*time.Second)
+			c0 := client(s.Nodes[0])
+			models, err := c0.Models.List(context.Background())
+			if err != nil {
+				b.Fatal(err)
+			}
+			tokens := 0
+			b.ResetTimer()
+			for range b.N {
+				var wg sync.WaitGroup
+				var mu sync.Mutex
+				for i := range 8 {
+					wg.Go(func() {
+						p := chatParams(fmt.Sprintf("stream %d", i), 64)
+						p.Model = models.Data[0].ID
+						c := client(s.Nodes[i%2])
+						resp, err := c.Chat.Completions.New(context.Background(), p)
+						if err != nil {
+							b.Error(err)
+							return
+						}
+						mu.Lock()
+						tokens += int(resp.Usage.CompletionTokens)
+						mu.Unlock()
+					})
+				}
+				wg.Wait()
+			}
+			b.ReportMetric(float64(tokens)/b.Elapsed().Seconds(), "tokens/s")
+		})
+	}
+}
