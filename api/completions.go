@@ -704,6 +704,9 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, fields *sampli
 	model := reqs[0].Model
 	logprobs := reqs[0].Logprobs
 	perPrompt, _ := fields.choices()
+	for i := range reqs {
+		reqs[i].Client = clientKey(r)
+	}
 
 	var (
 		outs []outcome

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"strconv"
 
 	"github.com/strata-llm/strata/pipeline"
 )
@@ -17,6 +18,8 @@ type apiError struct {
 	Type    string  `json:"type"`
 	Param   *string `json:"param"`
 	Code    *string `json:"code"`
+	// RetryAfter, in seconds, goes out as the Retry-After header (a busy swarm's 429).
+	RetryAfter int `json:"-"`
 }
 
 func (e *apiError) Error() string { return e.Message }
@@ -60,6 +63,16 @@ func backendError(err error, promptParam string) *apiError {
 	if errors.As(err, &ae) {
 		return ae
 	}
+	// A swarm too busy to take the request now: come back later, as rate limits say.
+	var ra interface{ RetryAfterSeconds() int }
+	if errors.As(err, &ra) || errors.Is(err, pipeline.ErrBusy) {
+		after := 1
+		if ra != nil {
+			after = ra.RetryAfterSeconds()
+		}
+		return &apiError{Status: http.StatusTooManyRequests, Message: err.Error(), Type: "rate_limit_error",
+			Code: strp("rate_limit_exceeded"), RetryAfter: after}
+	}
 	var se statusError
 	if errors.As(err, &se) {
 		st := se.HTTPStatus()
@@ -77,7 +90,7 @@ func backendError(err error, promptParam string) *apiError {
 		return invalidRequestCode(http.StatusBadRequest, promptParam, "context_length_exceeded", err.Error())
 	case errors.Is(err, pipeline.ErrEmptyPrompt):
 		return invalidRequest(promptParam, err.Error())
-	case errors.Is(err, pipeline.ErrNoRoute):
+	case errors.Is(err, pipeline.ErrNoRoute), errors.Is(err, pipeline.ErrRouteUnavailable):
 		return serverError(http.StatusServiceUnavailable, "the swarm cannot serve the model now: "+err.Error())
 	case errors.Is(err, pipeline.ErrStepTimeout):
 		return serverError(http.StatusGatewayTimeout, "a stage stopped answering: "+err.Error())
@@ -109,6 +122,9 @@ func marshal(v any) ([]byte, error) {
 }
 
 func writeError(w http.ResponseWriter, e *apiError) {
+	if e.RetryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(e.RetryAfter))
+	}
 	writeJSON(w, e.Status, struct {
 		Error *apiError `json:"error"`
 	}{e})

@@ -6,6 +6,7 @@ package api
 import (
 	"context"
 	"crypto/subtle"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -36,12 +37,14 @@ type Backend interface {
 // Server is an http.Handler for the OpenAI-compatible API. The node can mount its own routes
 // (/health, /metrics, a dashboard at "/") on the same mux with Handle.
 type Server struct {
-	backend   Backend
-	apiKey    string
-	log       *slog.Logger
-	now       func() time.Time
-	maxBody   int64
-	templates *templates
+	backend Backend
+	apiKey  string
+	// protectAll: the node's routes need the key too (--protect-monitoring).
+	protectAll bool
+	log        *slog.Logger
+	now        func() time.Time
+	maxBody    int64
+	templates  *templates
 
 	apiMux   *http.ServeMux // /v1/...
 	extraMux *http.ServeMux // everything else, mounted by the node
@@ -55,6 +58,10 @@ type Option func(*Server)
 // Handle are not covered: the node decides what /health or a dashboard expose. An empty key
 // leaves the API open.
 func WithAPIKey(key string) Option { return func(s *Server) { s.apiKey = key } }
+
+// WithProtectAll puts the node's own routes (/health, /metrics, the dashboard and its JSON)
+// behind the API key too, not only /v1.
+func WithProtectAll() Option { return func(s *Server) { s.protectAll = true } }
 
 // WithLogger sets the logger for request summaries and recovered panics.
 func WithLogger(l *slog.Logger) Option {
@@ -110,6 +117,12 @@ func NewServer(backend Backend, opts ...Option) *Server {
 		writeError(w, invalidRequestCode(http.StatusNotFound, "", "unknown_url", fmt.Sprintf("unknown endpoint %s %s", r.Method, r.URL.Path)))
 	}))
 	api := s.auth(s.apiMux)
+	var extra http.Handler = s.extraMux
+	if s.protectAll {
+		// Basic lets a browser ask for the key (as the password) on the dashboard and send
+		// it with the page's own requests; scripts send a bearer token as to /v1.
+		extra = s.authAs(s.extraMux, `Basic realm="strata", charset="UTF-8"`)
+	}
 	// Two muxes, split on the /v1 prefix: the node's routes (a dashboard at "GET /") would
 	// otherwise conflict with the API's method-less patterns and make ServeMux panic.
 	s.handler = s.recover(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -117,7 +130,7 @@ func NewServer(backend Backend, opts ...Option) *Server {
 			api.ServeHTTP(w, r)
 			return
 		}
-		s.extraMux.ServeHTTP(w, r)
+		extra.ServeHTTP(w, r)
 	}))
 	return s
 }
@@ -161,24 +174,51 @@ func (s *Server) method(m string, h http.HandlerFunc) http.Handler {
 	})
 }
 
+// credentials extracts the key from an Authorization header: "Bearer KEY" with the scheme
+// in any case (RFC 7235), or HTTP Basic with the key as the password, which is what a browser
+// sends for a dashboard behind --protect-monitoring once it has asked for it.
+func credentials(header string) (string, bool) {
+	scheme, rest, ok := strings.Cut(strings.TrimSpace(header), " ")
+	if !ok {
+		return "", false
+	}
+	rest = strings.TrimSpace(rest)
+	switch {
+	case strings.EqualFold(scheme, "Bearer"):
+		return rest, true
+	case strings.EqualFold(scheme, "Basic"):
+		raw, err := base64.StdEncoding.DecodeString(rest)
+		if err != nil {
+			return "", false
+		}
+		_, pass, ok := strings.Cut(string(raw), ":")
+		return pass, ok
+	}
+	return "", false
+}
+
 func (s *Server) auth(h http.Handler) http.Handler {
+	return s.authAs(h, `Bearer realm="strata"`)
+}
+
+func (s *Server) authAs(h http.Handler, challenge string) http.Handler {
 	if s.apiKey == "" {
 		return h
 	}
-	want := []byte("Bearer " + s.apiKey)
+	want := []byte(s.apiKey)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		got := r.Header.Get("Authorization")
 		if k := r.Header.Get("X-Api-Key"); got == "" && k != "" {
 			got = "Bearer " + k // Anthropic's clients send the key this way
 		}
 		if got == "" {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="strata"`)
+			w.Header().Set("WWW-Authenticate", challenge)
 			writeErrorFor(w, r, invalidRequestCode(http.StatusUnauthorized, "", "missing_api_key",
 				"missing API key: send it as 'Authorization: Bearer KEY'"))
 			return
 		}
-		if subtle.ConstantTimeCompare([]byte(got), want) != 1 {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="strata", error="invalid_token"`)
+		if key, ok := credentials(got); !ok || subtle.ConstantTimeCompare([]byte(key), want) != 1 {
+			w.Header().Set("WWW-Authenticate", challenge+`, error="invalid_token"`)
 			writeErrorFor(w, r, invalidRequestCode(http.StatusUnauthorized, "", "invalid_api_key", "incorrect API key"))
 			return
 		}

@@ -87,12 +87,16 @@ API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for
 	f.BoolVar(&cfg.MDNS, "mdns", true, "find peers on the local network")
 	f.BoolVar(&cfg.ClientOnly, "client-only", false, "serve the API without holding layers")
 	f.StringVar(&cfg.APIKey, "api-key", os.Getenv("STRATA_API_KEY"), "bearer token the API requires")
+	f.BoolVar(&cfg.ProtectMonitoring, "protect-monitoring", false, "put /health, /metrics and the dashboard behind the API key too")
 	f.IntVar(&cfg.Threads, "threads", 0, "ggml CPU threads (default: all cores)")
 	f.StringVar(&cfg.CPULock, "cpu-lock", "", "nodes sharing one machine's cores name the same file: one computes at a time, with all its threads")
 	f.IntVar(&cfg.MaxSessions, "max-sessions", 8, "sessions a stage holds at once")
 	f.IntVar(&cfg.MaxContext, "context", 2048, "tokens per session")
+	f.BoolVar(&cfg.Deterministic, "deterministic", false, "run each step alone, never batched: greedy text equals `strata run` under any load, at a cost in throughput")
 	f.StringVar(&codec, "codec", "f16", "activation codec on the wire: f32, f16, q8")
 	f.DurationVar(&cfg.RecoverFor, "recover-for", 30*time.Second, "how long a generation whose stage died waits for a new route before it fails")
+	f.IntVar(&cfg.Queue, "queue", 64, "requests this entry holds while every route is full (429 beyond; -1: none)")
+	f.DurationVar(&cfg.QueueTimeout, "queue-timeout", 60*time.Second, "how long a queued request waits for a session before it gets 429")
 	// Benchmarks only (strata bench, scripts/netns-bench.sh): a slower network on one machine.
 	f.DurationVar(&cfg.InjectLatency, "inject-latency", 0, "add this one-way latency to every frame sent to a peer")
 	f.StringVar(&injectBW, "inject-bandwidth", "", "emulate a link of this bandwidth to each peer, e.g. 1Gbit")
@@ -110,7 +114,14 @@ func newStatusCommand() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			client := &http.Client{Timeout: 5 * time.Second}
-			resp, err := client.Get("http://" + addr + "/health")
+			req, err := http.NewRequest(http.MethodGet, "http://"+addr+"/health", nil)
+			if err != nil {
+				return err
+			}
+			if key := os.Getenv("STRATA_API_KEY"); key != "" { // a node with --protect-monitoring
+				req.Header.Set("Authorization", "Bearer "+key)
+			}
+			resp, err := client.Do(req)
 			if err != nil {
 				return fmt.Errorf("no node answers at %s: %w", addr, err)
 			}
@@ -141,7 +152,14 @@ func printStatus(w io.Writer, h node.Health) {
 	if !h.Ready {
 		ready = "NOT READY: " + h.Missing
 	}
-	fmt.Fprintf(w, "swarm  %s\nmodel  %s (%d layers, sha256 %.12s)\nnode   %s (%s)\n\n", ready, h.Model, h.Layers, h.ModelSHA256, h.PeerID, h.State)
+	if h.Ready && h.Busy {
+		ready += ", BUSY"
+	}
+	fmt.Fprintf(w, "swarm  %s\nmodel  %s (%d layers, sha256 %.12s)\nnode   %s (%s)\n", ready, h.Model, h.Layers, h.ModelSHA256, h.PeerID, h.State)
+	if q := h.Queue; q != nil && q.Waiting > 0 {
+		fmt.Fprintf(w, "queue  %d waiting of %d (oldest %d ms, mean wait %.0f ms)\n", q.Waiting, q.Depth, q.OldestWaitMs, q.MeanWaitMs)
+	}
+	fmt.Fprintln(w)
 	// The GPU column appears only when some node has a GPU: on CPU-only swarms it would be
 	// a column of zeros.
 	gpu := slices.ContainsFunc(h.Peers, func(p node.PeerHealth) bool { return p.FreeGPU > 0 })

@@ -17,7 +17,17 @@ import (
 )
 
 func (n *Node) startAPI() error {
-	srv := api.NewServer(n, api.WithAPIKey(n.cfg.APIKey), api.WithLogger(n.log))
+	// A body several times the longest prompt that could fit (JSON escapes, a template's own
+	// text) is plenty; past it nothing is read.
+	maxBody := min(max(8*int64(n.gen.MaxPromptBytes()), 1<<20), 16<<20)
+	opts := []api.Option{api.WithAPIKey(n.cfg.APIKey), api.WithLogger(n.log), api.WithMaxBodyBytes(maxBody)}
+	if n.cfg.ProtectMonitoring {
+		if n.cfg.APIKey == "" {
+			return errors.New("--protect-monitoring needs an API key (--api-key or STRATA_API_KEY)")
+		}
+		opts = append(opts, api.WithProtectAll())
+	}
+	srv := api.NewServer(n, opts...)
 	srv.Handle("GET /health", http.HandlerFunc(n.serveHealth))
 	for pattern, h := range n.extraRoutes() {
 		srv.Handle(pattern, h)
@@ -71,6 +81,9 @@ type Health struct {
 	Range       *shard.Range `json:"range,omitempty"`
 	API         string       `json:"api"`
 	Peers       []PeerHealth `json:"peers"`
+	// Busy: requests are waiting for room (every route is full). A busy swarm is ready.
+	Busy  bool         `json:"busy"`
+	Queue *QueueHealth `json:"queue,omitempty"`
 }
 
 // PeerHealth is one member of the swarm as this node sees it.
@@ -121,6 +134,9 @@ func (n *Node) Health() Health {
 	}
 	_, err := n.router.route(0, nil)
 	h.Ready = err == nil
+	if q, busy := n.queueHealth(); n.admit != nil {
+		h.Queue, h.Busy = &q, busy
+	}
 	switch {
 	case planErr != nil:
 		h.Missing = planErr.Error()

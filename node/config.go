@@ -29,14 +29,19 @@ type Config struct {
 	MDNS       bool     // find peers on the LAN
 	ClientOnly bool     // serve the API only, hold no layers
 	APIKey     string   // bearer token the API requires, if set
-	Threads    int      // ggml CPU threads (default: all cores)
+	// ProtectMonitoring puts /health, /metrics, the dashboard and its JSON behind APIKey too.
+	ProtectMonitoring bool
+	Threads           int // ggml CPU threads (default: all cores)
 	// CPULock, if set, is a file the nodes sharing this machine's cores all name: each
 	// computes with all its threads while it holds the lock (internal/cpulock).
 	CPULock     string
 	MaxSessions int // sessions a stage holds at once (default 8)
 	MaxContext  int // tokens per session (default 2048)
-	Codec       quant.Codec
-	Logger      *slog.Logger
+	// Deterministic runs each step alone on this node's stages, so a session's tokens do not
+	// depend on what else the swarm serves (see shard.WithUnbatched).
+	Deterministic bool
+	Codec         quant.Codec
+	Logger        *slog.Logger
 	// Progress, if set, makes a progress reporter for a labelled task (cutting and loading a
 	// slice); the CLI draws bars on a terminal. Unset, progress goes to the log.
 	Progress func(label string) func(float32)
@@ -45,6 +50,12 @@ type Config struct {
 	// route, waiting for the swarm to re-plan, before the client gets an error naming the
 	// missing layers (default 30s).
 	RecoverFor time.Duration
+
+	// Queue bounds the requests waiting at this entry for room on a busy swarm (default 64;
+	// negative: none, a busy swarm is answered 429 at once); QueueTimeout is how long one
+	// may wait before it is answered 429 (default 60s).
+	Queue        int
+	QueueTimeout time.Duration
 
 	// Tuning, mostly for tests.
 	ReplanDelay time.Duration // settle time after a membership change (default 300ms)
@@ -112,6 +123,12 @@ func (c *Config) setDefaults() error {
 	}
 	if c.DrainWait <= 0 {
 		c.DrainWait = 30 * time.Second
+	}
+	if c.Queue == 0 {
+		c.Queue = 64
+	}
+	if c.QueueTimeout <= 0 {
+		c.QueueTimeout = 60 * time.Second
 	}
 	if c.RecoverFor <= 0 {
 		c.RecoverFor = 30 * time.Second

@@ -12,6 +12,10 @@ import (
 	"net/http"
 	"sync"
 	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 )
 
 // The dashboard is three static files compiled into the binary: no CDN, no fonts, nothing
@@ -117,6 +121,9 @@ func (d *dashboard) peerStats(ctx context.Context, p PeerHealth) (NodeStats, err
 	if err != nil {
 		return st, err
 	}
+	if err := d.onPeersHost(ctx, p.PeerID, addr); err != nil {
+		return st, err
+	}
 	get := func(path string) (*http.Response, error) {
 		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
 		if err != nil {
@@ -179,4 +186,47 @@ func peerAPIAddr(p PeerHealth) (string, error) {
 		return "", fmt.Errorf("API listens on %s, on its own machine only (start it with --api 0.0.0.0:PORT to show its counters here)", p.API)
 	}
 	return p.API, nil
+}
+
+// onPeersHost checks that addr, a peer's API address as gossip announced it, is on the host
+// the peer's own libp2p connection comes from: without a swarm key any joined peer can
+// announce any host:port, and this node would probe it on every dashboard poll. libp2p
+// authenticates the peer ID at the connection's end, so its remote IP is the peer's.
+func (d *dashboard) onPeersHost(ctx context.Context, peerID, addr string) error {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("API address %q: %w", addr, err)
+	}
+	ip := net.ParseIP(host)
+	id, err := peer.Decode(peerID)
+	if err != nil || ip == nil {
+		return fmt.Errorf("peer %q at %q: not checkable", peerID, addr)
+	}
+	var addrs []ma.Multiaddr
+	for _, m := range d.n.peers() {
+		if m.PeerID == id {
+			addrs = m.Addrs
+		}
+	}
+	h := d.n.host.Libp2p()
+	if len(h.Network().ConnsToPeer(id)) == 0 {
+		cctx, cancel := context.WithTimeout(ctx, peerStatsTimeout)
+		err := d.n.host.Connect(cctx, peer.AddrInfo{ID: id, Addrs: addrs})
+		cancel()
+		if err != nil {
+			return fmt.Errorf("no libp2p connection to check its API address against: %w", err)
+		}
+	}
+	var seen []string
+	for _, c := range h.Network().ConnsToPeer(id) {
+		rip, err := manet.ToIP(c.RemoteMultiaddr())
+		if err != nil {
+			continue
+		}
+		if rip.Equal(ip) {
+			return nil
+		}
+		seen = append(seen, rip.String())
+	}
+	return fmt.Errorf("API address %s is not on the peer's own host (its libp2p connections come from %v)", addr, seen)
 }

@@ -92,6 +92,7 @@ func newMetrics(n *Node) *metrics {
 	m.reg.MustRegister(
 		m.requests, m.active, m.promptTokens, m.tokens, m.ttft, m.routeStep, m.hopStep, m.reroutes, m.wire,
 		newStageCollector(n),
+		newQueueCollector(n),
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)

@@ -43,6 +43,7 @@ type Node struct {
 	host      *p2p.Host
 	members   *discovery.Membership
 	gen       *pipeline.Generator
+	admit     *pipeline.Admission // requests waiting for room on a busy swarm (queue.go)
 	router    *router
 	apiAddr   string
 	api       *http.Server
@@ -97,6 +98,12 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	}()
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
+	}
+	// Nothing writes to the slice cache yet: temp files there are a crashed cut's.
+	if k, err := (shard.SliceCache{Dir: filepath.Join(cfg.DataDir, "slices")}).RemoveStale(); err != nil {
+		n.log.Warn("slice cache", "err", err)
+	} else if k > 0 {
+		n.log.Info("removed temporary files a crash left in the slice cache", "files", k)
 	}
 	if n.modelPath, err = n.resolveModel(ctx); err != nil {
 		return nil, err
@@ -172,8 +179,13 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	}
 
 	n.router = newRouter(n)
-	n.gen = pipeline.NewGenerator(n.tok, n.router, pipeline.WithMaxContext(cfg.MaxContext), pipeline.WithGeneratorLogger(n.log),
-		pipeline.WithObserver(n.metrics), pipeline.WithRecovery(cfg.RecoverFor, 8))
+	gopts := []pipeline.GeneratorOption{pipeline.WithMaxContext(cfg.MaxContext), pipeline.WithGeneratorLogger(n.log),
+		pipeline.WithObserver(n.metrics), pipeline.WithRecovery(cfg.RecoverFor, 8)}
+	if cfg.Queue > 0 {
+		n.admit = pipeline.NewAdmission(cfg.Queue, cfg.QueueTimeout)
+		gopts = append(gopts, pipeline.WithAdmission(n.admit))
+	}
+	n.gen = pipeline.NewGenerator(n.tok, n.router, gopts...)
 	if err := n.startAPI(); err != nil {
 		return nil, err
 	}
@@ -509,6 +521,9 @@ func (n *Node) moveTo(r shard.Range, chain int) error {
 		}
 		if n.cpu != nil {
 			opts = append(opts, shard.WithCPULock(n.cpu))
+		}
+		if n.cfg.Deterministic {
+			opts = append(opts, shard.WithUnbatched())
 		}
 		st, err = shard.LoadStage(context.Background(), n.modelPath, r, opts...)
 		if err != nil {

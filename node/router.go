@@ -86,30 +86,71 @@ func (r *router) route(session uint64, avoid func(string) bool) ([]pipeline.Cand
 	return pipeline.ChooseRoute(r.candidates(), r.n.model.Layers, session, avoid)
 }
 
-// OpenChain opens a route for a session, waiting out short gaps in coverage.
+// OpenChain opens a route for a session, waiting out short gaps in coverage. A stage that
+// refuses for lack of room is left out of this call's next tries (a replica may have room)
+// but not avoided by others: it is healthy. When every route runs through a full stage the
+// answer is pipeline.ErrBusy, at once, for the caller's admission queue to wait on.
 func (r *router) OpenChain(ctx context.Context, session uint64) (pipeline.Chain, error) {
 	deadline := time.Now().Add(r.wait)
+	// A caller with a deadline (a recovery bounded by --recover-for) must hear which layers
+	// are missing before it gives up, not a bare "deadline exceeded".
+	if d, ok := ctx.Deadline(); ok && d.Add(-openMargin).Before(deadline) {
+		deadline = d.Add(-openMargin)
+	}
+	full := map[string]error{}
+	avoid := func(id string) bool { return full[id] != nil || r.avoided(id) }
 	for {
-		route, err := r.route(session, nil)
+		route, err := r.route(session, avoid)
 		if err == nil {
 			var c pipeline.Chain
 			if c, err = r.open(ctx, session, route); err == nil {
 				return c, nil
 			}
+			var be *busyError
+			if errors.As(err, &be) && full[be.peer] == nil {
+				full[be.peer] = err
+				continue // a replica of the full stage may have room
+			}
+		} else if len(full) > 0 {
+			if _, free := r.route(session, nil); free == nil {
+				var first error
+				for _, e := range full {
+					first = e
+					break
+				}
+				return nil, first
+			}
 		}
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
-		if time.Now().After(deadline) {
+		wait := 200 * time.Millisecond
+		if left := time.Until(deadline); left <= 0 {
 			return nil, err
+		} else if left < wait {
+			wait = left
 		}
 		select {
-		case <-time.After(200 * time.Millisecond):
+		case <-time.After(wait):
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
+		clear(full) // sessions may have ended meanwhile
 	}
 }
+
+// openMargin is how long before its caller's deadline OpenChain stops waiting for coverage,
+// so that its answer, naming what is missing, still arrives in time.
+const openMargin = 100 * time.Millisecond
+
+// busyError is a stage's refusal for lack of room.
+type busyError struct {
+	peer string
+	err  error
+}
+
+func (e *busyError) Error() string   { return fmt.Sprintf("%v: %v", pipeline.ErrBusy, e.err) }
+func (e *busyError) Unwrap() []error { return []error{pipeline.ErrBusy, e.err} }
 
 func (r *router) open(ctx context.Context, session uint64, route []pipeline.Candidate) (pipeline.Chain, error) {
 	hops := make([]p2p.Hop, len(route))
@@ -146,16 +187,24 @@ func (r *router) hopError(err error, fallback string) error {
 	var se *p2p.StageError
 	peerID := fallback
 	if errors.As(err, &se) {
+		if se.Peer != "" {
+			peerID = se.Peer.String()
+		}
+		if se.Code.Busy() {
+			return &busyError{peer: peerID, err: err}
+		}
 		switch se.Code {
 		case p2p.CodeBadShape, p2p.CodeNonFinite, p2p.CodeContextFull, p2p.CodeBadRequest, p2p.CodeBadCodec, p2p.CodeTooLarge:
 			return err
 		}
-		if se.Peer != "" {
-			peerID = se.Peer.String()
-		}
 	}
 	r.markFailed(peerID)
 	return &pipeline.HopError{Peer: peerID, Err: err}
+}
+
+func isBusy(err error) bool {
+	var se *p2p.StageError
+	return errors.As(err, &se) && se.Code.Busy()
 }
 
 // remoteChain adapts a p2p route to the pipeline.
@@ -186,7 +235,17 @@ func (c *remoteChain) Step(ctx context.Context, in pipeline.StepInput) (pipeline
 	sctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	defer context.AfterFunc(c.gone, func() { cancel(context.Cause(c.gone)) })()
-	res, err := c.rt.StepWith(sctx, in.Positions, in.Tokens, in.Sampling, in.Recent, in.WantLogits, p2p.StepExtras{Bias: in.Bias, TopLogprobs: in.TopLogprobs})
+	extras := p2p.StepExtras{Bias: in.Bias, TopLogprobs: in.TopLogprobs}
+	res, err := c.rt.StepWith(sctx, in.Positions, in.Tokens, in.Sampling, in.Recent, in.WantLogits, extras)
+	// A stage with too many bytes in flight refuses the frame and keeps the session: the
+	// step is tried again once the others' frames drained, never counted as a failure.
+	for backoff := 10 * time.Millisecond; err != nil && isBusy(err) && sctx.Err() == nil; backoff = min(2*backoff, time.Second) {
+		select {
+		case <-time.After(backoff):
+		case <-sctx.Done():
+		}
+		res, err = c.rt.StepWith(sctx, in.Positions, in.Tokens, in.Sampling, in.Recent, in.WantLogits, extras)
+	}
 	if err != nil {
 		var gone hopGone
 		if errors.As(context.Cause(sctx), &gone) && ctx.Err() == nil {

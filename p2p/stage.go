@@ -92,6 +92,10 @@ func (e *StageError) Error() string {
 	return fmt.Sprintf("stage %s: %s: %s", shortID(e.Peer), e.Code, e.Message)
 }
 
+// Busy reports whether the code is a refusal for lack of room (sessions or bytes in flight):
+// the stage is healthy and a later try, or a replica, may be taken.
+func (c ErrorCode) Busy() bool { return c == CodeTooManySessions || c == CodeBusy }
+
 // Is lets callers match codes with the shard errors they stand for.
 func (e *StageError) Is(target error) bool {
 	switch target {
@@ -673,7 +677,11 @@ func (ss *stageSession) open() bool {
 				}
 				ss.relayError(se)
 			} else {
-				ss.fatal(0, CodeUnreachable, "next hop %s: %v", shortID(hops[0].Peer.ID), err)
+				// The next hop is at fault, not this stage: name it, or the entry would avoid
+				// this healthy stage and route every new session around it.
+				ss.srv.rejected[CodeUnreachable].Add(1)
+				ss.relayError(&StageError{Peer: hops[0].Peer.ID, Code: CodeUnreachable,
+					Message: fmt.Sprintf("next hop %s: %v", shortID(hops[0].Peer.ID), err)})
 			}
 			return false
 		}

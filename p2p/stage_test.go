@@ -402,6 +402,16 @@ func TestOpenRefusals(t *testing.T) {
 	dead.Close()
 	_, err = entry.OpenRoute(ctx, 1, []Hop{c.hops[0], {Peer: deadInfo, Range: c.hops[1].Range}}, WithModel(testModel))
 	check("dead second hop", err, CodeUnreachable)
+	// The first stage, which reported it, is healthy: the error must name the dead hop, or the
+	// entry avoids the reporter and finds its layers unserved (issue 18's misblame).
+	if errors.As(err, &se) && se.Peer != deadInfo.ID {
+		t.Fatalf("dead second hop blamed on %s (the reporter is %s), want %s", se.Peer, c.hosts[0].ID(), deadInfo.ID)
+	}
+	if !se.Code.Busy() && CodeTooManySessions.Busy() && CodeBusy.Busy() && !CodeUnreachable.Busy() {
+		// too_many_sessions and busy are refusals for lack of room, never a fault
+	} else {
+		t.Fatal("Busy() classifies codes wrongly")
+	}
 
 	var routes []*Route
 	for i := 0; i < 2; i++ {

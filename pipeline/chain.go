@@ -37,7 +37,9 @@ type StepResult struct {
 }
 
 // Router opens chains over the stages that are alive now. A generation asks again after a
-// chain fails, so a router should route around the peer that failed (see HopError).
+// chain fails, so a router should route around the peer that failed (see HopError). A router
+// that waits for coverage should answer before ctx's deadline, naming what is missing; one
+// that finds every route full should answer ErrBusy at once, without avoiding anyone.
 type Router interface {
 	OpenChain(ctx context.Context, session uint64) (Chain, error)
 }

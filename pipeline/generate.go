@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 	"unicode/utf8"
 
@@ -48,6 +50,14 @@ func WithRecovery(wait time.Duration, tries int) GeneratorOption {
 // this bound is for chains with no such signal.
 func WithStepTimeout(base, perPosition time.Duration) GeneratorOption {
 	return func(g *Generator) { g.stepBase, g.stepPerPos = base, perPosition }
+}
+
+// WithAdmission makes generations that find every route busy wait in a, rather than fail.
+func WithAdmission(a *Admission) GeneratorOption { return func(g *Generator) { g.admit = a } }
+
+// WithPromptConcurrency bounds how many prompts are tokenized at once (default GOMAXPROCS).
+func WithPromptConcurrency(n int) GeneratorOption {
+	return func(g *Generator) { g.encodeSlots = make(chan struct{}, max(1, n)) }
 }
 
 // WithGeneratorLogger sets the logger.
@@ -94,6 +104,12 @@ type Generator struct {
 	stepPerPos   time.Duration
 	log          *slog.Logger
 	obs          Observer
+	admit        *Admission
+	boundsOnce   sync.Once
+	bounds       promptBounds
+	// encodeSlots bounds the prompts being tokenized at once: N hostile prompts cost at most
+	// this many bounded units of CPU; the rest wait, or leave.
+	encodeSlots chan struct{}
 }
 
 // NewGenerator makes a generator that tokenizes with tok and routes through router.
@@ -102,6 +118,9 @@ func NewGenerator(tok *shard.Tokenizer, router Router, opts ...GeneratorOption) 
 		log: slog.Default(), obs: nopObserver{}}
 	for _, o := range opts {
 		o(g)
+	}
+	if g.encodeSlots == nil {
+		g.encodeSlots = make(chan struct{}, max(1, runtime.GOMAXPROCS(0)))
 	}
 	if g.obs == nil {
 		g.obs = nopObserver{}
@@ -120,6 +139,9 @@ var (
 	ErrEmptyPrompt = errors.New("empty prompt")
 	// ErrStepTimeout means a step went unanswered for longer than WithStepTimeout allows.
 	ErrStepTimeout = errors.New("step timed out")
+	// ErrRouteUnavailable means no route could be opened, or rebuilt after a stage failed, in
+	// the time allowed: the swarm's to heal, answered 503 with the reason.
+	ErrRouteUnavailable = errors.New("no route could be opened")
 )
 
 // Encode tokenizes a rendered prompt, adding BOS unless the template already wrote it.
@@ -155,7 +177,7 @@ func (g *Generator) generate(ctx context.Context, start time.Time, req Request, 
 		prompt = slices.Clone(req.PromptIDs)
 	} else {
 		var err error
-		if prompt, err = g.Encode(req.Prompt); err != nil {
+		if prompt, err = g.encode(ctx, req.Prompt); err != nil {
 			return Result{}, err
 		}
 	}
@@ -195,7 +217,7 @@ func (g *Generator) generate(ctx context.Context, start time.Time, req Request, 
 			return inner(d)
 		}
 	}
-	s := &run{g: g, start: start, tokens: prompt, promptLen: len(prompt), sampling: sp, bias: req.LogitBias,
+	s := &run{g: g, start: start, client: req.Client, tokens: prompt, promptLen: len(prompt), sampling: sp, bias: req.LogitBias,
 		out: newTextStream(g.tok, req.Stop, emit)}
 	if req.Logprobs {
 		s.top = max(req.TopLogprobs, 0)
@@ -276,6 +298,7 @@ func (g *Generator) pieceText(id int32) string {
 // replaying them through a new one.
 type run struct {
 	g         *Generator
+	client    string
 	start     time.Time
 	chain     Chain
 	session   uint64
@@ -295,12 +318,23 @@ func (s *run) close() {
 		defer cancel()
 		_ = s.chain.Close(ctx)
 		s.chain = nil
+		if s.g.admit != nil {
+			s.g.admit.Wake() // a session ended: the queue's head may start
+		}
 	}
 }
 
-// prefill feeds the prompt in chunks and returns the first sampled token.
+// prefill feeds the prompt in chunks and returns the first sampled token. Opening the first
+// route goes through the admission queue, if any: a busy swarm makes the request wait there.
 func (s *run) prefill(ctx context.Context) (StepResult, error) {
-	if err := s.open(ctx); err != nil {
+	if a := s.g.admit; a != nil {
+		s.session = rand.Uint64()
+		c, err := a.Do(ctx, s.client, func(ctx context.Context) (Chain, error) { return s.g.router.OpenChain(ctx, s.session) })
+		if err != nil {
+			return StepResult{}, routeError(ctx, err)
+		}
+		s.chain = c
+	} else if err := s.open(ctx); err != nil {
 		return StepResult{}, err
 	}
 	return s.step(ctx, 0, s.tokens)
@@ -310,10 +344,22 @@ func (s *run) open(ctx context.Context) error {
 	s.session = rand.Uint64()
 	c, err := s.g.router.OpenChain(ctx, s.session)
 	if err != nil {
-		return fmt.Errorf("open route: %w", err)
+		return routeError(ctx, err)
 	}
 	s.chain = c
 	return nil
+}
+
+// routeError says why a route did not open. Refusals the caller must see as they are (a
+// busy swarm, a full queue, the client leaving) pass through; anything else (a stage that
+// did not answer in time, a link too slow to open over) is ErrRouteUnavailable with the
+// reason, not a bare "deadline exceeded".
+func routeError(ctx context.Context, err error) error {
+	var qe *QueueError
+	if ctx.Err() != nil || errors.As(err, &qe) || errors.Is(err, ErrBusy) || errors.Is(err, ErrNoRoute) {
+		return fmt.Errorf("open route: %w", err)
+	}
+	return fmt.Errorf("%w: %w", ErrRouteUnavailable, err)
 }
 
 // step feeds tokens starting at position from, in chunks, and samples after the last. When a
@@ -342,11 +388,9 @@ func (s *run) recover(ctx context.Context, from int, toks []int32, failed *HopEr
 	err := error(failed)
 	for attempt := 0; ; attempt++ {
 		s.close()
-		// The deadline is checked only between tries: a router may itself wait for coverage to
-		// come back, and its answer (which layers are missing) is the one worth returning.
-		if attempt >= s.g.recoverTries || time.Now().After(deadline) {
-			return StepResult{}, fmt.Errorf("stage %s failed and the route could not be rebuilt (%d tries in %s): %w",
-				failed.peer(), attempt, time.Since(start).Round(time.Millisecond), err)
+		if attempt >= s.g.recoverTries || !time.Now().Before(deadline) {
+			return StepResult{}, fmt.Errorf("%w: stage %s failed and the route could not be rebuilt (%d tries in %s): %w",
+				ErrRouteUnavailable, failed.peer(), attempt, time.Since(start).Round(time.Millisecond), err)
 		}
 		var hop *HopError
 		if errors.As(err, &hop) {
@@ -354,11 +398,20 @@ func (s *run) recover(ctx context.Context, from int, toks []int32, failed *HopEr
 			s.g.obs.Rerouted(hop.Peer)
 		}
 		select {
-		case <-time.After(time.Duration(attempt) * 200 * time.Millisecond):
+		case <-time.After(min(time.Duration(attempt)*200*time.Millisecond, time.Until(deadline))):
 		case <-ctx.Done():
 			return StepResult{}, ctx.Err()
 		}
-		if err = s.open(ctx); err != nil {
+		// Opening is bounded by the deadline too: a router waiting for coverage answers
+		// before it (see Router), so the error names what is missing.
+		octx, cancel := context.WithDeadline(ctx, deadline)
+		prev := err
+		err = s.open(octx)
+		if err != nil && octx.Err() != nil && ctx.Err() == nil {
+			err = prev // cut off by the deadline: the last real reason is the one to tell
+		}
+		cancel()
+		if err != nil {
 			if ctx.Err() != nil {
 				return StepResult{}, ctx.Err()
 			}

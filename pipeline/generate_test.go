@@ -280,3 +280,51 @@ func TestGenerateContextBounds(t *testing.T) {
 		t.Fatalf("no max_tokens: %d completion tokens (%s), want the %d left", res.CompletionTokens, res.FinishReason, room)
 	}
 }
+
+// stallingRouter fails a chain after a few steps; every open after that waits for its
+// context to end, as a router waiting for coverage that never comes back does.
+type stallingRouter struct {
+	failingRouter
+	deadlines []time.Time
+	first     time.Time // the first open after the failure
+	unbounded int
+}
+
+func (r *stallingRouter) OpenChain(ctx context.Context, session uint64) (pipeline.Chain, error) {
+	if !r.failed {
+		return r.failingRouter.OpenChain(ctx, session)
+	}
+	if r.first.IsZero() {
+		r.first = time.Now()
+	}
+	d, ok := ctx.Deadline()
+	if !ok {
+		r.unbounded++
+		return nil, fmt.Errorf("%w: layers [2,4) are served by no live node (of 6 layers)", pipeline.ErrNoRoute)
+	}
+	r.deadlines = append(r.deadlines, d)
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+
+// TestRecoveryHonoursRecoverFor: a recovery hands the router a deadline no later than
+// --recover-for after it began, so a router that waits for coverage cannot stretch it (a 30 s
+// bound once gave up after 40 s), and the error still names the stage that failed.
+func TestRecoveryHonoursRecoverFor(t *testing.T) {
+	stages, tok := tinyStages(t, shard.Range{Start: 0, End: 3}, shard.Range{Start: 3, End: 6})
+	r := &stallingRouter{failingRouter: failingRouter{LocalRouter: pipeline.LocalRouter{Stages: stages, Codec: quant.CodecF16}, failAfter: 3}}
+	const recoverFor = 300 * time.Millisecond
+	g := pipeline.NewGenerator(tok, r, pipeline.WithRecovery(recoverFor, 100))
+	_, err := g.Generate(context.Background(), pipeline.Request{Prompt: "hello", MaxTokens: 30}, nil)
+	if err == nil || !strings.Contains(err.Error(), "stage stage-2 failed") || errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err %v, want the failed stage named, not a bare deadline", err)
+	}
+	if r.unbounded > 0 || len(r.deadlines) == 0 {
+		t.Fatalf("%d opens without a deadline, %d with", r.unbounded, len(r.deadlines))
+	}
+	for _, d := range r.deadlines {
+		if d.After(r.first.Add(recoverFor)) {
+			t.Fatalf("an open may wait until %s after the recovery began, past the %s bound", d.Sub(r.first), recoverFor)
+		}
+	}
+}

@@ -32,6 +32,9 @@ func OpenLocalChain(stages []*shard.Stage, session uint64, codec quant.Codec) (*
 			for _, prev := range stages[:i] {
 				_ = prev.CloseSession(session)
 			}
+			if errors.Is(err, shard.ErrTooManySessions) {
+				return nil, fmt.Errorf("%w: open session on stage %s: %w", ErrBusy, st.Info().Range, err)
+			}
 			return nil, fmt.Errorf("open session on stage %s: %w", st.Info().Range, err)
 		}
 	}

@@ -35,6 +35,9 @@ type Request struct {
 	// Echo hands out the prompt's text (Prompt, or PromptIDs detokenized) as the first Delta,
 	// with no tokens, once the first completion token is known, and puts it in Result.Text.
 	Echo bool
+	// Client identifies who asked (an API key's hash, a remote address), for the admission
+	// queue's fairness: requests of one client start in order, clients take turns.
+	Client string
 }
 
 // Delta is a piece of generated text, handed out as soon as it is final (stop sequences and

@@ -32,6 +32,7 @@ type stageConfig struct {
 	progress    func(float32)
 	noFlash     bool
 	cpu         sync.Locker
+	unbatched   bool
 }
 
 // WithCPULock makes the stage hold l while it computes. Nodes that share one machine's cores
@@ -39,6 +40,12 @@ type stageConfig struct {
 // one at a time. Without it their ggml threads, which spin at every barrier, preempt each
 // other; with one thread each instead, a single stream runs on one core.
 func WithCPULock(l sync.Locker) StageOption { return func(c *stageConfig) { c.cpu = l } }
+
+// WithUnbatched runs every step alone, never batched with other sessions' steps. ggml's
+// reductions depend on a graph's shape, so a batched step can differ from the same step alone
+// in low-order bits, which flips near-ties between tokens; alone, a session's tokens are the
+// ones `strata run` gives, whatever else the stage serves, at the cost of throughput under load.
+func WithUnbatched() StageOption { return func(c *stageConfig) { c.unbatched = true } }
 
 // WithFlashAttention chooses ggml's fused attention kernel (default on). Without it every
 // layer materialises the scores of batch x cached tokens x heads in f32: 256 MiB for a
@@ -98,6 +105,8 @@ type Stage struct {
 	opts    llamaOptions
 	log     *slog.Logger
 	cpu     sync.Locker // nil: the stage has the cores to itself
+	// unbatched: each step runs alone (WithUnbatched)
+	unbatched bool
 
 	queue chan *request
 	quit  chan struct{}
@@ -204,16 +213,17 @@ func LoadStage(ctx context.Context, path string, r Range, opts ...StageOption) (
 			MaxSessions: cfg.maxSessions,
 			MaxBatch:    cfg.maxBatch,
 		},
-		model:    info,
-		backend:  backend,
-		weights:  w,
-		opts:     newLlamaOptions(backend, info),
-		log:      cfg.logger.With("range", r.String()),
-		cpu:      cfg.cpu,
-		queue:    make(chan *request, 4*cfg.maxSessions),
-		quit:     make(chan struct{}),
-		done:     make(chan struct{}),
-		sessions: make(map[uint64]*session),
+		model:     info,
+		backend:   backend,
+		weights:   w,
+		opts:      newLlamaOptions(backend, info),
+		log:       cfg.logger.With("range", r.String()),
+		cpu:       cfg.cpu,
+		unbatched: cfg.unbatched,
+		queue:     make(chan *request, 4*cfg.maxSessions),
+		quit:      make(chan struct{}),
+		done:      make(chan struct{}),
+		sessions:  make(map[uint64]*session),
 	}
 	if w.output != nil && s.info.Vocab == 0 {
 		s.info.Vocab = w.output.Dim(1)
@@ -392,7 +402,7 @@ func (s *Stage) run() {
 				r.reply <- response{err: r.ctx.Err()}
 				continue
 			}
-			if seen[r.step.Session] || (len(batch) > 0 && tokens+n > s.info.MaxBatch) {
+			if seen[r.step.Session] || (len(batch) > 0 && (s.unbatched || tokens+n > s.info.MaxBatch)) {
 				rest = append(rest, r)
 				continue
 			}

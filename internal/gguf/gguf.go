@@ -27,11 +27,31 @@ func WriteAtomic(dst string, kv fsggml.KV, ts []*fsggml.Tensor) error {
 		tmp.Close()
 		return fmt.Errorf("write %s: %w", dst, err)
 	}
+	// Synced before the rename, and the directory after it: otherwise a power loss can leave
+	// the new name pointing at a file whose data never reached the disk (a truncated slice
+	// that a cache lookup would take as whole).
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: sync: %w", dst, err)
+	}
 	if err := tmp.Close(); err != nil {
 		return fmt.Errorf("write %s: %w", dst, err)
 	}
 	if err := os.Rename(tmp.Name(), dst); err != nil {
 		return fmt.Errorf("write %s: %w", dst, err)
+	}
+	return SyncDir(filepath.Dir(dst))
+}
+
+// SyncDir makes a rename or create in dir durable.
+func SyncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
 	}
 	return nil
 }
