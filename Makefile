@@ -17,9 +17,9 @@ BIN ?= bin/strata
 ENGINE ?= patched
 ifeq ($(ENGINE),patched)
 ENGINE_DEP := engine
-export GOFLAGS := $(strip $(filter-out -modfile=%,$(GOFLAGS)) -modfile=build/go.patched.mod)
+export GOFLAGS := $(strip $(filter-out -modfile=%,$(GOFLAGS)) -modfile=$(CURDIR)/build/go.patched.mod)
 else
-export GOFLAGS := $(filter-out -modfile=build/go.patched.mod,$(GOFLAGS))
+export GOFLAGS := $(filter-out -modfile=%/build/go.patched.mod,$(GOFLAGS))
 endif
 
 .PHONY: build test demo vet fuzz bench clean engine plain

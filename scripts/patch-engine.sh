@@ -26,7 +26,13 @@ if [ "$(cat "$dst/.strata-patches" 2>/dev/null)" != "$stamp" ]; then
 	cp -R "$src" "$dst.tmp"
 	chmod -R u+w "$dst.tmp"
 	for p in "${patches[@]}"; do
-		patch -p1 -s --forward --no-backup-if-mismatch -d "$dst.tmp" <"$p" || {
+		if command -v patch >/dev/null && [ -z "${PATCH_WITH_GIT:-}" ]; then
+			patch -p1 -s --forward --no-backup-if-mismatch -d "$dst.tmp" <"$p"
+		else
+			# No patch(1) (e.g. the golang image): git apply, kept from taking the copy for
+			# part of this repository.
+			(cd "$dst.tmp" && GIT_CEILING_DIRECTORIES="$(cd .. && pwd)" git apply -p1 "../../$p")
+		fi || {
 			echo "patch-engine: $p does not apply to $mod@$ver" >&2
 			exit 1
 		}
@@ -40,5 +46,6 @@ tmp=$(mktemp -d)/go.mod
 trap 'rm -rf "$(dirname "$tmp")"' EXIT
 cp go.mod "$tmp"
 GOFLAGS= $GO mod edit -modfile="$tmp" -replace "$mod=./$dst"
+grep -q "^replace $mod => ./$dst\$" "$tmp" || { echo "patch-engine: go mod edit did not add the replace" >&2; exit 1; }
 cmp -s "$tmp" build/go.patched.mod || cp "$tmp" build/go.patched.mod
 cmp -s go.sum build/go.patched.sum || cp go.sum build/go.patched.sum
