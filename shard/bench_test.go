@@ -105,19 +105,24 @@ func peakRSS() int64 {
 // steps arrive together and run as one batch: one 70B-shaped middle layer (of a 3-layer
 // model, so neither the embeddings nor the LM head are in it), q4_0 and q8_0 weights. This
 // bounds what concurrent streams can gain on a machine: tok/s at 8 sessions over tok/s at 1.
+// The "-plain" variants keep the weights in plain CPU buffers (STRATA_CPU_REPACK=0): the
+// patched engine's repacked q4_0 against the unpatched engine's layout, in one run.
 func BenchmarkStageBatch(b *testing.B) {
-	for _, typ := range []string{"q4_0", "q8_0"} {
-		path := benchModel(b, "70b", 3, typ)
-		info, err := shard.ReadModelInfo(path)
-		if err != nil {
-			b.Fatal(err)
-		}
-		hidden := make([]float32, info.Hidden)
-		for i := range hidden {
-			hidden[i] = float32(i%7) / 7
-		}
+	for _, c := range []struct{ typ, variant string }{{"q4_0", ""}, {"q4_0", "-plain"}, {"q8_0", ""}} {
 		for _, n := range []int{1, 4, 8} {
-			b.Run(fmt.Sprintf("70b-%s/sessions-%d", typ, n), func(b *testing.B) {
+			b.Run(fmt.Sprintf("70b-%s%s/sessions-%d", c.typ, c.variant, n), func(b *testing.B) {
+				if c.variant == "-plain" {
+					b.Setenv("STRATA_CPU_REPACK", "0")
+				}
+				path := benchModel(b, "70b", 3, c.typ)
+				info, err := shard.ReadModelInfo(path)
+				if err != nil {
+					b.Fatal(err)
+				}
+				hidden := make([]float32, info.Hidden)
+				for i := range hidden {
+					hidden[i] = float32(i%7) / 7
+				}
 				st, err := shard.LoadStage(context.Background(), path, shard.Range{Start: 1, End: 2},
 					shard.WithThreads(runtime.NumCPU()), shard.WithMaxContext(512), shard.WithMaxSessions(n))
 				if err != nil {
@@ -159,6 +164,9 @@ func BenchmarkStageBatch(b *testing.B) {
 				}
 				b.ReportMetric(float64(n*b.N)/b.Elapsed().Seconds(), "tok/s")
 				b.ReportMetric(float64(b.Elapsed().Milliseconds())/float64(b.N), "ms/step")
+				if b.N > 0 {
+					b.Logf("weights: %s", shard.FormatWeightBuffers(st.WeightBuffers()))
+				}
 			})
 		}
 	}
