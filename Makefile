@@ -12,7 +12,7 @@ BIN ?= bin/strata
 
 # The engine (github.com/ollama/ollama, pinned in go.mod) is built from a copy with the patches
 # in build/engine-patches applied (scripts/patch-engine.sh): it puts matrix weights in ggml's
-# repacked CPU buffers: q4_0 decode 1.5x, prefill 2.2x less CPU (README, Performance). go.mod stays pinned; a
+# repacked CPU buffers: q4_0 prefill takes 2.2x less CPU (README, Performance). go.mod stays pinned; a
 # plain `go build ./cmd/strata`, or `make build ENGINE=plain`, builds the unpatched engine.
 ENGINE ?= patched
 ifeq ($(ENGINE),patched)
