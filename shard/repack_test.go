@@ -93,6 +93,16 @@ func TestRepackedWeights(t *testing.T) {
 		}
 	}
 
+	// The engine sets repacked tensors in chunks of rows; 64 rows at a time must give the
+	// same bytes, so the same logits, as the tiny model's tensors set in one chunk each.
+	t.Setenv("STRATA_REPACK_CHUNK_BYTES", "1")
+	chunked := run(t, loadStage(t, path, shard.Range{Start: 0, End: 6}))
+	for i := range got {
+		if !slices.Equal(got[i], chunked[i]) {
+			t.Fatalf("step %d: weights repacked 64 rows at a time give other logits", i)
+		}
+	}
+
 	t.Setenv("STRATA_CPU_REPACK", "0")
 	plainStage := loadStage(t, path, shard.Range{Start: 0, End: 6})
 	if b := plainStage.WeightBuffers(); len(b) != 1 || b[0].Type != "CPU" {
