@@ -10,10 +10,31 @@ export CGO_CXXFLAGS := $(GGML_FLAGS)
 GO ?= go
 BIN ?= bin/strata
 
-.PHONY: build test demo vet fuzz bench clean
+# The engine (github.com/ollama/ollama, pinned in go.mod) is built from a copy with the patches
+# in build/engine-patches applied (scripts/patch-engine.sh): it puts matrix weights in ggml's
+# repacked CPU buffers: q4_0 prefill takes 2.2x less CPU (README, Performance). go.mod stays pinned; a
+# plain `go build ./cmd/strata`, or `make build ENGINE=plain`, builds the unpatched engine.
+ENGINE ?= patched
+ifeq ($(ENGINE),patched)
+ENGINE_DEP := engine
+export GOFLAGS := $(strip $(filter-out -modfile=%,$(GOFLAGS)) -modfile=$(CURDIR)/build/go.patched.mod)
+else
+export GOFLAGS := $(filter-out -modfile=%/build/go.patched.mod,$(GOFLAGS))
+endif
 
-build:
+.PHONY: build test demo vet fuzz bench clean engine plain
+
+build: $(ENGINE_DEP)
 	$(GO) build -o $(BIN) ./cmd/strata
+
+# The unpatched engine, for side-by-side benchmarks (strata bench --baseline-binary bin/strata-plain).
+plain:
+	$(MAKE) build ENGINE=plain BIN=bin/strata-plain
+
+engine:
+	GO=$(GO) bash scripts/patch-engine.sh
+
+test fuzz vet bench: $(ENGINE_DEP)
 
 demo: build
 	$(BIN) demo

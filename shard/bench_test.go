@@ -8,7 +8,9 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/strata-llm/strata/internal/testkit"
 	"github.com/strata-llm/strata/shard"
@@ -105,21 +107,26 @@ func peakRSS() int64 {
 // steps arrive together and run as one batch: one 70B-shaped middle layer (of a 3-layer
 // model, so neither the embeddings nor the LM head are in it), q4_0 and q8_0 weights. This
 // bounds what concurrent streams can gain on a machine: tok/s at 8 sessions over tok/s at 1.
+// The "-plain" variants keep the weights in plain CPU buffers (STRATA_CPU_REPACK=0): the
+// patched engine's repacked q4_0 against the unpatched engine's layout, in one run.
 func BenchmarkStageBatch(b *testing.B) {
-	for _, typ := range []string{"q4_0", "q8_0"} {
-		path := benchModel(b, "70b", 3, typ)
-		info, err := shard.ReadModelInfo(path)
-		if err != nil {
-			b.Fatal(err)
-		}
-		hidden := make([]float32, info.Hidden)
-		for i := range hidden {
-			hidden[i] = float32(i%7) / 7
-		}
+	for _, c := range []struct{ typ, variant string }{{"q4_0", ""}, {"q4_0", "-plain"}, {"q8_0", ""}} {
 		for _, n := range []int{1, 4, 8} {
-			b.Run(fmt.Sprintf("70b-%s/sessions-%d", typ, n), func(b *testing.B) {
+			b.Run(fmt.Sprintf("70b-%s%s/sessions-%d", c.typ, c.variant, n), func(b *testing.B) {
+				if c.variant == "-plain" {
+					b.Setenv("STRATA_CPU_REPACK", "0")
+				}
+				path := benchModel(b, "70b", 3, c.typ)
+				info, err := shard.ReadModelInfo(path)
+				if err != nil {
+					b.Fatal(err)
+				}
+				hidden := make([]float32, info.Hidden)
+				for i := range hidden {
+					hidden[i] = float32(i%7) / 7
+				}
 				st, err := shard.LoadStage(context.Background(), path, shard.Range{Start: 1, End: 2},
-					shard.WithThreads(runtime.NumCPU()), shard.WithMaxContext(512), shard.WithMaxSessions(n))
+					shard.WithThreads(runtime.GOMAXPROCS(0)), shard.WithMaxContext(512), shard.WithMaxSessions(n))
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -134,6 +141,7 @@ func BenchmarkStageBatch(b *testing.B) {
 				}
 				reopen()
 				pos := 0
+				cpu0 := cpuTime()
 				b.ResetTimer()
 				for i := 0; i < b.N; i++ {
 					if pos == 500 {
@@ -159,7 +167,68 @@ func BenchmarkStageBatch(b *testing.B) {
 				}
 				b.ReportMetric(float64(n*b.N)/b.Elapsed().Seconds(), "tok/s")
 				b.ReportMetric(float64(b.Elapsed().Milliseconds())/float64(b.N), "ms/step")
+				b.ReportMetric((cpuTime()-cpu0).Seconds()*1e3/float64(b.N), "cpu-ms/step")
+				if b.N > 0 {
+					b.Logf("weights: %s", shard.FormatWeightBuffers(st.WeightBuffers()))
+				}
 			})
 		}
+	}
+}
+
+// cpuTime is the CPU time the process has used (user and system, every thread). On a machine
+// others load, CPU per step moves far less than wall time: with one ggml thread
+// (go test -cpu 1), it is the kernels' work without the waits.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkStagePrefill measures a 128-token prompt chunk through one 70B-shaped q4_0 layer,
+// repacked and plain (STRATA_CPU_REPACK=0): ggml's GEMM path, where repacking gains most.
+func BenchmarkStagePrefill(b *testing.B) {
+	for _, variant := range []string{"", "-plain"} {
+		b.Run("70b-q4_0"+variant+"/tokens-128", func(b *testing.B) {
+			if variant == "-plain" {
+				b.Setenv("STRATA_CPU_REPACK", "0")
+			}
+			path := benchModel(b, "70b", 3, "q4_0")
+			info, err := shard.ReadModelInfo(path)
+			if err != nil {
+				b.Fatal(err)
+			}
+			const n = 128
+			hidden := make([]float32, n*info.Hidden)
+			for i := range hidden {
+				hidden[i] = float32(i%7) / 7
+			}
+			st, err := shard.LoadStage(context.Background(), path, shard.Range{Start: 1, End: 2},
+				shard.WithThreads(runtime.GOMAXPROCS(0)), shard.WithMaxContext(512), shard.WithMaxBatch(n))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer st.Close()
+			cpu0 := cpuTime()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				_ = st.CloseSession(1)
+				if err := st.OpenSession(1); err != nil {
+					b.Fatal(err)
+				}
+				pos := make([]int32, n)
+				for j := range pos {
+					pos[j] = int32(j)
+				}
+				if _, err := st.Forward(context.Background(), shard.Step{Session: 1, Positions: pos, Hidden: hidden}); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(n*b.N)/b.Elapsed().Seconds(), "tok/s")
+			b.ReportMetric((cpuTime()-cpu0).Seconds()*1e3/float64(n*b.N), "cpu-ms/token")
+			b.Logf("weights: %s", shard.FormatWeightBuffers(st.WeightBuffers()))
+		})
 	}
 }

@@ -11,6 +11,7 @@ import (
 	fsggml "github.com/ollama/ollama/fs/ggml"
 
 	"github.com/strata-llm/strata/internal/testkit"
+	"github.com/strata-llm/strata/quant"
 	"github.com/strata-llm/strata/shard"
 )
 
@@ -49,12 +50,22 @@ func loadRef(t *testing.T, path string) *refModel {
 	m.hd = m.hidden / m.heads
 	base := meta.Tensors().Offset
 	for _, tt := range meta.Tensors().Items() {
-		if fsggml.TensorType(tt.Kind) != fsggml.TensorTypeF32 {
-			t.Fatalf("reference needs F32 weights, %s is %s", tt.Name, fsggml.TensorType(tt.Kind))
-		}
 		b := make([]byte, tt.Size())
 		if _, err := f.ReadAt(b, int64(base+tt.Offset)); err != nil && err != io.EOF {
 			t.Fatal(err)
+		}
+		if fsggml.TensorType(tt.Kind) != fsggml.TensorTypeF32 {
+			// Quantized weights: the oracle computes with their exact dequantized values.
+			f32, err := quant.Decode(fsggml.TensorType(tt.Kind), b, tt.Elements())
+			if err != nil {
+				t.Fatalf("reference: %s: %v", tt.Name, err)
+			}
+			v := make([]float64, len(f32))
+			for i, x := range f32 {
+				v[i] = float64(x)
+			}
+			m.w[tt.Name] = v
+			continue
 		}
 		v := make([]float64, len(b)/4)
 		for i := range v {

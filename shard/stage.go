@@ -108,6 +108,9 @@ type Stage struct {
 	// unbatched: each step runs alone (WithUnbatched)
 	unbatched bool
 
+	weightBufs    []WeightBuffer
+	enginePatched bool
+
 	queue chan *request
 	quit  chan struct{}
 	done  chan struct{}
@@ -233,7 +236,13 @@ func LoadStage(ctx context.Context, path string, r Range, opts ...StageOption) (
 	for i := cfg.maxSessions - 1; i >= 0; i-- {
 		s.freeSeqs = append(s.freeSeqs, i)
 	}
+	s.weightBufs, s.enginePatched = weightBuffers(backend, info.RangeBytes(r))
+	engine := "patched (repacked weights where ggml offers it)"
+	if !s.enginePatched {
+		engine = "unpatched (plain CPU buffers; make build applies build/engine-patches)"
+	}
 	go s.run()
+	s.log.Info("weights: "+FormatWeightBuffers(s.weightBufs), "engine", engine)
 	s.log.Info("stage loaded", "model", info.Name, "layers", info.Layers, "weights_bytes", info.RangeBytes(r),
 		"threads", cfg.threads, "max_context", cfg.maxContext, "max_sessions", cfg.maxSessions)
 	return s, nil

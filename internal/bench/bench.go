@@ -47,6 +47,13 @@ type Config struct {
 	SkipWhole    bool          // no baseline run
 	PlanOnly     bool          // stop after planning: the report holds the model and each node's memory, nothing measured
 	WholeAll     bool          // the baseline at every concurrency, not only the fewest and most streams
+	WholeOnly    bool          // measure the whole model only, no swarm
+
+	// BaselineBinary is another strata build (e.g. `make plain`: the unpatched engine) whose
+	// whole model is measured too, in a child process with the same settings, for the ratio
+	// of this build to it. BaselineFirst measures it before this build's.
+	BaselineBinary string
+	BaselineFirst  bool
 
 	DataDir string // model cache and the nodes' state (default ~/.strata)
 	Binary  string // the strata binary nodes run (default: this executable)
@@ -220,10 +227,24 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	b.rep.Settings.NodeMemory, b.rep.Settings.Ranges = mem, ranges
 
+	if cfg.BaselineBinary != "" && cfg.BaselineFirst {
+		if err := b.runBaseline(ctx, path); err != nil {
+			return b.rep, err
+		}
+	}
 	if !cfg.SkipWhole {
 		if err := b.runWhole(ctx, path); err != nil {
 			return b.rep, err
 		}
+	}
+	if cfg.BaselineBinary != "" && !cfg.BaselineFirst {
+		if err := b.runBaseline(ctx, path); err != nil {
+			return b.rep, err
+		}
+	}
+	if cfg.WholeOnly {
+		b.rep.evaluate()
+		return b.rep, nil
 	}
 	if err := b.runSwarm(ctx, path, 0, 0); err != nil {
 		b.rep.evaluate()
@@ -289,7 +310,9 @@ func (b *bench) runWhole(ctx context.Context, path string) error {
 	if resetErr != nil {
 		b.rep.Notes = append(b.rep.Notes, resetErr.Error()+": the whole model's peak RSS covers this process's whole life")
 	}
-	run := &RunResult{Name: fmt.Sprintf("whole, 1 process x %d threads", b.cfg.Cores), Nodes: 1, Threads: b.cfg.Cores}
+	weights := shard.FormatWeightBuffers(w.stage.WeightBuffers())
+	b.progress("whole model weights: %s", weights)
+	run := &RunResult{Name: fmt.Sprintf("whole, 1 process x %d threads (%s)", b.cfg.Cores, weights), Nodes: 1, Threads: b.cfg.Cores, Weights: weights}
 	b.rep.Runs = append(b.rep.Runs, run)
 	conc := b.cfg.Concurrency
 	if !b.cfg.WholeAll && len(conc) > 2 {
@@ -304,9 +327,9 @@ func (b *bench) runWhole(ctx context.Context, path string) error {
 		b.whole[l.Concurrency] = l.Streams
 	}
 	r := shard.Range{Start: 0, End: b.info.Layers}
-	weights, kv := NodeFootprint(b.info, r, b.context, b.sessions)
+	wbytes, kv := NodeFootprint(b.info, r, b.context, b.sessions)
 	if m, err := ReadProcMemory("self"); err == nil {
-		row := memoryRow("whole (bench process)", os.Getpid(), r, weights, kv, loaded.Peak, m.Peak)
+		row := memoryRow("whole (bench process)", os.Getpid(), r, wbytes, kv, loaded.Peak, m.Peak)
 		var ms runtime.MemStats
 		runtime.ReadMemStats(&ms)
 		row.GoSys = int64(ms.Sys)

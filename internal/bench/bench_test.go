@@ -268,3 +268,30 @@ func TestSteadyDecode(t *testing.T) {
 		t.Fatalf("short window gave %v", got)
 	}
 }
+
+// TestBaselineBinary: --whole-only --baseline-binary measures the whole model with this build
+// and with another binary (here the same one) and reports the two ratios issue 20 set.
+func TestBaselineBinary(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a strata process")
+	}
+	path := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1, Type: "f32"})
+	var progress bytes.Buffer
+	rep, err := Run(context.Background(), Config{
+		Model: path, Concurrency: []int{1}, Tokens: 4, PromptTokens: 8, Cores: 2, WholeOnly: true,
+		BaselineBinary: testkit.BuildStrata(t), BaselineFirst: true, DataDir: t.TempDir(), Progress: &progress,
+	})
+	t.Log("\n" + progress.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Runs) != 2 || !rep.Runs[0].Baseline || rep.Runs[1].Baseline || rep.Runs[1].Swarm {
+		t.Fatalf("want the baseline binary's whole run, then this build's: %+v", rep.Runs)
+	}
+	if rep.Runs[1].Weights == "" || rep.Runs[0].Weights == "" {
+		t.Errorf("runs do not name their weights' buffer types: %q, %q", rep.Runs[0].Weights, rep.Runs[1].Weights)
+	}
+	if len(rep.Targets) != 2 || rep.Targets[0].Value <= 0 || rep.Targets[1].Value <= 0 {
+		t.Fatalf("targets %+v, want decode and prefill ratios", rep.Targets)
+	}
+}

@@ -57,12 +57,17 @@ type Settings struct {
 
 // RunResult is one system measured at every concurrency: the whole model, or a swarm.
 type RunResult struct {
-	Name    string          `json:"name"`
-	Swarm   bool            `json:"swarm"`
-	Nodes   int             `json:"nodes"`
-	Threads int             `json:"threads"` // per process
-	Links   int             `json:"links"`   // network crossings of one decode step (there and back)
-	Latency float64         `json:"injected_latency_s"`
+	Name    string  `json:"name"`
+	Swarm   bool    `json:"swarm"`
+	Nodes   int     `json:"nodes"`
+	Threads int     `json:"threads"` // per process
+	Links   int     `json:"links"`   // network crossings of one decode step (there and back)
+	Latency float64 `json:"injected_latency_s"`
+	// Baseline marks the whole model measured by --baseline-binary (another build of strata,
+	// e.g. one with the unpatched engine), for the ratio of this build to that one.
+	Baseline bool `json:"baseline_binary,omitempty"`
+	// Weights names the ggml buffer types the whole model's weights landed in.
+	Weights string          `json:"weights,omitempty"`
 	Levels  []*Level        `json:"levels"`
 	Memory  []ProcessMemory `json:"memory"`
 }
@@ -208,12 +213,7 @@ func (rep *Report) Markdown(w io.Writer) {
 	fmt.Fprintf(w, "settings: %d nodes x %d threads (whole: %d threads), --max-memory %s each, ranges %v, context %d x %d sessions, codec %s (%d B/token/hop), prompts %d tokens, %d new tokens\n\n",
 		s.Nodes, s.ThreadsPerNode, s.WholeThreads, shard.HumanBytes(s.NodeMemory), s.Ranges, s.Context, s.Sessions, s.Codec, s.HopPayloadBytes, s.PromptTokens, s.Tokens)
 
-	var whole *RunResult
-	for _, r := range rep.Runs {
-		if !r.Swarm {
-			whole = r
-		}
-	}
+	whole := rep.whole()
 	fmt.Fprintln(w, "| run | streams | TTFT s (mean/max) | prefill tok/s | decode tok/s | all decoding | per stream | limit tok/s | vs whole | wire B/token | text = whole | other load |")
 	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|---|---|---|---|")
 	for _, r := range rep.Runs {
@@ -290,17 +290,42 @@ func (rep *Report) WriteJSON(path string) error {
 	return nil
 }
 
+// whole is this build's whole-model run, nil when there is none.
+func (rep *Report) whole() *RunResult {
+	var whole *RunResult
+	for _, r := range rep.Runs {
+		if !r.Swarm && !r.Baseline {
+			whole = r
+		}
+	}
+	return whole
+}
+
 // evaluate fills the targets from the runs.
 func (rep *Report) evaluate() {
-	var whole, swarm, slow *RunResult
+	var swarm, slow, base *RunResult
+	whole := rep.whole()
 	for _, r := range rep.Runs {
 		switch {
 		case !r.Swarm:
-			whole = r
+			if r.Baseline {
+				base = r
+			}
 		case r.Latency == 0 && swarm == nil:
 			swarm = r
 		case r.Latency > 0 && slow == nil:
 			slow = r
+		}
+	}
+	if whole != nil && base != nil {
+		// The issue's goals for the repacked engine against the plain one (issue 20).
+		if w, b := whole.level(1), base.level(1); w != nil && b != nil && b.DecodeRate > 0 && b.PrefillRate > 0 {
+			d, p := w.DecodeRate/b.DecodeRate, w.PrefillRate/b.PrefillRate
+			rep.Targets = append(rep.Targets,
+				Target{Name: "whole model, this build vs the baseline binary: decode, 1 stream", Value: d, Goal: ">= 1.5x", Met: d >= 1.5,
+					Detail: fmt.Sprintf("%.2fx (%.2f vs %.2f tok/s)", d, w.DecodeRate, b.DecodeRate)},
+				Target{Name: "whole model, this build vs the baseline binary: prefill, 1 stream", Value: p, Goal: ">= 2.5x", Met: p >= 2.5,
+					Detail: fmt.Sprintf("%.2fx (%.1f vs %.1f tok/s)", p, w.PrefillRate, b.PrefillRate)})
 		}
 	}
 	if whole != nil && swarm != nil {
