@@ -21,6 +21,18 @@ type Tokenizer struct {
 // llamaPretokenizer is the regex Llama 3's byte-level BPE splits text with before merging.
 const llamaPretokenizer = `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
 
+// pretokenizer is the split regex for a GGUF's tokenizer.ggml.pre, as the engine's llama
+// model chooses it: Qwen splits digits one by one, Mistral's tekken splits by case.
+func pretokenizer(pre string) string {
+	switch pre {
+	case "qwen2":
+		return `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
+	case "tekken":
+		return `[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+`
+	}
+	return llamaPretokenizer
+}
+
 // LoadTokenizer reads the tokenizer block of a GGUF file.
 func LoadTokenizer(path string) (*Tokenizer, error) {
 	f, err := os.Open(path)
@@ -60,7 +72,7 @@ func newTokenizer(kv fsggml.KV) (*Tokenizer, error) {
 	var t tokenizer.Tokenizer
 	switch model := kv.String("tokenizer.ggml.model"); model {
 	case "gpt2":
-		t = tokenizer.NewBytePairEncoding(v, llamaPretokenizer)
+		t = tokenizer.NewBytePairEncoding(v, pretokenizer(kv.String("tokenizer.ggml.pre")))
 	case "llama":
 		t = tokenizer.NewSentencePiece(v)
 	default:
