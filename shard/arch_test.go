@@ -200,3 +200,36 @@ func distinct(v []int32) map[int32]bool {
 	}
 	return m
 }
+
+// TestSlidingWindowKVBudget: a sliding-window layer is budgeted its window of KV (and the
+// token being decoded), a global one the whole context, and the planner's shape says so.
+func TestSlidingWindowKVBudget(t *testing.T) {
+	for _, c := range []struct {
+		arch    string
+		windows []int
+	}{
+		{"gemma2", []int{16, 0, 16, 0, 16, 0}},
+		{"gemma3", []int{16, 16, 16, 16, 16, 0}},
+		{"olmo3", []int{16, 16, 16, 0, 16, 16, 16, 0}},
+		{"qwen2", []int{0, 0, 0, 0, 0, 0}},
+	} {
+		info, err := shard.ReadModelInfo(testkit.Model(t, testkit.SynthOptions{Arch: c.arch, Preset: "tiny", Seed: 1, Type: "f32"}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(info.Windows, c.windows) {
+			t.Errorf("%s: windows %v, want %v", c.arch, info.Windows, c.windows)
+		}
+		shape := info.Shape(2048, 4, 2)
+		for l, w := range c.windows {
+			tokens := 2048
+			if w > 0 {
+				tokens = w + 1
+			}
+			want := info.LayerBytes[l] + int64(tokens*4)*info.KVBytesPerToken(2)
+			if shape.LayerCosts[l] != want {
+				t.Errorf("%s layer %d: cost %d, want %d", c.arch, l, shape.LayerCosts[l], want)
+			}
+		}
+	}
+}

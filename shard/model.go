@@ -9,6 +9,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	fsggml "github.com/ollama/ollama/fs/ggml"
@@ -238,4 +239,23 @@ func FileSHA256(path string, cacheDir string) (string, error) {
 		}
 	}
 	return sum, nil
+}
+
+// Shape is what the planner needs of the model when every stage holds sessions of context
+// tokens each with KV elements of elemBytes: each block's own weights and KV cache, so
+// sliding-window layers are budgeted only their window.
+func (m *ModelInfo) Shape(context, sessions, elemBytes int) ModelShape {
+	s := ModelShape{
+		Layers:          m.Layers,
+		LayerBytes:      slices.Max(m.LayerBytes),
+		KVBytesPerToken: m.KVBytesPerToken(elemBytes),
+		EmbedBytes:      m.EmbedBytes,
+		HeadBytes:       m.HeadBytes,
+		Context:         context * sessions,
+		LayerCosts:      make([]int64, m.Layers),
+	}
+	for l := range s.LayerCosts {
+		s.LayerCosts[l] = m.LayerBytes[l] + m.RangeKVBytes(Range{Start: l, End: l + 1}, context, sessions, elemBytes)
+	}
+	return s
 }
