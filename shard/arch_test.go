@@ -233,3 +233,42 @@ func TestSlidingWindowKVBudget(t *testing.T) {
 		}
 	}
 }
+
+// TestArchQuantMatchesEngine: with q8_0 and q4_0 weights, each family's greedy tokens are
+// the engine's, whole and cut in three.
+func TestArchQuantMatchesEngine(t *testing.T) {
+	n := 32
+	if testing.Short() {
+		n = 8
+	}
+	for _, arch := range engineArchs {
+		for _, typ := range []string{"q8_0", "q4_0"} {
+			t.Run(arch+"/"+typ, func(t *testing.T) {
+				path := testkit.Model(t, testkit.SynthOptions{Arch: arch, Preset: "tiny", Seed: 1, Type: typ})
+				info, err := shard.ReadModelInfo(path)
+				if err != nil {
+					t.Fatal(err)
+				}
+				tok, err := shard.LoadTokenizer(path)
+				if err != nil {
+					t.Fatal(err)
+				}
+				prompt, err := tok.Encode("Once upon a time, in a swarm of small machines,", true)
+				if err != nil {
+					t.Fatal(err)
+				}
+				want, _ := engineGreedy(t, path, prompt, n)
+				third := info.Layers / 3
+				for _, ranges := range [][]shard.Range{
+					{{Start: 0, End: info.Layers}},
+					{{Start: 0, End: third}, {Start: third, End: 2 * third}, {Start: 2 * third, End: info.Layers}},
+				} {
+					stages, _ := testkit.LoadStages(t, path, ranges, shard.WithCacheType("f32"), shard.WithMaxSessions(1), shard.WithMaxContext(oracleContext))
+					if got, _ := pipelineGreedy(t, stages, prompt, n); !slices.Equal(got, want) {
+						t.Fatalf("%v: Strata %v, engine %v", ranges, got, want)
+					}
+				}
+			})
+		}
+	}
+}
