@@ -77,6 +77,15 @@ func newInfoCommand() *cobra.Command {
 			fmt.Fprintf(w, "name        %s\narchitecture %s\nlayers      %d\nhidden      %d\nheads       %d (kv %d, dim %d)\nffn         %d\nvocabulary  %d\ncontext     %d\nweights     %s (layer %s, embeddings %s, head %s)\n",
 				m.Name, m.Arch, m.Layers, m.Hidden, m.Heads, m.KVHeads, m.HeadDim, m.FFN, m.Vocab, m.ContextLength,
 				humanBytes(m.TotalBytes), humanBytes(m.LayerBytes[0]), humanBytes(m.EmbedBytes), humanBytes(m.HeadBytes))
+			sliding, window := 0, 0
+			for _, w := range m.Windows {
+				if w > 0 {
+					sliding, window = sliding+1, w
+				}
+			}
+			if sliding > 0 {
+				fmt.Fprintf(w, "attention   sliding window of %d tokens on %d of %d layers (their KV cache holds only the window)\n", window, sliding, m.Layers)
+			}
 			return nil
 		},
 	}
