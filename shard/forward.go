@@ -211,9 +211,12 @@ func (s *Stage) compute(positions []int32, seqs []int, tokens []int32, hidden []
 	logits := s.fam.head(ctx, h)
 	ctx.Forward(logits).Compute(logits)
 	data := logits.Floats()
-	v := s.info.Vocab
+	// The head may have more rows than the tokenizer has tokens (files pad their LM head):
+	// step by the head's rows, hand out the vocabulary's.
+	rows := logits.Dim(0)
+	v := min(rows, s.info.Vocab)
 	for i := range reqs {
-		outs[i].Logits = data[i*v : (i+1)*v : (i+1)*v]
+		outs[i].Logits = data[i*rows : i*rows+v : i*rows+v]
 	}
 	return outs, nil
 }
