@@ -22,7 +22,7 @@ type refModel struct {
 	hidden, heads, kvHeads, hd, ffn int
 	layers, vocab                   int
 	eps, ropeBase                   float64
-	neox                            bool // rotate (x[i], x[i+hd/2]) as Qwen does, not adjacent pairs
+	neox                            bool          // rotate (x[i], x[i+hd/2]) as Qwen does, not adjacent pairs
 	keys, values                    [][][]float64 // [layer][pos] -> kvHeads*hd
 }
 
