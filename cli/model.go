@@ -3,6 +3,7 @@ package cli
 import (
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -21,18 +22,24 @@ func newSynthCommand() *cobra.Command {
 	var o testkit.SynthOptions
 	var out string
 	cmd := &cobra.Command{
-		Use:   "synth --out FILE --preset tiny|small|8b|70b",
-		Short: "Write a llama GGUF with seeded random weights and Llama 3's tokenizer",
+		Use:   "synth --out FILE [--arch A] --preset tiny|small|8b|70b|...",
+		Short: "Write a GGUF of a supported architecture with seeded random weights and a real tokenizer",
 		Long: `Writes a real llama-architecture GGUF: real shapes (70b: hidden 8192, 64 heads, 8 KV heads,
 FFN 28672, vocabulary 128256), weights drawn from the seed and scaled so activations stay
 finite over many layers, quantized with ggml's own quantizer, Llama 3's BPE tokenizer and
-chat template. --layers keeps a big shape small enough to test with.`,
+chat template. --layers keeps a big shape small enough to test with.
+
+--arch writes another family with every tensor and key its real files have: qwen2 (presets
+tiny, small, qwen2.5-7b, qwen2.5-72b), qwen3 (qwen3-8b, qwen3-32b), mistral3
+(mistral-small-24b), gemma2 (gemma2-9b, gemma2-27b), gemma3 (gemma3-12b, gemma3-27b), olmo3
+(olmo3-7b, olmo3-32b). Gemma gets Gemma's SentencePiece vocabulary; the others Llama 3's BPE
+vocabulary with their own special tokens, pre-tokenizer and chat template.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if out == "" {
 				return fmt.Errorf("--out is required")
 			}
-			bar := newProgressBar(os.Stderr, "synthesizing "+o.Preset)
+			bar := newProgressBar(os.Stderr, "synthesizing "+o.Arch+" "+o.Preset)
 			if err := testkit.Synthesize(cmd.Context(), out, o, bar.Set); err != nil {
 				return err
 			}
@@ -47,7 +54,8 @@ chat template. --layers keeps a big shape small enough to test with.`,
 	}
 	f := cmd.Flags()
 	f.StringVar(&out, "out", "", "output GGUF file")
-	f.StringVar(&o.Preset, "preset", "tiny", "model shape: tiny, small, 8b, 70b")
+	f.StringVar(&o.Arch, "arch", "llama", "architecture: "+strings.Join(testkit.SynthArchs(), ", "))
+	f.StringVar(&o.Preset, "preset", "tiny", "model shape: tiny, small, or the architecture's real ones (llama: 8b, 70b)")
 	f.IntVar(&o.Layers, "layers", 0, "number of layers (default: the preset's)")
 	f.Uint64Var(&o.Seed, "seed", 1, "seed of the weights")
 	f.StringVar(&o.Type, "type", "f16", "weight format: f32, f16, q8_0, q4_0, q4_k, ...")
@@ -69,6 +77,15 @@ func newInfoCommand() *cobra.Command {
 			fmt.Fprintf(w, "name        %s\narchitecture %s\nlayers      %d\nhidden      %d\nheads       %d (kv %d, dim %d)\nffn         %d\nvocabulary  %d\ncontext     %d\nweights     %s (layer %s, embeddings %s, head %s)\n",
 				m.Name, m.Arch, m.Layers, m.Hidden, m.Heads, m.KVHeads, m.HeadDim, m.FFN, m.Vocab, m.ContextLength,
 				humanBytes(m.TotalBytes), humanBytes(m.LayerBytes[0]), humanBytes(m.EmbedBytes), humanBytes(m.HeadBytes))
+			sliding, window := 0, 0
+			for _, w := range m.Windows {
+				if w > 0 {
+					sliding, window = sliding+1, w
+				}
+			}
+			if sliding > 0 {
+				fmt.Fprintf(w, "attention   sliding window of %d tokens on %d of %d layers (their KV cache holds only the window)\n", window, sliding, m.Layers)
+			}
 			return nil
 		},
 	}

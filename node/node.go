@@ -440,14 +440,7 @@ func (n *Node) isDraining() bool {
 }
 
 func (n *Node) shape() shard.ModelShape {
-	return shard.ModelShape{
-		Layers:          n.model.Layers,
-		LayerBytes:      slices.Max(n.model.LayerBytes),
-		KVBytesPerToken: n.model.KVBytesPerToken(2),
-		EmbedBytes:      n.model.EmbedBytes,
-		HeadBytes:       n.model.HeadBytes,
-		Context:         n.cfg.MaxContext * n.cfg.MaxSessions,
-	}
+	return n.model.Shape(n.cfg.MaxContext, n.cfg.MaxSessions, 2) // the stages' KV cache is F16
 }
 
 // replan computes the swarm's plan from the live view (every node computes the same one) and

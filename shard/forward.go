@@ -1,115 +1,60 @@
 package shard
 
 import (
-	"cmp"
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 
 	"github.com/ollama/ollama/kvcache"
 	"github.com/ollama/ollama/ml"
-	"github.com/ollama/ollama/ml/nn"
-	"github.com/ollama/ollama/ml/nn/rope"
 	"github.com/ollama/ollama/model/input"
 )
 
-// llamaOptions are the hyperparameters of the llama forward pass.
-type llamaOptions struct {
-	hidden, heads, kvHeads, headDim, ropeDim int
-	eps, ropeBase, ropeScale                 float32
+// stageCache is the KV cache of a stage's layers: one causal cache when they all attend
+// globally, else the engine's wrapper over one cache per attention kind, each layer switched
+// to its own. A sliding-window cache keeps only its window of each session.
+type stageCache struct {
+	kvcache.Cache
+	wrapper *kvcache.WrapperCache
+	kind    map[int]int // layer -> index of its cache in the wrapper
 }
 
-func newLlamaOptions(b ml.Backend, m *ModelInfo) llamaOptions {
-	c := b.Config()
-	return llamaOptions{
-		hidden:    m.Hidden,
-		heads:     m.Heads,
-		kvHeads:   m.KVHeads,
-		headDim:   m.HeadDim,
-		ropeDim:   int(c.Uint("rope.dimension_count")),
-		eps:       c.Float("attention.layer_norm_rms_epsilon", 1e-5),
-		ropeBase:  c.Float("rope.freq_base", 1e4),
-		ropeScale: c.Float("rope.scaling.factor", 1),
-	}
-}
-
-type layerWeights struct {
-	attnNorm, q, k, v, o    ml.Tensor
-	ffnNorm, gate, up, down ml.Tensor
-}
-
-type weights struct {
-	tokenEmbd  ml.Tensor // first stage only
-	outputNorm ml.Tensor // last stage only
-	output     ml.Tensor // last stage only (token_embd when tied)
-	ropeFreqs  ml.Tensor // optional (Llama 3.1 scaling)
-	layers     []layerWeights
-}
-
-// bindWeights looks up the tensors of r in a loaded backend, naming the first one missing.
-func bindWeights(b ml.Backend, m *ModelInfo, r Range) (*weights, error) {
-	var missing error
-	get := func(name string) ml.Tensor {
-		t := b.Get(name)
-		if t == nil && missing == nil {
-			missing = fmt.Errorf("model file lacks tensor %s", name)
-		}
-		return t
-	}
-	w := &weights{ropeFreqs: b.Get("rope_freqs.weight")}
-	if r.Start == 0 {
-		w.tokenEmbd = get("token_embd.weight")
-	}
-	if r.End == m.Layers {
-		w.outputNorm = get("output_norm.weight")
-		if w.output = b.Get("output.weight"); w.output == nil {
-			w.output = get("token_embd.weight")
-		}
-	}
+func newStageCache(f family, r Range) *stageCache {
+	var windows []int32
+	kind := map[int]int{}
 	for l := r.Start; l < r.End; l++ {
-		p := fmt.Sprintf("blk.%d.", l)
-		w.layers = append(w.layers, layerWeights{
-			attnNorm: get(p + "attn_norm.weight"),
-			q:        get(p + "attn_q.weight"),
-			k:        get(p + "attn_k.weight"),
-			v:        get(p + "attn_v.weight"),
-			o:        get(p + "attn_output.weight"),
-			ffnNorm:  get(p + "ffn_norm.weight"),
-			gate:     get(p + "ffn_gate.weight"),
-			up:       get(p + "ffn_up.weight"),
-			down:     get(p + "ffn_down.weight"),
-		})
+		w := f.window(l)
+		i := slices.Index(windows, w)
+		if i < 0 {
+			i = len(windows)
+			windows = append(windows, w)
+		}
+		kind[l] = i
 	}
-	return w, missing
+	one := func(w int32) *kvcache.Causal {
+		if w > 0 {
+			return kvcache.NewSWACache(w, f.shift)
+		}
+		return kvcache.NewCausalCache(f.shift)
+	}
+	if len(windows) == 1 && windows[0] == 0 {
+		return &stageCache{Cache: one(0)}
+	}
+	caches := make([]kvcache.Cache, len(windows))
+	for i, w := range windows {
+		caches[i] = one(w)
+	}
+	wc := kvcache.NewWrapperCache(caches...)
+	return &stageCache{Cache: wc, wrapper: wc, kind: kind}
 }
 
-func (o *llamaOptions) rope(ctx ml.Context, t, positions, factors ml.Tensor) ml.Tensor {
-	return nn.RoPE(ctx, t, positions, cmp.Or(o.ropeDim, o.headDim), o.ropeBase, 1/o.ropeScale, rope.WithFactors(factors))
-}
-
-// shift re-rotates cached keys when the cache moves positions (the engine's context shift).
-func (s *Stage) shift(ctx ml.Context, layer int, key, shift ml.Tensor) (ml.Tensor, error) {
-	return s.opts.rope(ctx, key, shift, s.weights.ropeFreqs), nil
-}
-
-// layerForward is one llama block: pre-norm attention with RoPE and grouped-query heads,
-// then a pre-norm SwiGLU MLP, each added to the residual stream.
-func (s *Stage) layerForward(ctx ml.Context, w *layerWeights, h, positions ml.Tensor) ml.Tensor {
-	o := &s.opts
-	n := h.Dim(1)
-	x := h.RMSNorm(ctx, w.attnNorm, o.eps)
-	q := w.q.Mulmat(ctx, x).Reshape(ctx, o.headDim, o.heads, n)
-	k := w.k.Mulmat(ctx, x).Reshape(ctx, o.headDim, o.kvHeads, n)
-	v := w.v.Mulmat(ctx, x).Reshape(ctx, o.headDim, o.kvHeads, n)
-	q = o.rope(ctx, q, positions, s.weights.ropeFreqs)
-	k = o.rope(ctx, k, positions, s.weights.ropeFreqs)
-	a := nn.Attention(ctx, q, k, v, 1/math.Sqrt(float64(o.headDim)), s.cache)
-	a = a.Reshape(ctx, o.headDim*o.heads, n)
-	h = w.o.Mulmat(ctx, a).Add(ctx, h)
-
-	x = h.RMSNorm(ctx, w.ffnNorm, o.eps)
-	x = w.gate.Mulmat(ctx, x).SILU(ctx, w.up.Mulmat(ctx, x))
-	return w.down.Mulmat(ctx, x).Add(ctx, h)
+// setLayer points the cache at layer l's storage and kind.
+func (c *stageCache) setLayer(l int) {
+	c.SetLayer(l)
+	if c.wrapper != nil {
+		c.wrapper.SetLayerType(c.kind[l])
+	}
 }
 
 // validate checks one step against the session's state, so a bad step fails alone instead
@@ -223,16 +168,32 @@ func (s *Stage) compute(positions []int32, seqs []int, tokens []int32, hidden []
 		}
 		return nil, fmt.Errorf("stage %s: %w", s.info.Range, err)
 	}
-	pos := ctx.Input().FromInts(positions, n)
+	p := &pass{ctx: ctx, positions: ctx.Input().FromInts(positions, n), raw: positions, cache: s.cache}
 	var h ml.Tensor
 	if s.info.First() {
-		h = s.weights.tokenEmbd.Rows(ctx, ctx.Input().FromInts(tokens, n))
+		h = s.fam.embed(ctx, ctx.Input().FromInts(tokens, n))
 	} else {
 		h = ctx.Input().FromFloats(hidden, s.info.Hidden, n)
 	}
-	for i := range s.weights.layers {
-		s.cache.SetLayer(s.info.Range.Start + i)
-		h = s.layerForward(ctx, &s.weights.layers[i], h, pos)
+	// Logits only for each step's last position: the engine prunes to those rows inside the
+	// model's last block, after attention, and the LM head is the largest matmul there is.
+	var outputs ml.Tensor
+	if s.info.Last() {
+		last := make([]int32, len(reqs))
+		off := 0
+		for i, r := range reqs {
+			off += len(r.step.Positions)
+			last[i] = int32(off - 1)
+		}
+		outputs = ctx.Input().FromInts(last, len(last))
+	}
+	for l := s.info.Range.Start; l < s.info.Range.End; l++ {
+		s.cache.setLayer(l)
+		var out ml.Tensor
+		if l == s.info.Layers-1 {
+			out = outputs
+		}
+		h = s.fam.layer(p, l, h, out)
 	}
 
 	outs = make([]Output, len(reqs))
@@ -247,22 +208,15 @@ func (s *Stage) compute(positions []int32, seqs []int, tokens []int32, hidden []
 		}
 		return outs, nil
 	}
-
-	// Logits only for each step's last position: the LM head is the largest matmul there is.
-	last := make([]int32, len(reqs))
-	off := 0
-	for i, r := range reqs {
-		off += len(r.step.Positions)
-		last[i] = int32(off - 1)
-	}
-	h = h.Rows(ctx, ctx.Input().FromInts(last, len(last)))
-	h = h.RMSNorm(ctx, s.weights.outputNorm, s.opts.eps)
-	logits := s.weights.output.Mulmat(ctx, h)
+	logits := s.fam.head(ctx, h)
 	ctx.Forward(logits).Compute(logits)
 	data := logits.Floats()
-	v := s.info.Vocab
+	// The head may have more rows than the tokenizer has tokens (files pad their LM head):
+	// step by the head's rows, hand out the vocabulary's.
+	rows := logits.Dim(0)
+	v := min(rows, s.info.Vocab)
 	for i := range reqs {
-		outs[i].Logits = data[i*v : (i+1)*v : (i+1)*v]
+		outs[i].Logits = data[i*rows : i*rows+v : i*rows+v]
 	}
 	return outs, nil
 }

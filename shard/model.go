@@ -1,6 +1,7 @@
 package shard
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	fsggml "github.com/ollama/ollama/fs/ggml"
@@ -29,7 +31,8 @@ type ModelInfo struct {
 	Hidden        int
 	Heads         int
 	KVHeads       int
-	HeadDim       int
+	HeadDim       int // of keys
+	ValueDim      int
 	FFN           int
 	Vocab         int
 	ContextLength int
@@ -38,6 +41,7 @@ type ModelInfo struct {
 	SliceOf       string // for a slice file: the sha256 of the whole model it was cut from
 
 	LayerBytes  []int64 // weight bytes of each block
+	Windows     []int   // each block's sliding attention window in tokens, 0 for global
 	EmbedBytes  int64   // token_embd
 	HeadBytes   int64   // output_norm + output (or token_embd when tied)
 	TotalBytes  int64   // all tensor bytes in the file
@@ -48,7 +52,25 @@ type ModelInfo struct {
 // KVBytesPerToken is the KV cache size of one token in one layer for a cache of the given
 // bytes per element (4 for F32, 2 for F16).
 func (m *ModelInfo) KVBytesPerToken(elemBytes int) int64 {
-	return int64(2 * m.KVHeads * m.HeadDim * elemBytes)
+	return int64(m.KVHeads * (m.HeadDim + cmp.Or(m.ValueDim, m.HeadDim)) * elemBytes)
+}
+
+// KVTokens is how many tokens of a session of context tokens layer l keeps in its KV cache:
+// all of them, or its window and the token being decoded for a sliding-window layer.
+func (m *ModelInfo) KVTokens(l, context int) int {
+	if l < len(m.Windows) && m.Windows[l] > 0 && m.Windows[l]+1 < context {
+		return m.Windows[l] + 1
+	}
+	return context
+}
+
+// RangeKVBytes is the KV cache of layers r for sessions of context tokens each.
+func (m *ModelInfo) RangeKVBytes(r Range, context, sessions, elemBytes int) int64 {
+	var n int64
+	for l := max(r.Start, 0); l < r.End && l < m.Layers; l++ {
+		n += int64(m.KVTokens(l, context))
+	}
+	return n * int64(sessions) * m.KVBytesPerToken(elemBytes)
 }
 
 // RangeBytes is the weight bytes a stage serving r loads.
@@ -87,8 +109,9 @@ func ReadModelInfo(path string) (*ModelInfo, error) {
 func modelInfo(path string, size int64, meta *fsggml.GGML) (*ModelInfo, error) {
 	kv := meta.KV()
 	arch := kv.Architecture()
-	if arch != "llama" {
-		return nil, fmt.Errorf("unsupported architecture %q: Strata runs llama-architecture models", arch)
+	fam, err := newFamily(kv)
+	if err != nil {
+		return nil, err
 	}
 	m := &ModelInfo{
 		Path:          path,
@@ -100,6 +123,7 @@ func modelInfo(path string, size int64, meta *fsggml.GGML) (*ModelInfo, error) {
 		Heads:         int(kv.HeadCountMax()),
 		KVHeads:       int(kv.HeadCountKVMax()),
 		HeadDim:       int(kv.Uint("attention.key_length")),
+		ValueDim:      int(kv.Uint("attention.value_length")),
 		ContextLength: int(kv.ContextLength()),
 		ChatTemplate:  kv.ChatTemplate(),
 		FileSize:      size,
@@ -115,8 +139,15 @@ func modelInfo(path string, size int64, meta *fsggml.GGML) (*ModelInfo, error) {
 	if m.KVHeads == 0 {
 		m.KVHeads = m.Heads
 	}
-	if m.HeadDim == 0 {
+	if m.HeadDim == 0 || arch == "olmo2" || arch == "olmo3" { // OLMo's heads are hidden/heads whatever the file says
 		m.HeadDim = m.Hidden / m.Heads
+	}
+	if m.ValueDim == 0 || arch == "olmo2" || arch == "olmo3" {
+		m.ValueDim = m.HeadDim
+	}
+	m.Windows = make([]int, m.Layers)
+	for l := range m.Windows {
+		m.Windows[l] = int(fam.window(l))
 	}
 	if m.Heads%m.KVHeads != 0 {
 		return nil, fmt.Errorf("model metadata inconsistent: %d heads are not a multiple of %d KV heads", m.Heads, m.KVHeads)
@@ -208,4 +239,23 @@ func FileSHA256(path string, cacheDir string) (string, error) {
 		}
 	}
 	return sum, nil
+}
+
+// Shape is what the planner needs of the model when every stage holds sessions of context
+// tokens each with KV elements of elemBytes: each block's own weights and KV cache, so
+// sliding-window layers are budgeted only their window.
+func (m *ModelInfo) Shape(context, sessions, elemBytes int) ModelShape {
+	s := ModelShape{
+		Layers:          m.Layers,
+		LayerBytes:      slices.Max(m.LayerBytes),
+		KVBytesPerToken: m.KVBytesPerToken(elemBytes),
+		EmbedBytes:      m.EmbedBytes,
+		HeadBytes:       m.HeadBytes,
+		Context:         context * sessions,
+		LayerCosts:      make([]int64, m.Layers),
+	}
+	for l := range s.LayerCosts {
+		s.LayerCosts[l] = m.LayerBytes[l] + m.RangeKVBytes(Range{Start: l, End: l + 1}, context, sessions, elemBytes)
+	}
+	return s
 }

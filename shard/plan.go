@@ -21,11 +21,69 @@ type ModelShape struct {
 	EmbedBytes      int64 // token_embd, loaded by the stage that holds layer 0
 	HeadBytes       int64 // output_norm + output, loaded by the stage that holds the last layer
 	Context         int   // tokens of KV cache to budget per block
+	// LayerCosts, when set (one per block), is each block's own memory, weights and KV
+	// cache, in place of LayerBytes and KVBytesPerToken*Context: a sliding-window layer keeps
+	// only its window of KV, and blocks of one model can differ in weights (dense and
+	// mixture-of-experts blocks).
+	LayerCosts []int64
 }
 
-// LayerCost is the memory one block needs: its weights and its KV cache.
+// LayerCost is the memory one block needs: its weights and its KV cache (the largest block's,
+// when blocks differ).
 func (m ModelShape) LayerCost() int64 {
+	if len(m.LayerCosts) > 0 {
+		return slices.Max(m.LayerCosts)
+	}
 	return m.LayerBytes + m.KVBytesPerToken*int64(m.Context)
+}
+
+// layersCost is the memory of layers [a,b).
+func (m ModelShape) layersCost(a, b int) int64 {
+	if len(m.LayerCosts) == 0 {
+		return int64(b-a) * m.LayerCost()
+	}
+	var n int64
+	for _, c := range m.LayerCosts[a:b] {
+		n += c
+	}
+	return n
+}
+
+// fitLayers is the most layers that fit in mem wherever they start: the largest k whose
+// costliest run of k consecutive blocks fits.
+func (m ModelShape) fitLayers(mem int64, worst []int64) int {
+	if len(m.LayerCosts) == 0 {
+		c := m.LayerCost()
+		if c == 0 || mem/c >= int64(m.Layers) {
+			return m.Layers
+		}
+		return int(mem / c)
+	}
+	k, _ := slices.BinarySearchFunc(worst[1:], mem, func(w, mem int64) int {
+		if w <= mem {
+			return -1
+		}
+		return 1
+	})
+	return k
+}
+
+// worstRuns returns, for each k, the most memory k consecutive blocks take (worst[0] = 0).
+func (m ModelShape) worstRuns() []int64 {
+	if len(m.LayerCosts) == 0 {
+		return nil
+	}
+	prefix := make([]int64, m.Layers+1)
+	for l, c := range m.LayerCosts {
+		prefix[l+1] = prefix[l] + c
+	}
+	worst := make([]int64, m.Layers+1)
+	for k := 1; k <= m.Layers; k++ {
+		for a := 0; a+k <= m.Layers; a++ {
+			worst[k] = max(worst[k], prefix[a+k]-prefix[a])
+		}
+	}
+	return worst
 }
 
 // RangeBytes is the memory a node serving r needs.
@@ -33,7 +91,7 @@ func (m ModelShape) RangeBytes(r Range) int64 {
 	if r.Empty() {
 		return 0
 	}
-	n := int64(r.Len()) * m.LayerCost()
+	n := m.layersCost(max(r.Start, 0), min(r.End, m.Layers))
 	if r.Start == 0 {
 		n += m.EmbedBytes
 	}
@@ -58,6 +116,18 @@ func (m ModelShape) validate() error {
 		return fmt.Errorf("%w: negative byte count in model shape %+v", ErrBadPlanInput, m)
 	case m.Context < 0:
 		return fmt.Errorf("%w: negative context %d", ErrBadPlanInput, m.Context)
+	case len(m.LayerCosts) != 0 && len(m.LayerCosts) != m.Layers:
+		return fmt.Errorf("%w: %d layer costs for %d layers", ErrBadPlanInput, len(m.LayerCosts), m.Layers)
+	}
+	var sum int64
+	for _, c := range m.LayerCosts {
+		if c < 0 || c > math.MaxInt64/int64(m.Layers+1)/2 {
+			return fmt.Errorf("%w: layer cost %d out of range", ErrBadPlanInput, c)
+		}
+		sum += c
+	}
+	if sum > math.MaxInt64/2-m.EmbedBytes-m.HeadBytes {
+		return fmt.Errorf("%w: model size overflows int64", ErrBadPlanInput)
 	}
 	// Every later sum stays below TotalBytes, so checking it once rules out overflow.
 	const maxB = math.MaxInt64
@@ -287,7 +357,7 @@ func newPlanner(m ModelShape, nodes []NodeCapacity, cfg planConfig) (*planner, e
 	sorted := slices.Clone(nodes)
 	slices.SortFunc(sorted, func(a, b NodeCapacity) int { return cmp.Compare(a.ID, b.ID) })
 	pl := &planner{m: m, L: m.Layers, cfg: cfg}
-	c := m.LayerCost()
+	worst := m.worstRuns()
 	var known []float64
 	for i, n := range sorted {
 		switch {
@@ -303,13 +373,8 @@ func newPlanner(m ModelShape, nodes []NodeCapacity, cfg planConfig) (*planner, e
 		p := &pnode{id: n.ID, mem: n.MemoryBytes}
 		for f := range 2 {
 			for l := range 2 {
-				rest := n.MemoryBytes - int64(f)*m.EmbedBytes - int64(l)*m.HeadBytes
-				switch {
-				case rest < 0:
-				case c == 0 || rest/c >= int64(pl.L):
-					p.caps[f][l] = pl.L
-				default:
-					p.caps[f][l] = int(rest / c)
+				if rest := n.MemoryBytes - int64(f)*m.EmbedBytes - int64(l)*m.HeadBytes; rest >= 0 {
+					p.caps[f][l] = m.fitLayers(rest, worst)
 				}
 			}
 		}

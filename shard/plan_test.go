@@ -722,3 +722,46 @@ func BenchmarkPlanLayers(b *testing.B) {
 		})
 	}
 }
+
+// TestPlanPerLayerCosts: with each block's own cost (Gemma 3's five sliding-window layers
+// to one global, whose KV is 20x theirs), nodes hold as many layers as any run of that
+// length needs, not as many as the costliest block times the count, and every assigned
+// range fits its node.
+func TestPlanPerLayerCosts(t *testing.T) {
+	const L = 12
+	m := ModelShape{Layers: L, LayerCosts: make([]int64, L), EmbedBytes: 50, HeadBytes: 50}
+	for l := range m.LayerCosts {
+		m.LayerCosts[l] = 100
+		if (l+1)%6 == 0 {
+			m.LayerCosts[l] = 2000
+		}
+	}
+	// 6 layers hold at most one global block: 2500 bytes; the costliest block alone is 2000,
+	// so a uniform budget would give each node one layer and need 12 nodes.
+	nodes := []NodeCapacity{{ID: "a", MemoryBytes: 2600}, {ID: "b", MemoryBytes: 2600}, {ID: "c", MemoryBytes: 2600}}
+	p, err := PlanLayers(m, nodes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	covered := 0
+	for _, a := range p.Assignments {
+		if a.Range.Empty() {
+			continue
+		}
+		covered += a.Range.Len()
+		if need := m.RangeBytes(a.Range); need > 2600 {
+			t.Errorf("%s holds %s: %d bytes > 2600", a.ID, a.Range, need)
+		}
+	}
+	if covered < L {
+		t.Fatalf("plan %+v covers %d of %d layers", p, covered, L)
+	}
+	if got := m.RangeBytes(Range{Start: 0, End: L}); got != 10*100+2*2000+100 {
+		t.Fatalf("RangeBytes of the whole model = %d", got)
+	}
+	bad := m
+	bad.LayerCosts = bad.LayerCosts[:3]
+	if _, err := PlanLayers(bad, nodes); !errors.Is(err, ErrBadPlanInput) {
+		t.Fatalf("3 costs for 12 layers: %v", err)
+	}
+}

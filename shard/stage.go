@@ -12,7 +12,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/ollama/ollama/kvcache"
 	"github.com/ollama/ollama/ml"
 	_ "github.com/ollama/ollama/ml/backend" // registers the ggml backend
 )
@@ -101,8 +100,7 @@ type Stage struct {
 	info    StageInfo
 	model   *ModelInfo
 	backend ml.Backend
-	weights *weights
-	opts    llamaOptions
+	fam     family
 	log     *slog.Logger
 	cpu     sync.Locker // nil: the stage has the cores to itself
 	// unbatched: each step runs alone (WithUnbatched)
@@ -116,7 +114,7 @@ type Stage struct {
 	done  chan struct{}
 
 	mu       sync.Mutex // guards everything below, and the cache
-	cache    *kvcache.Causal
+	cache    *stageCache
 	sessions map[uint64]*session
 	freeSeqs []int
 	closed   bool
@@ -200,9 +198,14 @@ func LoadStage(ctx context.Context, path string, r Range, opts ...StageOption) (
 	if err := backend.Load(ctx, progress); err != nil {
 		return nil, fmt.Errorf("load stage %s: read weights: %w", r, err)
 	}
-	w, err := bindWeights(backend, info, r)
+	fam, err := newFamily(backend.Config())
 	if err != nil {
 		return nil, fmt.Errorf("load stage %s: %w", r, err)
+	}
+	t := &tensors{b: backend}
+	fam.bind(t, r)
+	if t.missing != nil {
+		return nil, fmt.Errorf("load stage %s: %w", r, t.missing)
 	}
 
 	s := &Stage{
@@ -218,8 +221,7 @@ func LoadStage(ctx context.Context, path string, r Range, opts ...StageOption) (
 		},
 		model:     info,
 		backend:   backend,
-		weights:   w,
-		opts:      newLlamaOptions(backend, info),
+		fam:       fam,
 		log:       cfg.logger.With("range", r.String()),
 		cpu:       cfg.cpu,
 		unbatched: cfg.unbatched,
@@ -228,10 +230,10 @@ func LoadStage(ctx context.Context, path string, r Range, opts ...StageOption) (
 		done:      make(chan struct{}),
 		sessions:  make(map[uint64]*session),
 	}
-	if w.output != nil && s.info.Vocab == 0 {
-		s.info.Vocab = w.output.Dim(1)
+	s.cache = newStageCache(fam, r)
+	if c, ok := fam.(cacheConfigurer); ok {
+		s.cache.SetConfig(c.cacheConfig())
 	}
-	s.cache = kvcache.NewCausalCache(s.shift)
 	s.cache.Init(backend, cfg.cacheType, cfg.maxSessions, cfg.maxContext, cfg.maxBatch)
 	for i := cfg.maxSessions - 1; i >= 0; i-- {
 		s.freeSeqs = append(s.freeSeqs, i)

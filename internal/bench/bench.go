@@ -28,6 +28,7 @@ import (
 
 // Config says what to measure. Zero fields take the defaults noted.
 type Config struct {
+	Arch   string // architecture of the synthesized model (default llama)
 	Preset string // synthesized model shape (default "70b")
 	Layers int    // layers of the synthesized model (default: the preset's)
 	Type   string // weight format (default "q4_0")
@@ -267,21 +268,25 @@ func (b *bench) progress(format string, args ...any) {
 // synthesize writes the model into the data dir once; later benchmarks reuse it.
 func (b *bench) synthesize(ctx context.Context) (string, error) {
 	c := b.cfg
-	if _, err := testkit.LookupPreset(c.Preset); err != nil {
+	if _, err := testkit.LookupArchPreset(c.Arch, c.Preset); err != nil {
 		return "", fmt.Errorf("bench: %w", err)
 	}
 	dir := filepath.Join(c.DataDir, "bench", "models")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", fmt.Errorf("bench: model cache: %w", err)
 	}
-	path := filepath.Join(dir, fmt.Sprintf("%s-L%d-%s-s%d.gguf", c.Preset, c.Layers, c.Type, c.Seed))
+	name := fmt.Sprintf("%s-L%d-%s-s%d.gguf", c.Preset, c.Layers, c.Type, c.Seed)
+	if c.Arch != "" && c.Arch != "llama" {
+		name = c.Arch + "-" + name
+	}
+	path := filepath.Join(dir, name)
 	if _, err := os.Stat(path); err == nil {
 		b.progress("model %s (cached)", path)
 		return path, nil
 	}
 	b.progress("synthesizing %s (preset %s, %d layers, %s)", path, c.Preset, c.Layers, c.Type)
 	last := -1
-	err := testkit.Synthesize(ctx, path, testkit.SynthOptions{Preset: c.Preset, Layers: c.Layers, Seed: c.Seed, Type: c.Type},
+	err := testkit.Synthesize(ctx, path, testkit.SynthOptions{Arch: c.Arch, Preset: c.Preset, Layers: c.Layers, Seed: c.Seed, Type: c.Type},
 		func(f float32) {
 			if p := int(f * 10); p != last {
 				last = p

@@ -18,6 +18,9 @@ func Model(tb testing.TB, o SynthOptions) string {
 	}
 	dir := filepath.Join(os.TempDir(), "strata-testkit")
 	name := fmt.Sprintf("%s-L%d-%s-s%d", o.Preset, o.Layers, o.Type, o.Seed)
+	if o.Arch != "" && o.Arch != "llama" {
+		name = o.Arch + "-" + name
+	}
 	if o.Tied {
 		name += "-tied"
 	}

@@ -4,6 +4,7 @@
 package testkit
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"hash/fnv"
@@ -22,41 +23,60 @@ import (
 // Preset is a model shape.
 type Preset struct {
 	Name     string
+	Arch     string // GGUF architecture; "" is llama
 	Hidden   int
 	Heads    int
 	KVHeads  int
+	HeadDim  int // 0: Hidden/Heads
 	FFN      int
 	Layers   int
-	Vocab    int // regular tokens kept from Llama 3's vocabulary (0: all 128000); 256 specials follow
+	Vocab    int // regular tokens kept from the family's vocabulary (0: all of it); specials follow
 	Context  int
 	RopeBase float32
+	Window   int // sliding attention window of the layers that slide (gemma2/3, olmo3)
+	Scaling  *RopeScaling
+}
+
+// RopeScaling is a preset's rope.scaling keys.
+type RopeScaling struct {
+	Type            string // "yarn", "linear"
+	Factor          float32
+	OriginalContext int
 }
 
 // Presets lists the shapes `strata model synth` knows. The 8b and 70b shapes are Llama 3's,
 // with its full 128256-token vocabulary, so the LM head and tokenization are real.
 func Presets() []Preset {
 	return []Preset{
-		{Name: "tiny", Hidden: 64, Heads: 4, KVHeads: 2, FFN: 192, Layers: 6, Vocab: 2048, Context: 2048, RopeBase: 500000},
-		{Name: "small", Hidden: 512, Heads: 8, KVHeads: 4, FFN: 1536, Layers: 8, Vocab: 16384, Context: 4096, RopeBase: 500000},
-		{Name: "8b", Hidden: 4096, Heads: 32, KVHeads: 8, FFN: 14336, Layers: 32, Context: 8192, RopeBase: 500000},
-		{Name: "70b", Hidden: 8192, Heads: 64, KVHeads: 8, FFN: 28672, Layers: 80, Context: 8192, RopeBase: 500000},
+		{Name: "tiny", Arch: "llama", Hidden: 64, Heads: 4, KVHeads: 2, FFN: 192, Layers: 6, Vocab: 2048, Context: 2048, RopeBase: 500000},
+		{Name: "small", Arch: "llama", Hidden: 512, Heads: 8, KVHeads: 4, FFN: 1536, Layers: 8, Vocab: 16384, Context: 4096, RopeBase: 500000},
+		{Name: "8b", Arch: "llama", Hidden: 4096, Heads: 32, KVHeads: 8, FFN: 14336, Layers: 32, Context: 8192, RopeBase: 500000},
+		{Name: "70b", Arch: "llama", Hidden: 8192, Heads: 64, KVHeads: 8, FFN: 28672, Layers: 80, Context: 8192, RopeBase: 500000},
 	}
 }
 
-// LookupPreset finds a preset by name.
-func LookupPreset(name string) (Preset, error) {
+// LookupPreset finds a llama preset by name.
+func LookupPreset(name string) (Preset, error) { return LookupArchPreset("llama", name) }
+
+// LookupArchPreset finds a preset of architecture arch ("" is llama) by name.
+func LookupArchPreset(arch, name string) (Preset, error) {
+	ps, err := ArchPresets(arch)
+	if err != nil {
+		return Preset{}, err
+	}
 	var names []string
-	for _, p := range Presets() {
+	for _, p := range ps {
 		if p.Name == name {
 			return p, nil
 		}
 		names = append(names, p.Name)
 	}
-	return Preset{}, fmt.Errorf("unknown preset %q (known: %s)", name, strings.Join(names, ", "))
+	return Preset{}, fmt.Errorf("unknown %s preset %q (known: %s)", cmp.Or(arch, "llama"), name, strings.Join(names, ", "))
 }
 
 // SynthOptions say what model to write.
 type SynthOptions struct {
+	Arch     string // GGUF architecture (default llama): see SynthArchs
 	Preset   string
 	Layers   int    // overrides the preset's layer count when > 0
 	Seed     uint64 // weights are a pure function of the seed and the tensor's name
@@ -68,11 +88,15 @@ type SynthOptions struct {
 // Llama3ChatTemplate is the Jinja chat template of Llama 3 instruct models.
 const Llama3ChatTemplate = "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 
-// Synthesize writes a llama GGUF model to out. progress, if not nil, gets the fraction written.
+// Synthesize writes a GGUF model of o.Arch to out. progress, if not nil, gets the fraction
+// written.
 func Synthesize(ctx context.Context, out string, o SynthOptions, reportProgress func(float32)) error {
-	p, err := LookupPreset(o.Preset)
+	p, err := LookupArchPreset(o.Arch, o.Preset)
 	if err != nil {
 		return fmt.Errorf("synthesize: %w", err)
+	}
+	if p.Arch != "llama" {
+		return synthesizeArch(ctx, out, p, o, reportProgress)
 	}
 	if o.Layers > 0 {
 		p.Layers = o.Layers
@@ -151,14 +175,18 @@ func Synthesize(ctx context.Context, out string, o SynthOptions, reportProgress 
 	if !o.Tied {
 		add("output.weight", p.Hidden, vocab, 0, 2*in, format)
 	}
+	return writeModel(ctx, out, kv, specs, o.Seed, reportProgress)
+}
 
+// writeModel generates the tensors of specs from the seed and writes them with kv.
+func writeModel(ctx context.Context, out string, kv fsggml.KV, specs []tensorSpec, seed uint64, reportProgress func(float32)) error {
 	var total uint64
 	for i := range specs {
 		s := &specs[i]
 		if !s.format.Fits(s.ncols) {
 			s.format = mustFormat("f16")
 		}
-		s.seed = tensorSeed(o.Seed, s.name)
+		s.seed = tensorSeed(seed, s.name)
 		total += s.nrows * s.format.RowBytes(s.ncols)
 	}
 	prog := &progress.Counter{Total: int64(total), Report: reportProgress}

@@ -1,0 +1,130 @@
+package shard
+
+import (
+	"math"
+
+	"github.com/ollama/ollama/fs"
+	"github.com/ollama/ollama/ml"
+	"github.com/ollama/ollama/ml/nn"
+	"github.com/ollama/ollama/ml/nn/rope"
+)
+
+// gemma2 is Gemma 2: embeddings scaled by sqrt(hidden), sliding-window attention on even
+// layers and global on odd ones, attention and final logits soft-capped with tanh, norms
+// after attention and MLP as well as before, a GeGLU MLP. As the engine's model/models/gemma2,
+// including what its Model.Forward alone decides: the 46-layer 27B model scales queries by
+// hidden/heads instead of the key length.
+type gemma2 struct {
+	layers                    int
+	hidden, heads, kvHeads    int
+	keyLen, valLen            int
+	eps, ropeBase, ropeScale  float32
+	attnSoftcap, finalSoftcap float32
+	slidingWindow             int32
+	largeModelScaling         bool
+
+	ends
+	blocks
+}
+
+// gemma2LargeLayers is the block count of Gemma 2 27B, the model whose queries the engine
+// scales by 1/sqrt(hidden/heads).
+const gemma2LargeLayers = 46
+
+func newGemma2(c fs.Config) (family, error) {
+	f := &gemma2{
+		layers:        int(c.Uint("block_count")),
+		hidden:        int(c.Uint("embedding_length")),
+		heads:         int(c.Uint("attention.head_count")),
+		kvHeads:       int(c.Uint("attention.head_count_kv")),
+		keyLen:        int(c.Uint("attention.key_length")),
+		valLen:        int(c.Uint("attention.value_length")),
+		eps:           c.Float("attention.layer_norm_rms_epsilon"),
+		ropeBase:      c.Float("rope.freq_base", 10000.0),
+		ropeScale:     c.Float("rope.scaling.factor", 1.0),
+		attnSoftcap:   c.Float("attn_logit_softcapping"),
+		finalSoftcap:  c.Float("final_logit_softcapping"),
+		slidingWindow: int32(c.Uint("attention.sliding_window")),
+	}
+	switch {
+	case f.heads == 0:
+		return nil, configError(c, "head_count is 0")
+	case f.keyLen == 0 || f.valLen == 0:
+		return nil, configError(c, "attention.key_length and attention.value_length are required")
+	case f.attnSoftcap == 0 || f.finalSoftcap == 0:
+		return nil, configError(c, "attn_logit_softcapping and final_logit_softcapping are required")
+	}
+	f.largeModelScaling = f.layers == gemma2LargeLayers
+	return f, nil
+}
+
+func (f *gemma2) bind(t *tensors, r Range) {
+	f.ends.bind(t, r, f.layers)
+	f.blocks = bindBlocks(t, r, blockNames{preNorms: true, postNorms: true})
+}
+
+// window: even layers attend within the sliding window, odd ones globally.
+func (f *gemma2) window(l int) int32 {
+	if l%2 == 0 {
+		return f.slidingWindow
+	}
+	return 0
+}
+
+// cacheConfig: gemma2 computes attention itself (for the softcap), reading V unpermuted and
+// adding an F32 mask, as the engine configures its cache.
+func (f *gemma2) cacheConfig() ml.CacheConfig { return ml.CacheConfig{} }
+
+func (f *gemma2) rope(ctx ml.Context, x, positions ml.Tensor) ml.Tensor {
+	return nn.RoPE(ctx, x, positions, f.keyLen, f.ropeBase, 1/f.ropeScale, rope.WithTypeNeoX())
+}
+
+func (f *gemma2) shift(ctx ml.Context, _ int, key, shift ml.Tensor) (ml.Tensor, error) {
+	return f.rope(ctx, key, shift), nil
+}
+
+func (f *gemma2) embed(ctx ml.Context, tokens ml.Tensor) ml.Tensor {
+	return f.embd.Rows(ctx, tokens).Scale(ctx, math.Sqrt(float64(f.hidden)))
+}
+
+func (f *gemma2) layer(p *pass, l int, h, outputs ml.Tensor) ml.Tensor {
+	ctx, w, n := p.ctx, f.at(l), h.Dim(1)
+	residual := h
+	x := h.RMSNorm(ctx, w.attnNorm, f.eps)
+
+	q := w.q.forward(ctx, x).Reshape(ctx, f.keyLen, f.heads, n)
+	q = f.rope(ctx, q, p.positions)
+	if f.largeModelScaling {
+		q = q.Scale(ctx, 1.0/math.Sqrt(float64(f.hidden/f.heads)))
+	} else {
+		q = q.Scale(ctx, 1.0/math.Sqrt(float64(f.keyLen)))
+	}
+	k := w.k.forward(ctx, x).Reshape(ctx, f.keyLen, f.kvHeads, n)
+	k = f.rope(ctx, k, p.positions)
+	v := w.v.forward(ctx, x).Reshape(ctx, f.valLen, f.kvHeads, n)
+
+	p.cache.Put(ctx, k, v)
+	k, v, mask := p.cache.Get(ctx)
+	q = q.Permute(ctx, 0, 2, 1, 3)
+	k = k.Permute(ctx, 0, 2, 1, 3)
+	v = v.Permute(ctx, 1, 2, 0, 3).Contiguous(ctx)
+	kq := softcap(ctx, k.Mulmat(ctx, q), f.attnSoftcap)
+	kq = kq.Add(ctx, mask).Softmax(ctx)
+	kqv := v.Mulmat(ctx, kq).Permute(ctx, 0, 2, 1, 3).Contiguous(ctx)
+	x = w.o.forward(ctx, kqv.Reshape(ctx, f.valLen*f.heads, n))
+	x = x.RMSNorm(ctx, w.postAttnNorm, f.eps)
+
+	x, residual = prune(ctx, x, residual, outputs)
+	h = x.Add(ctx, residual)
+
+	x = h.RMSNorm(ctx, w.ffnNorm, f.eps)
+	x = w.gate.forward(ctx, x).GELU(ctx, w.up.forward(ctx, x))
+	x = w.down.forward(ctx, x)
+	x = x.RMSNorm(ctx, w.postFFNNorm, f.eps)
+	return x.Add(ctx, h)
+}
+
+func (f *gemma2) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
+	logits := f.output.Mulmat(ctx, h.RMSNorm(ctx, f.norm, f.eps))
+	return softcap(ctx, logits, f.finalSoftcap)
+}

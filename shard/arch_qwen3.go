@@ -1,0 +1,97 @@
+package shard
+
+import (
+	"cmp"
+	"math"
+
+	"github.com/ollama/ollama/fs"
+	"github.com/ollama/ollama/ml"
+	"github.com/ollama/ollama/ml/nn"
+	"github.com/ollama/ollama/ml/nn/rope"
+)
+
+// qwen3 is Qwen 3 (dense): llama's block without biases, with an RMSNorm over each head of Q
+// and K before RoPE (NeoX order, YaRN when the file asks). As the engine's model/models/qwen3.
+// Its mixture-of-experts sibling qwen3moe differs only in the MLP.
+type qwen3 struct {
+	layers                          int
+	hidden, heads, kvHeads, headDim int
+	eps, ropeBase, ropeScale        float32
+	yarn                            bool
+	origContext                     int
+
+	ends
+	blocks
+}
+
+func newQwen3(c fs.Config) (family, error) {
+	f := &qwen3{
+		layers:      int(c.Uint("block_count")),
+		hidden:      int(c.Uint("embedding_length")),
+		heads:       int(c.Uint("attention.head_count")),
+		kvHeads:     int(c.Uint("attention.head_count_kv")),
+		eps:         c.Float("attention.layer_norm_rms_epsilon"),
+		ropeBase:    c.Float("rope.freq_base"),
+		ropeScale:   c.Float("rope.scaling.factor", 1),
+		yarn:        c.String("rope.scaling.type") == "yarn",
+		origContext: int(c.Uint("rope.scaling.original_context_length")),
+	}
+	if f.heads == 0 {
+		return nil, configError(c, "head_count is 0")
+	}
+	f.headDim = cmp.Or(int(c.Uint("attention.key_length")), int(c.Uint("attention.value_length")), f.hidden/f.heads)
+	return f, nil
+}
+
+func (f *qwen3) bind(t *tensors, r Range) {
+	f.ends.bind(t, r, f.layers)
+	f.blocks = bindBlocks(t, r, blockNames{preNorms: true, qkNorms: true})
+}
+
+func (f *qwen3) window(int) int32 { return 0 }
+
+func (f *qwen3) rope(ctx ml.Context, x, positions ml.Tensor) ml.Tensor {
+	opts := []func(*rope.Options){rope.WithTypeNeoX()}
+	if f.yarn {
+		opts = append(opts,
+			rope.WithOriginalContextLength(f.origContext),
+			rope.WithExtrapolationFactor(1),
+			rope.WithAttentionFactor(float32(1/(1+0.1*math.Log(float64(f.ropeScale))))),
+		)
+	}
+	return nn.RoPE(ctx, x, positions, f.headDim, f.ropeBase, 1/f.ropeScale, opts...)
+}
+
+func (f *qwen3) shift(ctx ml.Context, _ int, key, shift ml.Tensor) (ml.Tensor, error) {
+	return f.rope(ctx, key, shift), nil
+}
+
+func (f *qwen3) embed(ctx ml.Context, tokens ml.Tensor) ml.Tensor { return f.embd.Rows(ctx, tokens) }
+
+func (f *qwen3) layer(p *pass, l int, h, outputs ml.Tensor) ml.Tensor {
+	ctx, w, n := p.ctx, f.at(l), h.Dim(1)
+	residual := h
+	x := h.RMSNorm(ctx, w.attnNorm, f.eps)
+	q := w.q.forward(ctx, x)
+	k := w.k.forward(ctx, x)
+	v := w.v.forward(ctx, x)
+	q = q.Reshape(ctx, f.headDim, f.heads, n)
+	k = k.Reshape(ctx, f.headDim, f.kvHeads, n)
+	v = v.Reshape(ctx, f.headDim, f.kvHeads, n)
+	q = q.RMSNorm(ctx, w.qNorm, f.eps)
+	k = k.RMSNorm(ctx, w.kNorm, f.eps)
+	q = f.rope(ctx, q, p.positions)
+	k = f.rope(ctx, k, p.positions)
+	a := nn.Attention(ctx, q, k, v, 1/math.Sqrt(float64(f.headDim)), p.cache)
+	x = w.o.forward(ctx, a.Reshape(ctx, a.Dim(0)*a.Dim(1), n))
+	x, residual = prune(ctx, x, residual, outputs)
+	h = x.Add(ctx, residual)
+
+	x = h.RMSNorm(ctx, w.ffnNorm, f.eps)
+	x = w.gate.forward(ctx, x).SILU(ctx, w.up.forward(ctx, x))
+	return w.down.forward(ctx, x).Add(ctx, h)
+}
+
+func (f *qwen3) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
+	return f.output.Mulmat(ctx, h.RMSNorm(ctx, f.norm, f.eps))
+}

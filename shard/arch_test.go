@@ -1,0 +1,274 @@
+package shard_test
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"slices"
+	"testing"
+
+	"github.com/ollama/ollama/ml"
+	"github.com/ollama/ollama/model"
+	"github.com/ollama/ollama/model/input"
+
+	// The engine's own families, the oracle each of Strata's is held to.
+	_ "github.com/ollama/ollama/model/models/gemma2"
+	_ "github.com/ollama/ollama/model/models/gemma3"
+	_ "github.com/ollama/ollama/model/models/llama"
+	_ "github.com/ollama/ollama/model/models/mistral3"
+	_ "github.com/ollama/ollama/model/models/olmo3"
+	_ "github.com/ollama/ollama/model/models/qwen2"
+	_ "github.com/ollama/ollama/model/models/qwen3"
+
+	"github.com/strata-llm/strata/internal/testkit"
+	"github.com/strata-llm/strata/shard"
+)
+
+// engineArchs are the families the engine implements, so Strata's forward can be held to it.
+var engineArchs = []string{"llama", "qwen2", "qwen3", "mistral3", "gemma2", "gemma3", "olmo3"}
+
+const oracleContext = 2048
+
+// engineGreedy runs the engine's own whole-model forward (model.New and the family's
+// Model.Forward, as ollama's runner does) greedily for n tokens after prompt, returning the
+// tokens and the logits of every step.
+func engineGreedy(t *testing.T, path string, prompt []int32, n int) ([]int32, [][]float32) {
+	t.Helper()
+	m, err := model.New(path, ml.BackendParams{AllocMemory: true, NumThreads: 1, FlashAttention: ml.FlashAttentionEnabled})
+	if err != nil {
+		t.Fatalf("engine: %v", err)
+	}
+	b := m.Backend()
+	defer b.Close()
+	if err := b.Load(context.Background(), func(float32) {}); err != nil {
+		t.Fatalf("engine load: %v", err)
+	}
+	cache := m.Config().Cache
+	cache.Init(b, ml.DTypeF32, 1, oracleContext, 256)
+	defer cache.Close()
+	step := func(toks []int32, from int) []float32 {
+		ctx := b.NewContext()
+		defer ctx.Close()
+		pos := positions(from, len(toks))
+		batch := input.Batch{
+			Inputs:    ctx.Input().FromInts(toks, len(toks)),
+			Outputs:   ctx.Input().FromInts([]int32{int32(len(toks) - 1)}, 1),
+			Positions: pos,
+			Sequences: make([]int, len(toks)),
+		}
+		logits, err := model.Forward(ctx, m, batch)
+		if err != nil {
+			t.Fatalf("engine forward: %v", err)
+		}
+		ctx.Compute(logits)
+		return slices.Clone(logits.Floats())
+	}
+	var toks []int32
+	var all [][]float32
+	l := step(prompt, 0)
+	for i := range n {
+		all = append(all, l)
+		toks = append(toks, argmax(l))
+		if i < n-1 {
+			l = step(toks[i:i+1], len(prompt)+i)
+		}
+	}
+	return toks, all
+}
+
+// pipelineGreedy runs stages in order, as a chain of nodes does, greedily for n tokens.
+func pipelineGreedy(t *testing.T, stages []*shard.Stage, prompt []int32, n int) ([]int32, [][]float32) {
+	t.Helper()
+	ctx := context.Background()
+	for _, st := range stages {
+		if err := st.OpenSession(1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run := func(toks []int32, from int) []float32 {
+		s := shard.Step{Session: 1, Positions: positions(from, len(toks)), Tokens: toks}
+		for _, st := range stages {
+			out, err := st.Forward(ctx, s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if out.Logits != nil {
+				return out.Logits
+			}
+			s = shard.Step{Session: 1, Positions: s.Positions, Hidden: out.Hidden}
+		}
+		t.Fatal("no stage gave logits")
+		return nil
+	}
+	var toks []int32
+	var all [][]float32
+	l := run(prompt, 0)
+	for i := range n {
+		all = append(all, l)
+		toks = append(toks, argmax(l))
+		if i < n-1 {
+			l = run(toks[i:i+1], len(prompt)+i)
+		}
+	}
+	return toks, all
+}
+
+// cuts lists every way to split layers into k contiguous non-empty stages.
+func cuts(layers, k int) [][]shard.Range {
+	if k == 1 {
+		return [][]shard.Range{{{Start: 0, End: layers}}}
+	}
+	var out [][]shard.Range
+	var rec func(start, left int, acc []shard.Range)
+	rec = func(start, left int, acc []shard.Range) {
+		if left == 1 {
+			out = append(out, append(slices.Clone(acc), shard.Range{Start: start, End: layers}))
+			return
+		}
+		for end := start + 1; end <= layers-left+1; end++ {
+			rec(end, left-1, append(acc, shard.Range{Start: start, End: end}))
+		}
+	}
+	rec(0, k, nil)
+	return out
+}
+
+func maxDiff(a, b [][]float32) float64 {
+	var worst float64
+	for i := range min(len(a), len(b)) {
+		for j := range min(len(a[i]), len(b[i])) {
+			worst = math.Max(worst, math.Abs(float64(a[i][j]-b[i][j])))
+		}
+	}
+	return worst
+}
+
+// TestArchMatchesEngine is each family's oracle: the engine's own whole-model forward
+// against Strata's whole model and every 2- and 3-stage cut of the tiny preset, with F32
+// weights and KV cache. Greedy tokens must be identical and the logits of every step within
+// 1e-4. -short decodes 16 tokens and only the 2-stage cuts.
+func TestArchMatchesEngine(t *testing.T) {
+	n, parts := 64, []int{1, 2, 3}
+	if testing.Short() {
+		n, parts = 16, []int{1, 2}
+	}
+	for _, arch := range engineArchs {
+		t.Run(arch, func(t *testing.T) {
+			path := testkit.Model(t, testkit.SynthOptions{Arch: arch, Preset: "tiny", Seed: 1, Type: "f32"})
+			info, err := shard.ReadModelInfo(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tok, err := shard.LoadTokenizer(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			prompt, err := tok.Encode("The quick brown fox jumps over the lazy dog, said Strata.", true)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want, wantLogits := engineGreedy(t, path, prompt, n)
+			var worst float64
+			for _, k := range parts {
+				for _, ranges := range cuts(info.Layers, k) {
+					stages, _ := testkit.LoadStages(t, path, ranges, shard.WithCacheType("f32"), shard.WithMaxSessions(1), shard.WithMaxContext(oracleContext))
+					got, gotLogits := pipelineGreedy(t, stages, prompt, n)
+					name := fmt.Sprint(ranges)
+					if !slices.Equal(got, want) {
+						t.Fatalf("%s: Strata %v, engine %v", name, got, want)
+					}
+					d := maxDiff(gotLogits, wantLogits)
+					worst = math.Max(worst, d)
+					if d > 1e-4 {
+						t.Fatalf("%s: logits differ from the engine's by %.3g > 1e-4", name, d)
+					}
+					for _, st := range stages {
+						st.Close()
+					}
+				}
+			}
+			t.Logf("%s: %d tokens identical to the engine whole and over %v-stage cuts; max |logit diff| %.3g (%d distinct tokens)",
+				arch, n, parts, worst, len(distinct(want)))
+		})
+	}
+}
+
+func distinct(v []int32) map[int32]bool {
+	m := map[int32]bool{}
+	for _, x := range v {
+		m[x] = true
+	}
+	return m
+}
+
+// TestSlidingWindowKVBudget: a sliding-window layer is budgeted its window of KV (and the
+// token being decoded), a global one the whole context, and the planner's shape says so.
+func TestSlidingWindowKVBudget(t *testing.T) {
+	for _, c := range []struct {
+		arch    string
+		windows []int
+	}{
+		{"gemma2", []int{16, 0, 16, 0, 16, 0}},
+		{"gemma3", []int{16, 16, 16, 16, 16, 0}},
+		{"olmo3", []int{16, 16, 16, 0, 16, 16, 16, 0}},
+		{"qwen2", []int{0, 0, 0, 0, 0, 0}},
+	} {
+		info, err := shard.ReadModelInfo(testkit.Model(t, testkit.SynthOptions{Arch: c.arch, Preset: "tiny", Seed: 1, Type: "f32"}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(info.Windows, c.windows) {
+			t.Errorf("%s: windows %v, want %v", c.arch, info.Windows, c.windows)
+		}
+		shape := info.Shape(2048, 4, 2)
+		for l, w := range c.windows {
+			tokens := 2048
+			if w > 0 {
+				tokens = w + 1
+			}
+			want := info.LayerBytes[l] + int64(tokens*4)*info.KVBytesPerToken(2)
+			if shape.LayerCosts[l] != want {
+				t.Errorf("%s layer %d: cost %d, want %d", c.arch, l, shape.LayerCosts[l], want)
+			}
+		}
+	}
+}
+
+// TestArchQuantMatchesEngine: with q8_0 and q4_0 weights, each family's greedy tokens are
+// the engine's, whole and cut in three.
+func TestArchQuantMatchesEngine(t *testing.T) {
+	n := 32
+	if testing.Short() {
+		n = 8
+	}
+	for _, arch := range engineArchs {
+		for _, typ := range []string{"q8_0", "q4_0"} {
+			t.Run(arch+"/"+typ, func(t *testing.T) {
+				path := testkit.Model(t, testkit.SynthOptions{Arch: arch, Preset: "tiny", Seed: 1, Type: typ})
+				info, err := shard.ReadModelInfo(path)
+				if err != nil {
+					t.Fatal(err)
+				}
+				tok, err := shard.LoadTokenizer(path)
+				if err != nil {
+					t.Fatal(err)
+				}
+				prompt, err := tok.Encode("Once upon a time, in a swarm of small machines,", true)
+				if err != nil {
+					t.Fatal(err)
+				}
+				want, _ := engineGreedy(t, path, prompt, n)
+				third := info.Layers / 3
+				for _, ranges := range [][]shard.Range{
+					{{Start: 0, End: info.Layers}},
+					{{Start: 0, End: third}, {Start: third, End: 2 * third}, {Start: 2 * third, End: info.Layers}},
+				} {
+					stages, _ := testkit.LoadStages(t, path, ranges, shard.WithCacheType("f32"), shard.WithMaxSessions(1), shard.WithMaxContext(oracleContext))
+					if got, _ := pipelineGreedy(t, stages, prompt, n); !slices.Equal(got, want) {
+						t.Fatalf("%v: Strata %v, engine %v", ranges, got, want)
+					}
+				}
+			})
+		}
+	}
+}
