@@ -51,7 +51,12 @@ func (n *Node) Models(ctx context.Context) ([]pipeline.ModelCard, error) {
 }
 
 // ModelID is the name clients use for the model: the --model argument's base name.
-func (n *Node) ModelID() string { return modelID(n.cfg.Model) }
+func (n *Node) ModelID() string {
+	if n.cfg.fromSwarm() && n.model != nil && n.model.Name != "" {
+		return n.model.Name // no file name to go by
+	}
+	return modelID(n.cfg.Model)
+}
 
 // Generate runs a completion through the swarm.
 func (n *Node) Generate(ctx context.Context, req pipeline.Request, emit func(pipeline.Delta) error) (pipeline.Result, error) {

@@ -32,11 +32,14 @@ type Config struct {
 	Threads    int      // ggml CPU threads (default: all cores)
 	// CPULock, if set, is a file the nodes sharing this machine's cores all name: each
 	// computes with all its threads while it holds the lock (internal/cpulock).
-	CPULock     string
-	MaxSessions int // sessions a stage holds at once (default 8)
-	MaxContext  int // tokens per session (default 2048)
-	Codec       quant.Codec
-	Logger      *slog.Logger
+	CPULock string
+	// FetchBandwidth caps the bytes per second of weights this node fetches and serves
+	// (0: no cap), so serving slices to joining peers leaves room for pipeline traffic.
+	FetchBandwidth int64
+	MaxSessions    int // sessions a stage holds at once (default 8)
+	MaxContext     int // tokens per session (default 2048)
+	Codec          quant.Codec
+	Logger         *slog.Logger
 	// Progress, if set, makes a progress reporter for a labelled task (cutting and loading a
 	// slice); the CLI draws bars on a terminal. Unset, progress goes to the log.
 	Progress func(label string) func(float32)
@@ -68,6 +71,9 @@ func DefaultDataDir() (string, error) {
 func (c *Config) setDefaults() error {
 	if c.Model == "" {
 		m, err := defaultModel()
+		if err != nil && len(c.Join) > 0 {
+			m, err = SwarmModel, nil // joining a swarm: take its model (weights.go)
+		}
 		if err != nil {
 			return err
 		}

@@ -48,6 +48,7 @@ type Node struct {
 	api       *http.Server
 	metrics   *metrics // Prometheus collectors and the hooks that feed them (metrics.go)
 	cpu       *cpulock.Lock
+	w         weightsState // weights served to and fetched from peers (weights.go)
 
 	mu       sync.Mutex
 	stage    *shard.Stage   // the stage served now
@@ -98,27 +99,34 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
-	if n.modelPath, err = n.resolveModel(ctx); err != nil {
-		return nil, err
+	swarm := cfg.fromSwarm() // no model file: the model and the slices come from the peers
+	if !swarm {
+		if n.modelPath, err = n.resolveModel(ctx); err != nil {
+			return nil, err
+		}
 	}
 	if cfg.CPULock != "" {
 		if n.cpu, err = cpulock.Open(cfg.CPULock); err != nil {
 			return nil, err
 		}
 	}
-	if n.model, err = shard.ReadModelInfo(n.modelPath); err != nil {
-		return nil, err
+	if !swarm {
+		if n.model, err = shard.ReadModelInfo(n.modelPath); err != nil {
+			return nil, err
+		}
+		n.log.Info("hashing model", "path", n.modelPath, "size", n.model.FileSize)
+		if n.sha, err = shard.FileSHA256(n.modelPath, filepath.Join(cfg.DataDir, "cache")); err != nil {
+			return nil, err
+		}
+		b, _ := hex.DecodeString(n.sha)
+		copy(n.shaBytes[:], b)
+		if n.tok, err = shard.LoadTokenizer(n.modelPath); err != nil {
+			return nil, err
+		}
 	}
-	n.log.Info("hashing model", "path", n.modelPath, "size", n.model.FileSize)
-	if n.sha, err = shard.FileSHA256(n.modelPath, filepath.Join(cfg.DataDir, "cache")); err != nil {
-		return nil, err
-	}
-	b, _ := hex.DecodeString(n.sha)
-	copy(n.shaBytes[:], b)
-	if n.tok, err = shard.LoadTokenizer(n.modelPath); err != nil {
-		return nil, err
-	}
-	if !cfg.ClientOnly {
+	// A node without the model file skips the self-benchmark: it would fetch a layer it may
+	// never serve. It announces no speed, which the planner takes as average.
+	if !cfg.ClientOnly && !swarm {
 		b, err := n.selfBench(ctx)
 		if err != nil {
 			return nil, err
@@ -141,6 +149,12 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	}
 	if err := n.writeAddrFile(); err != nil {
 		return nil, err
+	}
+	n.startWeights()
+	if !swarm {
+		if err := n.serveWholeModel(); err != nil {
+			return nil, err
+		}
 	}
 
 	gossipHost, gossipPort, err := n.gossipAddr()
@@ -170,6 +184,15 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	if n.members, err = discovery.New(ctx, dopts...); err != nil {
 		return nil, err
 	}
+	if swarm {
+		if len(cfg.Join) > 0 {
+			go n.joinLoop(cfg.Join)
+		}
+		if err := n.modelFromSwarm(ctx); err != nil {
+			return nil, err
+		}
+		n.announce()
+	}
 
 	n.router = newRouter(n)
 	n.gen = pipeline.NewGenerator(n.tok, n.router, pipeline.WithMaxContext(cfg.MaxContext), pipeline.WithGeneratorLogger(n.log),
@@ -179,7 +202,7 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	}
 	n.announce() // the API address is known only now
 	go n.refreshLoop()
-	if len(cfg.Join) > 0 {
+	if len(cfg.Join) > 0 && !swarm {
 		go n.joinLoop(cfg.Join)
 	}
 	go n.planLoop()
@@ -300,6 +323,7 @@ func (n *Node) meta() discovery.NodeMeta {
 		m.NextStart, m.NextEnd = r.Start, r.End
 	}
 	m.Sessions = n.sessionsLocked()
+	n.manifestMeta(&m)
 	return m
 }
 
@@ -510,7 +534,12 @@ func (n *Node) moveTo(r shard.Range, chain int) error {
 		if n.cpu != nil {
 			opts = append(opts, shard.WithCPULock(n.cpu))
 		}
-		st, err = shard.LoadStage(context.Background(), n.modelPath, r, opts...)
+		var file string
+		if file, err = n.stageFile(context.Background(), r); err == nil {
+			if st, err = shard.LoadStage(context.Background(), file, r, opts...); err == nil {
+				n.servedFile(file)
+			}
+		}
 		if err != nil {
 			n.mu.Lock()
 			if n.stage == nil {

@@ -18,6 +18,9 @@ func ModelInfoOf(meta *fsggml.GGML, size int64) (*ModelInfo, error) {
 	return modelInfo("", size, meta)
 }
 
+// TokenizerOf is LoadTokenizer for a GGUF header already decoded, such as a manifest's.
+func TokenizerOf(meta *fsggml.GGML) (*Tokenizer, error) { return newTokenizer(meta.KV()) }
+
 // SliceHolds reports whether the slice file of r holds the named tensor of the model.
 func SliceHolds(info *ModelInfo, r Range, name string) bool {
 	return sliceTensor(name, r, info.Layers, info.TiedEmbedding)

@@ -13,6 +13,7 @@ import (
 	"io"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -44,7 +45,7 @@ type Source struct {
 // Request is what to fetch.
 type Request struct {
 	ModelSHA256 string      // the whole model's sha256 (hex)
-	ManifestID  string      // the manifest's id, as the swarm gossips it
+	ManifestID  string      // the manifest's id (hex), or at least its first 32 digits, as the swarm gossips it
 	Range       shard.Range // the layers of the slice
 	Dst         string      // where the slice file goes (written atomically)
 }
@@ -130,8 +131,8 @@ func Fetch(ctx context.Context, req Request, sources []Source, opts ...Option) (
 		return st, fmt.Errorf("fetch slice: model sha256 %q is not 64 hex digits", req.ModelSHA256)
 	}
 	copy(f.model[:], b)
-	if req.ManifestID == "" {
-		return st, errors.New("fetch slice: no manifest id to check the manifest against")
+	if len(req.ManifestID) < 32 {
+		return st, fmt.Errorf("fetch slice: manifest id %q: want at least 32 hex digits to check the manifest against", req.ManifestID)
 	}
 	for _, s := range sources {
 		f.srcs = append(f.srcs, &source{Source: s, notHeld: map[string]bool{}})
@@ -187,7 +188,7 @@ func Fetch(ctx context.Context, req Request, sources []Source, opts ...Option) (
 // manifest gets the manifest from the first source whose answer has the gossiped id.
 func (f *fetcher) manifest(ctx context.Context) ([]byte, *weights.Manifest, error) {
 	check := func(b []byte) (*weights.Manifest, error) {
-		if id := weights.ID(b); id != f.req.ManifestID {
+		if id := weights.ID(b); !strings.HasPrefix(id, f.req.ManifestID) {
 			return nil, fmt.Errorf("manifest id %s, want %s", short(id), short(f.req.ManifestID))
 		}
 		m, err := weights.Decode(b)
@@ -232,6 +233,30 @@ func (f *fetcher) manifest(ctx context.Context) ([]byte, *weights.Manifest, erro
 		return nil, nil, err
 	}
 	return nil, nil, fmt.Errorf("fetch slice: no source answered manifest %s: %w", short(f.req.ManifestID), errors.Join(errs...))
+}
+
+// FetchManifest gets the model's manifest from the first source whose answer has the id
+// (or id prefix of at least 32 hex digits), and decodes it. A source answering another is
+// reported in dropped.
+func FetchManifest(ctx context.Context, modelSHA256, id string, sources []Source, log *slog.Logger) (enc []byte, m *weights.Manifest, dropped []string, err error) {
+	if len(id) < 32 {
+		return nil, nil, nil, fmt.Errorf("fetch manifest: id %q: want at least 32 hex digits", id)
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	f := &fetcher{cfg: config{log: log}, req: Request{ModelSHA256: modelSHA256, ManifestID: id}}
+	if b, err := hex.DecodeString(modelSHA256); err != nil || len(b) != 32 {
+		return nil, nil, nil, fmt.Errorf("fetch manifest: model sha256 %q is not 64 hex digits", modelSHA256)
+	} else {
+		copy(f.model[:], b)
+	}
+	for _, s := range sources {
+		f.srcs = append(f.srcs, &source{Source: s, notHeld: map[string]bool{}})
+	}
+	defer f.closeIdle()
+	enc, m, err = f.manifest(ctx)
+	return enc, m, f.dropped, err
 }
 
 // drop stops using s for this model: its bytes failed a check.

@@ -272,3 +272,13 @@ func TestFetchRefusesWrongManifest(t *testing.T) {
 		t.Fatalf("fetch with a manifest id no peer has: err %v, dropped %v", err, st.Dropped)
 	}
 }
+
+func TestFetchManifest(t *testing.T) {
+	md := tinyModel(t)
+	a := holder(t, md, nil)
+	f := newHost(t)
+	enc, m, dropped, err := FetchManifest(context.Background(), md.sha, md.id[:32], []Source{PeerSource(f, a.AddrInfo(), nil, nil)}, quiet())
+	if err != nil || !bytes.Equal(enc, md.manifest) || m.ModelSHA256 != md.sha || len(dropped) != 0 {
+		t.Fatalf("FetchManifest: %v, dropped %v", err, dropped)
+	}
+}
