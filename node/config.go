@@ -32,14 +32,11 @@ type Config struct {
 	Threads    int      // ggml CPU threads (default: all cores)
 	// CPULock, if set, is a file the nodes sharing this machine's cores all name: each
 	// computes with all its threads while it holds the lock (internal/cpulock).
-	CPULock string
-	// FetchBandwidth caps the bytes per second of weights this node fetches and serves
-	// (0: no cap), so serving slices to joining peers leaves room for pipeline traffic.
-	FetchBandwidth int64
-	MaxSessions    int // sessions a stage holds at once (default 8)
-	MaxContext     int // tokens per session (default 2048)
-	Codec          quant.Codec
-	Logger         *slog.Logger
+	CPULock     string
+	MaxSessions int // sessions a stage holds at once (default 8)
+	MaxContext  int // tokens per session (default 2048)
+	Codec       quant.Codec
+	Logger      *slog.Logger
 	// Progress, if set, makes a progress reporter for a labelled task (cutting and loading a
 	// slice); the CLI draws bars on a terminal. Unset, progress goes to the log.
 	Progress func(label string) func(float32)
@@ -52,6 +49,10 @@ type Config struct {
 	// Tuning, mostly for tests.
 	ReplanDelay time.Duration // settle time after a membership change (default 300ms)
 	DrainWait   time.Duration // how long a replaced stage waits for its sessions (default 30s)
+
+	// FetchBandwidth caps the bytes per second of weights this node fetches and serves
+	// (0: no cap), so serving slices to joining peers leaves room for pipeline traffic.
+	FetchBandwidth int64
 
 	// Benchmarks only: emulate a slower network on this node's libp2p streams (p2p.WithLatency).
 	InjectLatency   time.Duration // one-way latency added to every frame this node sends
