@@ -151,6 +151,9 @@ func printStatus(w io.Writer, h node.Health) {
 		ready = "NOT READY: " + h.Missing
 	}
 	fmt.Fprintf(w, "swarm  %s\nmodel  %s (%d layers, sha256 %.12s)\nnode   %s (%s)\n\n", ready, h.Model, h.Layers, h.ModelSHA256, h.PeerID, h.State)
+	if f := h.Fetch; f != nil && !f.Done {
+		fmt.Fprintf(w, "fetch  layers %s from %d peers: %s of %s, %s/s\n\n", f.Range, f.Sources, humanBytes(f.TensorBytes), humanBytes(f.SliceBytes), humanBytes(int64(f.BytesPerSec)))
+	}
 	// The GPU column appears only when some node has a GPU: on CPU-only swarms it would be
 	// a column of zeros.
 	gpu := slices.ContainsFunc(h.Peers, func(p node.PeerHealth) bool { return p.FreeGPU > 0 })

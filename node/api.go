@@ -75,6 +75,7 @@ type Health struct {
 	Range       *shard.Range `json:"range,omitempty"`
 	API         string       `json:"api"`
 	Peers       []PeerHealth `json:"peers"`
+	Fetch       *FetchStatus `json:"fetch,omitempty"` // the slice fetch from peers in progress, or the last one (weights.go)
 }
 
 // PeerHealth is one member of the swarm as this node sees it.
@@ -123,6 +124,7 @@ func (n *Node) Health() Health {
 			MsPerLayer: m.MsPerLayer, Sessions: m.Sessions, Self: m.PeerID == n.host.ID(),
 		})
 	}
+	h.Fetch = n.Fetch()
 	_, err := n.router.route(0, nil)
 	h.Ready = err == nil
 	switch {

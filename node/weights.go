@@ -42,9 +42,13 @@ type FetchStatus struct {
 	Range       shard.Range `json:"range"`
 	SliceBytes  int64       `json:"slice_bytes"`
 	TensorBytes int64       `json:"tensor_bytes"`
-	Sources     int         `json:"sources"`
-	Dropped     []string    `json:"dropped,omitempty"`
+	Sources     int         `json:"sources"`           // peers asked
+	Dropped     []string    `json:"dropped,omitempty"` // peers whose bytes failed the manifest's check
+	BytesPerSec float64     `json:"bytes_per_sec"`
 	Done        bool        `json:"done"`
+	Error       string      `json:"error,omitempty"`
+
+	started time.Time
 }
 
 func (n *Node) startWeights() {
@@ -162,14 +166,26 @@ func (n *Node) stageFile(ctx context.Context, r shard.Range) (string, error) {
 	n.mu.Lock()
 	enc, id := n.w.manifest, n.w.id
 	n.mu.Unlock()
-	status := &FetchStatus{Range: r, Sources: len(srcs)}
+	status := &FetchStatus{Range: r, Sources: len(srcs), SliceBytes: n.model.RangeBytes(r), started: time.Now()}
 	n.w.mu.Lock()
 	n.w.fetch = status
 	n.w.mu.Unlock()
+	bar := n.progressFor("fetching layers " + r.String())
+	report := func(f float32) {
+		bar(f)
+		n.w.mu.Lock()
+		status.TensorBytes = int64(f * float32(status.SliceBytes))
+		status.BytesPerSec = float64(status.TensorBytes) / max(time.Since(status.started).Seconds(), 1e-3)
+		n.w.mu.Unlock()
+	}
 	st, err := peerfetch.Fetch(ctx, peerfetch.Request{ModelSHA256: n.sha, ManifestID: hex.EncodeToString(id[:]), Range: r, Dst: p}, srcs,
-		peerfetch.WithManifest(enc), peerfetch.WithLogger(n.log), peerfetch.WithProgress(n.progressFor("fetching layers "+r.String())))
+		peerfetch.WithManifest(enc), peerfetch.WithLogger(n.log), peerfetch.WithProgress(report))
 	n.w.mu.Lock()
 	status.SliceBytes, status.TensorBytes, status.Dropped, status.Done = st.SliceBytes, st.TensorBytes, st.Dropped, err == nil
+	status.BytesPerSec = float64(st.TensorBytes) / max(time.Since(status.started).Seconds(), 1e-3)
+	if err != nil {
+		status.Error = err.Error()
+	}
 	n.w.mu.Unlock()
 	if err != nil {
 		return "", err
