@@ -186,20 +186,28 @@ func Fetch(ctx context.Context, req Request, sources []Source, opts ...Option) (
 }
 
 // manifest gets the manifest from the first source whose answer has the gossiped id.
-func (f *fetcher) manifest(ctx context.Context) ([]byte, *weights.Manifest, error) {
-	check := func(b []byte) (*weights.Manifest, error) {
-		if id := weights.ID(b); !strings.HasPrefix(id, f.req.ManifestID) {
-			return nil, fmt.Errorf("manifest id %s, want %s", short(id), short(f.req.ManifestID))
-		}
-		m, err := weights.Decode(b)
-		if err != nil {
-			return nil, err
-		}
-		if m.ModelSHA256 != f.req.ModelSHA256 {
-			return nil, fmt.Errorf("manifest of model %s, want %s", short(m.ModelSHA256), short(f.req.ModelSHA256))
-		}
-		return m, nil
+// check decodes an encoded manifest that must have the requested id and model.
+func (f *fetcher) check(b []byte) (*weights.Manifest, error) {
+	if len(f.req.ManifestID) < 32 {
+		return nil, fmt.Errorf("manifest id %q: want at least 32 hex digits", f.req.ManifestID)
 	}
+	if id := weights.ID(b); !strings.HasPrefix(id, f.req.ManifestID) {
+		return nil, fmt.Errorf("manifest id %s, want %s", short(id), short(f.req.ManifestID))
+	}
+	m, err := weights.Decode(b)
+	if err != nil {
+		return nil, err
+	}
+	if m.ModelSHA256 != f.req.ModelSHA256 {
+		return nil, fmt.Errorf("manifest of model %s, want %s", short(m.ModelSHA256), short(f.req.ModelSHA256))
+	}
+	return m, nil
+}
+
+func defaultLogger() *slog.Logger { return slog.Default() }
+
+func (f *fetcher) manifest(ctx context.Context) ([]byte, *weights.Manifest, error) {
+	check := f.check
 	if f.cfg.manifest != nil {
 		m, err := check(f.cfg.manifest)
 		if err != nil {

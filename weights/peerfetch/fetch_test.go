@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	hub "github.com/strata-llm/strata/fetch"
 	"github.com/strata-llm/strata/internal/testkit"
 	"github.com/strata-llm/strata/p2p"
 	"github.com/strata-llm/strata/shard"
@@ -281,4 +282,52 @@ func TestFetchManifest(t *testing.T) {
 	if err != nil || !bytes.Equal(enc, md.manifest) || m.ModelSHA256 != md.sha || len(dropped) != 0 {
 		t.Fatalf("FetchManifest: %v, dropped %v", err, dropped)
 	}
+}
+
+// The hub server answers Range requests: a slice is read from the GGUF header and its own
+// tensor ranges only, and equals WriteSlice's; with the manifest its tensors are checked.
+func TestFetchSliceFromHub(t *testing.T) {
+	md := tinyModel(t)
+	name := "owner/repo/resolve/main/tiny.gguf"
+	url, served := testkit.ServeHubCounted(t, map[string]string{name: md.path})
+	f := hub.New(t.TempDir(), hub.WithHFEndpoint(url), hub.WithLogger(quiet()))
+	for _, withManifest := range []bool{false, true} {
+		ctx := context.Background()
+		before := served.Load()
+		rm, err := f.OpenRemote(ctx, "hf://owner/repo/tiny.gguf")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rm.SHA256() != md.sha {
+			t.Fatalf("hub digest %q, want %q", rm.SHA256(), md.sha)
+		}
+		r := shard.Range{Start: 2, End: 4}
+		dst := filepath.Join(t.TempDir(), "slice.gguf")
+		opts := []Option{WithLogger(quiet()), WithChunk(64 << 10)}
+		if withManifest {
+			opts = append(opts, WithManifest(md.manifest))
+		}
+		st, err := FetchFromHub(ctx, Request{ModelSHA256: rm.SHA256(), ManifestID: md.id, Range: r, Dst: dst}, rm, opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sameAsWriteSlice(t, md, r, dst)
+		got := served.Load() - before
+		t.Logf("hub served %d bytes: header %d + tensors %d for a slice of %d tensor bytes (whole file %d, verified %v)",
+			got, st.HeaderBytes, st.TensorBytes, st.SliceBytes, rm.Size(), st.Verified)
+		if got != 1+st.HeaderBytes+st.TensorBytes || st.TensorBytes != st.SliceBytes || st.Verified != withManifest {
+			t.Fatalf("hub served %d bytes; fetch counted %+v", got, st)
+		}
+		if st.HeaderBytes > int64(len(mustDecode(t, md.manifest).Header))+256<<10 {
+			t.Fatalf("read %d bytes for a header of %d", st.HeaderBytes, len(mustDecode(t, md.manifest).Header))
+		}
+	}
+}
+
+func mustDecode(t *testing.T, enc []byte) *weights.Manifest {
+	m, err := weights.Decode(enc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
 }
