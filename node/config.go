@@ -53,6 +53,9 @@ type Config struct {
 	// FetchBandwidth caps the bytes per second of weights this node fetches and serves
 	// (0: no cap), so serving slices to joining peers leaves room for pipeline traffic.
 	FetchBandwidth int64
+	// SlicesOnly, with an hf:// or URL Model, reads the GGUF header and then only this node's
+	// slices from the server with Range requests instead of downloading the whole file.
+	SlicesOnly bool
 
 	// Benchmarks only: emulate a slower network on this node's libp2p streams (p2p.WithLatency).
 	InjectLatency   time.Duration // one-way latency added to every frame this node sends

@@ -99,7 +99,7 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
-	swarm := cfg.fromSwarm() // no model file: the model and the slices come from the peers
+	swarm := cfg.fromSwarm() || cfg.hubSlices() // no model file: the slices come from the peers or the hub
 	if !swarm {
 		if n.modelPath, err = n.resolveModel(ctx); err != nil {
 			return nil, err
@@ -188,7 +188,12 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 		if len(cfg.Join) > 0 {
 			go n.joinLoop(cfg.Join)
 		}
-		if err := n.modelFromSwarm(ctx); err != nil {
+		if cfg.hubSlices() {
+			err = n.modelFromHub(ctx)
+		} else {
+			err = n.modelFromSwarm(ctx)
+		}
+		if err != nil {
 			return nil, err
 		}
 		n.announce()

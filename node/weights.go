@@ -14,6 +14,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/strata-llm/strata/discovery"
+	"github.com/strata-llm/strata/fetch"
 	"github.com/strata-llm/strata/p2p"
 	"github.com/strata-llm/strata/shard"
 	"github.com/strata-llm/strata/weights"
@@ -26,12 +27,18 @@ const SwarmModel = "swarm"
 
 func (c *Config) fromSwarm() bool { return c.Model == SwarmModel }
 
+// hubSlices: --slices-only with a remote --model reads the header and the node's slices from
+// the hub in ranges instead of downloading the whole file.
+func (c *Config) hubSlices() bool { return c.SlicesOnly && fetch.IsRemote(c.Model) }
+
 // weightsState is what the node serves on the weights protocol and how it fetches.
 type weightsState struct {
 	holdings *peerfetch.Holdings
 	limit    *p2p.Limiter
 	manifest []byte   // the encoded manifest of the model, once known
 	id       [16]byte // its id's first 16 bytes, as gossiped
+
+	remote *fetch.Remote // --slices-only: the model file on the hub
 
 	mu    sync.Mutex
 	fetch *FetchStatus // the fetch in progress, if any
@@ -144,6 +151,57 @@ func (n *Node) modelFromSwarm(ctx context.Context) error {
 	}
 }
 
+// modelFromHub reads the model's header from the hub with Range requests: the node then
+// plans like any other and reads only its slices, from peers when they have the model's
+// manifest, else from the hub.
+func (n *Node) modelFromHub(ctx context.Context) error {
+	f := fetch.New(filepath.Join(n.cfg.DataDir, "models"), fetch.WithLogger(n.log))
+	rm, err := f.OpenRemote(ctx, n.cfg.Model)
+	if err != nil {
+		return err
+	}
+	if rm.SHA256() == "" {
+		return fmt.Errorf("--slices-only: the server names no sha256 for %s; append #sha256=HEX to name the model", n.cfg.Model)
+	}
+	meta, hb, err := peerfetch.RemoteHeader(ctx, rm)
+	if err != nil {
+		return err
+	}
+	if n.model, err = shard.ModelInfoOf(meta, rm.Size()); err != nil {
+		return err
+	}
+	if n.tok, err = shard.TokenizerOf(meta); err != nil {
+		return err
+	}
+	n.sha = rm.SHA256()
+	b, _ := hex.DecodeString(n.sha)
+	copy(n.shaBytes[:], b)
+	n.w.remote = rm
+	n.log.Info("reading only this node's slices of the model from the hub", "model", n.model.Name, "sha256", n.sha[:12],
+		"size", rm.Size(), "header_bytes", hb)
+	return nil
+}
+
+// findManifest takes the model's manifest from a peer gossiping one, if this node has none.
+func (n *Node) findManifest(ctx context.Context) {
+	n.mu.Lock()
+	have := n.w.manifest != nil
+	n.mu.Unlock()
+	if have {
+		return
+	}
+	for _, m := range n.peers() {
+		if m.PeerID == n.host.ID() || m.ManifestID == ([16]byte{}) {
+			continue
+		}
+		src := peerfetch.PeerSource(n.host, peer.AddrInfo{ID: m.PeerID, Addrs: m.Addrs}, n.w.limit, nil)
+		enc, _, _, err := peerfetch.FetchManifest(ctx, n.sha, hex.EncodeToString(m.ManifestID[:]), []peerfetch.Source{src}, n.log)
+		if err == nil && n.useManifest(enc) == nil {
+			return
+		}
+	}
+}
+
 // stageFile is the GGUF a stage of r loads: the model file when this node holds it, else the
 // slice of r, from the slice cache or fetched from the peers serving the model.
 func (n *Node) stageFile(ctx context.Context, r shard.Range) (string, error) {
@@ -153,6 +211,9 @@ func (n *Node) stageFile(ctx context.Context, r shard.Range) (string, error) {
 	p := shard.SliceCache{Dir: filepath.Join(n.cfg.DataDir, "slices")}.Path(n.sha, r)
 	if _, err := os.Stat(p); err == nil {
 		return p, nil
+	}
+	if n.w.remote != nil {
+		n.findManifest(ctx)
 	}
 	var srcs []peerfetch.Source
 	for _, m := range n.peers() {
@@ -166,6 +227,9 @@ func (n *Node) stageFile(ctx context.Context, r shard.Range) (string, error) {
 	n.mu.Lock()
 	enc, id := n.w.manifest, n.w.id
 	n.mu.Unlock()
+	if n.w.remote != nil && (enc == nil || len(srcs) == 0) {
+		return p, n.fetchFromHub(ctx, r, p, enc, id)
+	}
 	status := &FetchStatus{Range: r, Sources: len(srcs), SliceBytes: n.model.RangeBytes(r), started: time.Now()}
 	n.w.mu.Lock()
 	n.w.fetch = status
@@ -180,6 +244,10 @@ func (n *Node) stageFile(ctx context.Context, r shard.Range) (string, error) {
 	}
 	st, err := peerfetch.Fetch(ctx, peerfetch.Request{ModelSHA256: n.sha, ManifestID: hex.EncodeToString(id[:]), Range: r, Dst: p}, srcs,
 		peerfetch.WithManifest(enc), peerfetch.WithLogger(n.log), peerfetch.WithProgress(report))
+	if err != nil && n.w.remote != nil && ctx.Err() == nil {
+		n.log.Warn("peers could not serve the slice; reading it from the hub", "layers", r.String(), "err", err)
+		return p, n.fetchFromHub(ctx, r, p, enc, id)
+	}
 	n.w.mu.Lock()
 	status.SliceBytes, status.TensorBytes, status.Dropped, status.Done = st.SliceBytes, st.TensorBytes, st.Dropped, err == nil
 	status.BytesPerSec = float64(st.TensorBytes) / max(time.Since(status.started).Seconds(), 1e-3)
@@ -191,6 +259,26 @@ func (n *Node) stageFile(ctx context.Context, r shard.Range) (string, error) {
 		return "", err
 	}
 	return p, nil
+}
+
+func (n *Node) fetchFromHub(ctx context.Context, r shard.Range, p string, enc []byte, id [16]byte) error {
+	status := &FetchStatus{Range: r, SliceBytes: n.model.RangeBytes(r), started: time.Now()}
+	n.w.mu.Lock()
+	n.w.fetch = status
+	n.w.mu.Unlock()
+	opts := []peerfetch.Option{peerfetch.WithLogger(n.log), peerfetch.WithProgress(n.progressFor("reading layers " + r.String() + " from the hub"))}
+	if enc != nil {
+		opts = append(opts, peerfetch.WithManifest(enc))
+	}
+	st, err := peerfetch.FetchFromHub(ctx, peerfetch.Request{ModelSHA256: n.sha, ManifestID: hex.EncodeToString(id[:]), Range: r, Dst: p}, n.w.remote, opts...)
+	n.w.mu.Lock()
+	status.SliceBytes, status.TensorBytes, status.Done = st.SliceBytes, st.TensorBytes, err == nil
+	status.BytesPerSec = float64(st.TensorBytes) / max(time.Since(status.started).Seconds(), 1e-3)
+	if err != nil {
+		status.Error = err.Error()
+	}
+	n.w.mu.Unlock()
+	return err
 }
 
 // servedFile offers a loaded stage's slice file to peers fetching these layers.

@@ -58,11 +58,10 @@ func FetchFromHub(ctx context.Context, req Request, src RangeReader, opts ...Opt
 		}
 		man = m
 	}
-	hdr := &blockReader{ctx: ctx, src: src, size: size, block: 256 << 10}
-	meta, err := gguf.Decode(io.NewSectionReader(hdr, 0, size))
-	st.HeaderBytes = hdr.read.Load()
+	meta, hb, err := RemoteHeader(ctx, src)
+	st.HeaderBytes = hb
 	if err != nil {
-		return st, fmt.Errorf("fetch slice from hub: header: %w", err)
+		return st, fmt.Errorf("fetch slice from hub: %w", err)
 	}
 	info, err := shard.ModelInfoOf(meta, size)
 	if err != nil {
@@ -125,6 +124,17 @@ func FetchFromHub(ctx context.Context, req Request, src RangeReader, opts ...Opt
 	cfg.log.Info("fetched slice from the hub", "layers", req.Range.String(), "bytes", st.TensorBytes, "slice_bytes", st.SliceBytes,
 		"header_bytes", st.HeaderBytes, "verified", st.Verified)
 	return st, nil
+}
+
+// RemoteHeader reads and decodes the GGUF header of a remote file, in 256 KiB ranges, and
+// says how many bytes it read.
+func RemoteHeader(ctx context.Context, src RangeReader) (*fsggml.GGML, int64, error) {
+	hdr := &blockReader{ctx: ctx, src: src, size: src.Size(), block: 256 << 10}
+	meta, err := gguf.Decode(io.NewSectionReader(hdr, 0, src.Size()))
+	if err != nil {
+		return nil, hdr.read.Load(), fmt.Errorf("header: %w", err)
+	}
+	return meta, hdr.read.Load(), nil
 }
 
 type writerFunc func(io.Writer) (int64, error)
