@@ -22,14 +22,18 @@ var fetchedLine = regexp.MustCompile(`msg="fetched slice" layers=(\S+) bytes=(\d
 func TestSlicesFetchedFromPeers(t *testing.T) {
 	model := swarmModel(t)
 	bin := testkit.BuildStrata(t)
+	t0 := time.Now()
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: 1, Model: model, Args: exactArgs})
 	for range 2 {
 		if _, err := s.Add(context.Background(), "--model", "swarm"); err != nil {
 			t.Fatal(err)
 		}
 	}
+	t.Logf("holder and fetching nodes started in %s", time.Since(t0).Round(time.Millisecond))
+	start := time.Now()
 	s.MustReady(t, 3, 90*time.Second)
 	settled(t, s.Nodes[0], 3, 6)
+	t.Logf("swarm ready and settled %s after the fetching nodes started", time.Since(start).Round(time.Millisecond))
 
 	out, err := exec.Command(bin, "run", "--model", model, "--prompt", chatPrompt("hello"), "--max-tokens", "24",
 		"--temperature", "0", "--codec", "f16", "--threads", "1").Output()
@@ -54,6 +58,7 @@ func TestSlicesFetchedFromPeers(t *testing.T) {
 		}
 	}
 
+	t.Logf("chat checked %s after start", time.Since(t0).Round(time.Millisecond))
 	for _, n := range s.Nodes[1:] {
 		log, err := os.ReadFile(n.LogPath)
 		if err != nil {
@@ -74,6 +79,11 @@ func TestSlicesFetchedFromPeers(t *testing.T) {
 		if strings.Contains(string(log), "dropping weights source") {
 			t.Fatalf("node %d dropped an honest source:%s", n.Index, n.Tail(30))
 		}
+	}
+	for i := len(s.Nodes) - 1; i >= 0; i-- {
+		t1 := time.Now()
+		err := s.Nodes[i].Stop(30 * time.Second)
+		t.Logf("node %d stopped in %s (%v)", i, time.Since(t1).Round(time.Millisecond), err)
 	}
 }
 
