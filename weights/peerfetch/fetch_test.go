@@ -331,3 +331,38 @@ func mustDecode(t *testing.T, enc []byte) *weights.Manifest {
 	}
 	return m
 }
+
+// Peers that serve slices, not the whole file: a fetch of layers split between them takes
+// each tensor from the one holding it (the other answers that it lacks it).
+func TestFetchFromSliceHolders(t *testing.T) {
+	md := tinyModel(t)
+	sliceHolder := func(r shard.Range) *p2p.Host {
+		p := filepath.Join(t.TempDir(), "slice.gguf")
+		if err := shard.WriteSlice(context.Background(), md.path, md.sha, r, p, nil); err != nil {
+			t.Fatal(err)
+		}
+		h := newHost(t)
+		hd := NewHoldings()
+		t.Cleanup(func() { hd.Close() })
+		if _, err := hd.AddManifest(md.manifest); err != nil {
+			t.Fatal(err)
+		}
+		if err := hd.AddFile(md.key, p); err != nil {
+			t.Fatal(err)
+		}
+		h.ServeWeights(hd)
+		return h
+	}
+	a, b := sliceHolder(shard.Range{Start: 0, End: 4}), sliceHolder(shard.Range{Start: 4, End: 6})
+	f := newHost(t)
+	r := shard.Range{Start: 2, End: 6}
+	dst, st, err := fetch(t, f, md, r, []*p2p.Host{a, b})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sameAsWriteSlice(t, md, r, dst)
+	t.Logf("received %d tensor bytes for a slice of %d; per source %v", st.TensorBytes, st.SliceBytes, st.PerSource)
+	if st.TensorBytes != st.SliceBytes || len(st.Dropped) != 0 {
+		t.Fatalf("received %d bytes for a slice of %d, dropped %v", st.TensorBytes, st.SliceBytes, st.Dropped)
+	}
+}
