@@ -31,6 +31,7 @@ func newNodeStartCommand() *cobra.Command {
 		join, maxMem string
 		codec        string
 		injectBW     string
+		fetchBW      string
 	)
 	cmd := &cobra.Command{
 		Use:   "start --model MODEL",
@@ -38,7 +39,9 @@ func newNodeStartCommand() *cobra.Command {
 		Long: `Starts a node: it finds peers (mDNS on the LAN, --join for bootstrap peers), agrees with them
 on which contiguous layers each serves, loads only its slice, and serves the OpenAI-compatible
 API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for others to --join.
---model is a GGUF path or an Ollama model name found in Ollama's local store.`,
+--model is a GGUF path or an Ollama model name found in Ollama's local store; --model swarm (or no
+--model on a node that joins a swarm and has no Ollama model) takes the swarm's model and fetches
+only this node's slices from its peers, checked against the model's manifest.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var err error
@@ -50,6 +53,11 @@ API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for
 			}
 			if cfg.InjectBandwidth, err = p2p.ParseBandwidth(injectBW); err != nil {
 				return fmt.Errorf("--inject-bandwidth: %w", err)
+			}
+			if bw, err := p2p.ParseBandwidth(fetchBW); err != nil {
+				return fmt.Errorf("--fetch-bandwidth: %w", err)
+			} else {
+				cfg.FetchBandwidth = int64(bw)
 			}
 			for _, j := range strings.Split(join, ",") {
 				if j = strings.TrimSpace(j); j != "" {
@@ -84,6 +92,8 @@ API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for
 	f.StringVar(&cfg.Gossip, "gossip", "", "host:port for membership gossip (default: the libp2p port + 1)")
 	f.StringVar(&cfg.SwarmKey, "swarm-key", "", "pre-shared key file: a private swarm (TCP only)")
 	f.StringVar(&maxMem, "max-memory", "", "memory to offer for weights and KV cache, e.g. 12GiB (default: 80% of the RAM free at start)")
+	f.BoolVar(&cfg.SlicesOnly, "slices-only", false, "with an hf:// or URL --model: read only this node's slices with HTTP Range requests, not the whole file")
+	f.StringVar(&fetchBW, "fetch-bandwidth", "", "cap on the weights this node fetches from and serves to peers, e.g. 200Mbit (default: none)")
 	f.BoolVar(&cfg.MDNS, "mdns", true, "find peers on the local network")
 	f.BoolVar(&cfg.ClientOnly, "client-only", false, "serve the API without holding layers")
 	f.StringVar(&cfg.APIKey, "api-key", os.Getenv("STRATA_API_KEY"), "bearer token the API requires")
@@ -160,6 +170,9 @@ func printStatus(w io.Writer, h node.Health) {
 		fmt.Fprintf(w, "queue  %d waiting of %d (oldest %d ms, mean wait %.0f ms)\n", q.Waiting, q.Depth, q.OldestWaitMs, q.MeanWaitMs)
 	}
 	fmt.Fprintln(w)
+	if f := h.Fetch; f != nil && !f.Done {
+		fmt.Fprintf(w, "fetch  layers %s from %d peers: %s of %s, %s/s\n\n", f.Range, f.Sources, humanBytes(f.TensorBytes), humanBytes(f.SliceBytes), humanBytes(int64(f.BytesPerSec)))
+	}
 	// The GPU column appears only when some node has a GPU: on CPU-only swarms it would be
 	// a column of zeros.
 	gpu := slices.ContainsFunc(h.Peers, func(p node.PeerHealth) bool { return p.FreeGPU > 0 })

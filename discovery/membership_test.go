@@ -112,6 +112,7 @@ func find(m *Membership, name string) (NodeMeta, bool) {
 func TestMetaRoundTrip(t *testing.T) {
 	meta := testMeta(t, 4, 12)
 	meta.Chain, meta.FreeGPU, meta.Sessions = 1, 8<<30, 3
+	copy(meta.ManifestID[:], "manifest id 16 b")
 	for i := range 4 { // six addresses in all, as a dual-stack TCP+QUIC node has
 		meta.Addrs = append(meta.Addrs, ma.StringCast(fmt.Sprintf("/ip6/fe80::%d/tcp/4001", i+1)))
 	}

@@ -55,8 +55,12 @@ type NodeMeta struct {
 	PeerID      peer.ID
 	Addrs       []ma.Multiaddr // libp2p addresses, without the /p2p/ part
 	ModelSHA256 [32]byte       // the model the node serves; zero when none
-	LayerStart  int            // the served layer range [LayerStart, LayerEnd); empty when none
-	LayerEnd    int
+	// ManifestID is the first 16 bytes of the id (sha256) of the model's weights manifest that
+	// the node serves (package weights); zero when none. 128 bits keep a forged manifest with
+	// the same prefix out of reach while the metadata stays small.
+	ManifestID [16]byte
+	LayerStart int // the served layer range [LayerStart, LayerEnd); empty when none
+	LayerEnd   int
 	// NextStart and NextEnd are a range the node has loaded and serves beside its current one
 	// while it moves to a new plan; it drops the old range only once the swarm's next ranges
 	// cover every layer, so a re-plan never leaves a gap.
@@ -78,6 +82,7 @@ type wireMeta struct {
 	Peer  []byte   `msgpack:"p,omitempty"`
 	Addrs [][]byte `msgpack:"a,omitempty"`
 	Model []byte   `msgpack:"m,omitempty"`
+	Mf    []byte   `msgpack:"mf,omitempty"`
 	Start int      `msgpack:"s,omitempty"`
 	End   int      `msgpack:"e,omitempty"`
 	NextS int      `msgpack:"ns,omitempty"`
@@ -118,6 +123,9 @@ func (n NodeMeta) Encode() ([]byte, error) {
 	}
 	if n.ModelSHA256 != ([32]byte{}) {
 		w.Model = n.ModelSHA256[:]
+	}
+	if n.ManifestID != ([16]byte{}) {
+		w.Mf = n.ManifestID[:]
 	}
 	for _, a := range n.Addrs {
 		if a != nil {
@@ -168,6 +176,13 @@ func DecodeNodeMeta(b []byte) (NodeMeta, error) {
 		copy(n.ModelSHA256[:], w.Model)
 	default:
 		return NodeMeta{}, fmt.Errorf("decode node metadata: model hash of %d bytes, want 32", len(w.Model))
+	}
+	switch len(w.Mf) {
+	case 0:
+	case len(n.ManifestID):
+		copy(n.ManifestID[:], w.Mf)
+	default:
+		return NodeMeta{}, fmt.Errorf("decode node metadata: manifest id of %d bytes, want 16", len(w.Mf))
 	}
 	for _, b := range w.Addrs {
 		a, err := ma.NewMultiaddrBytes(b)

@@ -21,7 +21,7 @@ func seedMeta(f *testing.F) NodeMeta {
 	}
 	return NodeMeta{
 		PeerID: id, Addrs: []ma.Multiaddr{ma.StringCast("/ip4/192.168.1.10/tcp/4001")},
-		ModelSHA256: [32]byte{1, 2, 3}, LayerStart: 10, LayerEnd: 40, Chain: 1, State: StateServing,
+		ModelSHA256: [32]byte{1, 2, 3}, ManifestID: [16]byte{4, 5}, LayerStart: 10, LayerEnd: 40, Chain: 1, State: StateServing,
 		MemoryBytes: 12 << 30, FreeRAM: 3 << 30, MsPerLayer: 1.5, Sessions: 3, APIAddr: "192.168.1.10:8080",
 	}
 }

@@ -62,7 +62,12 @@ func (n *Node) Models(ctx context.Context) ([]pipeline.ModelCard, error) {
 }
 
 // ModelID is the name clients use for the model: the --model argument's base name.
-func (n *Node) ModelID() string { return modelID(n.cfg.Model) }
+func (n *Node) ModelID() string {
+	if n.cfg.fromSwarm() && n.model != nil && n.model.Name != "" {
+		return n.model.Name // no file name to go by
+	}
+	return modelID(n.cfg.Model)
+}
 
 // Generate runs a completion through the swarm.
 func (n *Node) Generate(ctx context.Context, req pipeline.Request, emit func(pipeline.Delta) error) (pipeline.Result, error) {
@@ -84,6 +89,7 @@ type Health struct {
 	// Busy: requests are waiting for room (every route is full). A busy swarm is ready.
 	Busy  bool         `json:"busy"`
 	Queue *QueueHealth `json:"queue,omitempty"`
+	Fetch       *FetchStatus `json:"fetch,omitempty"` // the slice fetch from peers in progress, or the last one (weights.go)
 }
 
 // PeerHealth is one member of the swarm as this node sees it.
@@ -132,6 +138,7 @@ func (n *Node) Health() Health {
 			MsPerLayer: m.MsPerLayer, Sessions: m.Sessions, Self: m.PeerID == n.host.ID(),
 		})
 	}
+	h.Fetch = n.Fetch()
 	_, err := n.router.route(0, nil)
 	h.Ready = err == nil
 	if q, busy := n.queueHealth(); n.admit != nil {

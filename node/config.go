@@ -61,6 +61,13 @@ type Config struct {
 	ReplanDelay time.Duration // settle time after a membership change (default 300ms)
 	DrainWait   time.Duration // how long a replaced stage waits for its sessions (default 30s)
 
+	// FetchBandwidth caps the bytes per second of weights this node fetches and serves
+	// (0: no cap), so serving slices to joining peers leaves room for pipeline traffic.
+	FetchBandwidth int64
+	// SlicesOnly, with an hf:// or URL Model, reads the GGUF header and then only this node's
+	// slices from the server with Range requests instead of downloading the whole file.
+	SlicesOnly bool
+
 	// Benchmarks only: emulate a slower network on this node's libp2p streams (p2p.WithLatency).
 	InjectLatency   time.Duration // one-way latency added to every frame this node sends
 	InjectBandwidth float64       // bytes/s of the emulated link; 0: unlimited
@@ -79,6 +86,9 @@ func DefaultDataDir() (string, error) {
 func (c *Config) setDefaults() error {
 	if c.Model == "" {
 		m, err := defaultModel()
+		if err != nil && len(c.Join) > 0 {
+			m, err = SwarmModel, nil // joining a swarm: take its model (weights.go)
+		}
 		if err != nil {
 			return err
 		}

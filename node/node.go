@@ -49,6 +49,7 @@ type Node struct {
 	api       *http.Server
 	metrics   *metrics // Prometheus collectors and the hooks that feed them (metrics.go)
 	cpu       *cpulock.Lock
+	w         weightsState // weights served to and fetched from peers (weights.go)
 
 	mu       sync.Mutex
 	stage    *shard.Stage   // the stage served now
@@ -105,27 +106,34 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	} else if k > 0 {
 		n.log.Info("removed temporary files a crash left in the slice cache", "files", k)
 	}
-	if n.modelPath, err = n.resolveModel(ctx); err != nil {
-		return nil, err
+	swarm := cfg.fromSwarm() || cfg.hubSlices() // no model file: the slices come from the peers or the hub
+	if !swarm {
+		if n.modelPath, err = n.resolveModel(ctx); err != nil {
+			return nil, err
+		}
 	}
 	if cfg.CPULock != "" {
 		if n.cpu, err = cpulock.Open(cfg.CPULock); err != nil {
 			return nil, err
 		}
 	}
-	if n.model, err = shard.ReadModelInfo(n.modelPath); err != nil {
-		return nil, err
+	if !swarm {
+		if n.model, err = shard.ReadModelInfo(n.modelPath); err != nil {
+			return nil, err
+		}
+		n.log.Info("hashing model", "path", n.modelPath, "size", n.model.FileSize)
+		if n.sha, err = shard.FileSHA256(n.modelPath, filepath.Join(cfg.DataDir, "cache")); err != nil {
+			return nil, err
+		}
+		b, _ := hex.DecodeString(n.sha)
+		copy(n.shaBytes[:], b)
+		if n.tok, err = shard.LoadTokenizer(n.modelPath); err != nil {
+			return nil, err
+		}
 	}
-	n.log.Info("hashing model", "path", n.modelPath, "size", n.model.FileSize)
-	if n.sha, err = shard.FileSHA256(n.modelPath, filepath.Join(cfg.DataDir, "cache")); err != nil {
-		return nil, err
-	}
-	b, _ := hex.DecodeString(n.sha)
-	copy(n.shaBytes[:], b)
-	if n.tok, err = shard.LoadTokenizer(n.modelPath); err != nil {
-		return nil, err
-	}
-	if !cfg.ClientOnly {
+	// A node without the model file skips the self-benchmark: it would fetch a layer it may
+	// never serve. It announces no speed, which the planner takes as average.
+	if !cfg.ClientOnly && !swarm {
 		b, err := n.selfBench(ctx)
 		if err != nil {
 			return nil, err
@@ -148,6 +156,12 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	}
 	if err := n.writeAddrFile(); err != nil {
 		return nil, err
+	}
+	n.startWeights()
+	if !swarm {
+		if err := n.serveWholeModel(); err != nil {
+			return nil, err
+		}
 	}
 
 	gossipHost, gossipPort, err := n.gossipAddr()
@@ -177,6 +191,20 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	if n.members, err = discovery.New(ctx, dopts...); err != nil {
 		return nil, err
 	}
+	if swarm {
+		if len(cfg.Join) > 0 {
+			go n.joinLoop(cfg.Join)
+		}
+		if cfg.hubSlices() {
+			err = n.modelFromHub(ctx)
+		} else {
+			err = n.modelFromSwarm(ctx)
+		}
+		if err != nil {
+			return nil, err
+		}
+		n.announce()
+	}
 
 	n.router = newRouter(n)
 	gopts := []pipeline.GeneratorOption{pipeline.WithMaxContext(cfg.MaxContext), pipeline.WithGeneratorLogger(n.log),
@@ -191,7 +219,7 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	}
 	n.announce() // the API address is known only now
 	go n.refreshLoop()
-	if len(cfg.Join) > 0 {
+	if len(cfg.Join) > 0 && !swarm {
 		go n.joinLoop(cfg.Join)
 	}
 	go n.planLoop()
@@ -312,6 +340,7 @@ func (n *Node) meta() discovery.NodeMeta {
 		m.NextStart, m.NextEnd = r.Start, r.End
 	}
 	m.Sessions = n.sessionsLocked()
+	n.manifestMeta(&m)
 	return m
 }
 
@@ -518,7 +547,12 @@ func (n *Node) moveTo(r shard.Range, chain int) error {
 		if n.cfg.Deterministic {
 			opts = append(opts, shard.WithUnbatched())
 		}
-		st, err = shard.LoadStage(context.Background(), n.modelPath, r, opts...)
+		var file string
+		if file, err = n.stageFile(context.Background(), r); err == nil {
+			if st, err = shard.LoadStage(context.Background(), file, r, opts...); err == nil {
+				n.servedFile(file)
+			}
+		}
 		if err != nil {
 			n.mu.Lock()
 			if n.stage == nil {

@@ -38,8 +38,9 @@ type Host struct {
 	cfg     hostConfig
 	private bool
 
-	mu    sync.Mutex
-	stage *stageServer
+	mu      sync.Mutex
+	stage   *stageServer
+	weights *weightsCounters // weights.go
 }
 
 // Option configures New.
@@ -212,6 +213,7 @@ func newResourceManager(peerMemory int64) (network.ResourceManager, error) {
 	limits.AddProtocolPeerLimit(StageProtocol,
 		rcmgr.BaseLimit{StreamsInbound: 1024, StreamsOutbound: 1024, Streams: 2048, Memory: peerMemory},
 		rcmgr.BaseLimitIncrease{})
+	addWeightsLimits(&limits)
 	scaled := limits.AutoScale()
 	partial := rcmgr.PartialLimitConfig{
 		PeerDefault: rcmgr.ResourceLimits{Memory: rcmgr.LimitVal64(peerMemory)},

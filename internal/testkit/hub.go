@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"sync/atomic"
 	"testing"
 )
 
@@ -17,6 +18,15 @@ import (
 // at the returned URL.
 func ServeHub(tb testing.TB, files map[string]string) string {
 	tb.Helper()
+	url, _ := ServeHubCounted(tb, files)
+	return url
+}
+
+// ServeHubCounted is ServeHub that also counts the file bytes its CDN path sends, so a test
+// can assert that a client read only the ranges it needed.
+func ServeHubCounted(tb testing.TB, files map[string]string) (string, *atomic.Int64) {
+	tb.Helper()
+	served := &atomic.Int64{}
 	sums := map[string]string{}
 	for name, path := range files {
 		f, err := os.Open(path)
@@ -38,7 +48,7 @@ func ServeHub(tb testing.TB, files map[string]string) string {
 			http.NotFound(w, r)
 			return
 		}
-		http.ServeFile(w, r, path)
+		http.ServeFile(countingWriter{w, served}, r, path)
 	})
 	mux.HandleFunc("GET /{name...}", func(w http.ResponseWriter, r *http.Request) {
 		name := r.PathValue("name")
@@ -52,5 +62,16 @@ func ServeHub(tb testing.TB, files map[string]string) string {
 	})
 	srv := httptest.NewServer(mux)
 	tb.Cleanup(srv.Close)
-	return srv.URL
+	return srv.URL, served
+}
+
+type countingWriter struct {
+	http.ResponseWriter
+	n *atomic.Int64
+}
+
+func (c countingWriter) Write(b []byte) (int, error) {
+	k, err := c.ResponseWriter.Write(b)
+	c.n.Add(int64(k))
+	return k, err
 }

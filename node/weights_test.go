@@ -1,0 +1,152 @@
+package node_test
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/strata-llm/strata/internal/testkit"
+)
+
+// fetchedLine is the log line a node writes after fetching a slice from its peers.
+var fetchedLine = regexp.MustCompile(`msg="fetched slice" layers=(\S+) bytes=(\d+) slice_bytes=(\d+)`)
+
+// node: three nodes of which only the first holds the model file; the others fetch and check
+// only their slices from it, receive at most 1.05x each slice's tensor bytes, and the swarm
+// answers chat with exactly `strata run`'s text.
+func TestSlicesFetchedFromPeers(t *testing.T) {
+	model := swarmModel(t)
+	bin := testkit.BuildStrata(t)
+	t0 := time.Now()
+	s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: 1, Model: model, Args: exactArgs})
+	for range 2 {
+		if _, err := s.Add(context.Background(), "--model", "swarm"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("holder and fetching nodes started in %s", time.Since(t0).Round(time.Millisecond))
+	start := time.Now()
+	s.MustReady(t, 3, 90*time.Second)
+	settled(t, s.Nodes[0], 3, 6)
+	t.Logf("swarm ready and settled %s after the fetching nodes started", time.Since(start).Round(time.Millisecond))
+
+	out, err := exec.Command(bin, "run", "--model", model, "--prompt", chatPrompt("hello"), "--max-tokens", "24",
+		"--temperature", "0", "--codec", "f16", "--threads", "1").Output()
+	if err != nil {
+		t.Fatalf("strata run: %v", err)
+	}
+	want := jsonText(strings.TrimSuffix(string(out), "\n"))
+	for _, n := range s.Nodes {
+		c := client(n)
+		models, err := c.Models.List(context.Background())
+		if err != nil || len(models.Data) != 1 {
+			t.Fatalf("node %d /v1/models: %+v, %v", n.Index, models, err)
+		}
+		p := chatParams("hello", 24)
+		p.Model = models.Data[0].ID
+		resp, err := c.Chat.Completions.New(context.Background(), p)
+		if err != nil {
+			t.Fatalf("node %d: %v", n.Index, err)
+		}
+		if got := resp.Choices[0].Message.Content; got != want {
+			t.Fatalf("node %d chat %q, strata run %q", n.Index, got, want)
+		}
+	}
+
+	t.Logf("chat checked %s after start", time.Since(t0).Round(time.Millisecond))
+	for _, n := range s.Nodes[1:] {
+		log, err := os.ReadFile(n.LogPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fetches := fetchedLine.FindAllStringSubmatch(string(log), -1)
+		if len(fetches) == 0 {
+			t.Fatalf("node %d fetched no slice:%s", n.Index, n.Tail(30))
+		}
+		for _, f := range fetches {
+			got, _ := strconv.ParseInt(f[2], 10, 64)
+			slice, _ := strconv.ParseInt(f[3], 10, 64)
+			t.Logf("node %d fetched %s: %d tensor bytes for a slice of %d (%.3fx)", n.Index, f[1], got, slice, float64(got)/float64(slice))
+			if float64(got) > 1.05*float64(slice) {
+				t.Fatalf("node %d received %d bytes for a slice of %d", n.Index, got, slice)
+			}
+		}
+		if strings.Contains(string(log), "dropping weights source") {
+			t.Fatalf("node %d dropped an honest source:%s", n.Index, n.Tail(30))
+		}
+	}
+	for i := len(s.Nodes) - 1; i >= 0; i-- {
+		t1 := time.Now()
+		err := s.Nodes[i].Stop(30 * time.Second)
+		t.Logf("node %d stopped in %s (%v)", i, time.Since(t1).Round(time.Millisecond), err)
+	}
+}
+
+var (
+	hubFetchLine = regexp.MustCompile(`msg="fetched slice from the hub" layers=\S+ bytes=(\d+) slice_bytes=(\d+) header_bytes=(\d+)`)
+	hubStartLine = regexp.MustCompile(`msg="reading only this node's slices of the model from the hub".* header_bytes=(\d+)`)
+)
+
+// node: with --slices-only and an hf:// model, nodes read the GGUF header and then only their
+// slices from the hub with Range requests (the hub server counts what it sends), and the swarm
+// answers with exactly `strata run`'s text.
+func TestSlicesFromHub(t *testing.T) {
+	model := swarmModel(t)
+	url, served := testkit.ServeHubCounted(t, map[string]string{"owner/repo/resolve/main/tiny.gguf": model})
+	t.Setenv("HF_ENDPOINT", url)
+	bin := testkit.BuildStrata(t)
+	s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: 3, Model: "hf://owner/repo/tiny.gguf",
+		Args: append([]string{"--slices-only"}, exactArgs...)})
+	s.MustReady(t, 3, 90*time.Second)
+	settled(t, s.Nodes[0], 3, 6)
+
+	out, err := exec.Command(bin, "run", "--model", model, "--prompt", chatPrompt("hello"), "--max-tokens", "24",
+		"--temperature", "0", "--codec", "f16", "--threads", "1").Output()
+	if err != nil {
+		t.Fatalf("strata run: %v", err)
+	}
+	want := jsonText(strings.TrimSuffix(string(out), "\n"))
+	c := client(s.Nodes[1])
+	p := chatParams("hello", 24)
+	p.Model = "tiny"
+	resp, err := c.Chat.Completions.New(context.Background(), p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := resp.Choices[0].Message.Content; got != want {
+		t.Fatalf("chat %q, strata run %q", got, want)
+	}
+
+	st, _ := os.Stat(model)
+	var accounted, tensors int64
+	for _, n := range s.Nodes {
+		log, err := os.ReadFile(n.LogPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range hubStartLine.FindAllStringSubmatch(string(log), -1) {
+			hb, _ := strconv.ParseInt(m[1], 10, 64)
+			accounted += hb + 1 // and the one-byte request that names the file's size and sha256
+		}
+		for _, m := range hubFetchLine.FindAllStringSubmatch(string(log), -1) {
+			got, _ := strconv.ParseInt(m[1], 10, 64)
+			slice, _ := strconv.ParseInt(m[2], 10, 64)
+			hb, _ := strconv.ParseInt(m[3], 10, 64)
+			accounted += got + hb
+			tensors += got
+			t.Logf("node %d read %d tensor bytes for a slice of %d and %d header bytes", n.Index, got, slice, hb)
+			if float64(got) > 1.05*float64(slice) {
+				t.Fatalf("node %d read %d tensor bytes for a slice of %d", n.Index, got, slice)
+			}
+		}
+	}
+	t.Logf("hub served %d bytes in all (%d tensor bytes) for a %d-byte model on 3 nodes", served.Load(), tensors, st.Size())
+	if served.Load() != accounted || tensors == 0 {
+		t.Fatalf("hub served %d bytes, the nodes account for %d", served.Load(), accounted)
+	}
+}
