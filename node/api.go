@@ -89,7 +89,7 @@ type Health struct {
 	// Busy: requests are waiting for room (every route is full). A busy swarm is ready.
 	Busy  bool         `json:"busy"`
 	Queue *QueueHealth `json:"queue,omitempty"`
-	Fetch       *FetchStatus `json:"fetch,omitempty"` // the slice fetch from peers in progress, or the last one (weights.go)
+	Fetch *FetchStatus `json:"fetch,omitempty"` // the slice fetch from peers in progress, or the last one (weights.go)
 }
 
 // PeerHealth is one member of the swarm as this node sees it.
