@@ -39,18 +39,18 @@ const (
 type node struct {
 	id      int
 	kind    kind
-	key     *node // kObject with free keys: the keys' string node
-	nextReq []int // kObject: for each property index, the first required one at or after it
-	props   []prop  // kObject: declared properties in order
-	extra   *node   // kObject with no declared properties: values of its free keys
-	items   *node   // kArray
-	minN    int     // kArray: minItems; kString: minLength
-	maxN    int     // kArray: maxItems; kString: maxLength; -1: none
-	integer bool    // kNumber
+	key     *node    // kObject with free keys: the keys' string node
+	nextReq []int    // kObject: for each property index, the first required one at or after it
+	props   []prop   // kObject: declared properties in order
+	extra   *node    // kObject with no declared properties: values of its free keys
+	items   *node    // kArray
+	minN    int      // kArray: minItems; kString: minLength
+	maxN    int      // kArray: maxItems; kString: maxLength; -1: none
+	integer bool     // kNumber
 	lits    [][]byte // kLiteral: JSON encodings, sorted
-	alts    []*node // kAnyOf: concrete alternatives (no kAnyOf among them)
-	parts   []part  // kSeq: the root: literals and values in a row
-	minLen  int     // fewest bytes a value of this node takes
+	alts    []*node  // kAnyOf: concrete alternatives (no kAnyOf among them)
+	parts   []part   // kSeq: the root: literals and values in a row
+	minLen  int      // fewest bytes a value of this node takes
 }
 
 type prop struct {
