@@ -13,6 +13,7 @@ import (
 
 	"github.com/ollama/ollama/tokenizer"
 
+	"github.com/strata-llm/strata/pipeline/grammar"
 	"github.com/strata-llm/strata/pipeline/sample"
 	"github.com/strata-llm/strata/shard"
 )
@@ -96,6 +97,7 @@ type Generator struct {
 	stepPerPos   time.Duration
 	log          *slog.Logger
 	obs          Observer
+	grammars     grammarCache
 }
 
 // NewGenerator makes a generator that tokenizes with tok and routes through router.
@@ -167,7 +169,13 @@ func (g *Generator) generate(ctx context.Context, start time.Time, req Request, 
 		sp.Seed = rand.Uint64() | 1 // 0 asks for a random seed; fix it for replays
 	}
 
-	s := &run{g: g, start: start, tokens: prompt, sampling: sp, out: newTextStream(g.tok, req.Stop, emit)}
+	s := &run{g: g, start: start, tokens: prompt, sampling: sp, out: newTextStream(g.tok, req.Stop, emit), left: maxNew}
+	s.out.keepControl = req.KeepControl
+	if req.Grammar != nil {
+		if s.matcher, err = g.grammars.matcher(g.tok, req.Grammar); err != nil {
+			return Result{}, err
+		}
+	}
 	defer s.close()
 	res := Result{PromptTokens: len(prompt), FinishReason: "length"}
 	next, err := s.prefill(ctx)
@@ -189,6 +197,7 @@ func (g *Generator) generate(ctx context.Context, start time.Time, req Request, 
 		if res.CompletionTokens == maxNew {
 			break
 		}
+		s.left = maxNew - res.CompletionTokens
 		next, err = s.step(ctx, len(s.tokens)-1, s.tokens[len(s.tokens)-1:])
 	}
 	if err != nil {
@@ -212,6 +221,9 @@ type run struct {
 	bounds   []int // where each step that went through ended, in tokens: its shape, for replays
 	sampling sample.Params
 	out      *textStream
+	matcher  *grammar.Matcher // nil: the last stage's sample is the token
+	left     int              // tokens the generation may still produce, the next one included
+	sampler  sample.Sampler
 }
 
 func (s *run) close() {
@@ -244,9 +256,9 @@ func (s *run) open(ctx context.Context) error {
 // step feeds tokens starting at position from, in chunks, and samples after the last. When a
 // stage fails it rebuilds the route and replays the whole session before trying again.
 func (s *run) step(ctx context.Context, from int, toks []int32) (int32, error) {
-	tok, err := s.feed(ctx, from, toks)
+	res, err := s.feed(ctx, from, toks, true)
 	if err == nil {
-		return tok, nil
+		return s.pick(res, from+len(toks)-1)
 	}
 	if ctx.Err() != nil {
 		return 0, ctx.Err()
@@ -296,9 +308,9 @@ func (s *run) recover(ctx context.Context, from int, toks []int32, failed *HopEr
 		}
 		// Rebuild the new stages' KV caches with everything before `from`, then feed toks again.
 		if err = s.replay(ctx, from); err == nil {
-			var tok int32
-			if tok, err = s.feed(ctx, from, toks); err == nil {
-				return tok, nil
+			var res StepResult
+			if res, err = s.feed(ctx, from, toks, true); err == nil {
+				return s.pick(res, from+len(toks)-1)
 			}
 		}
 		if ctx.Err() != nil {
@@ -335,7 +347,7 @@ func (s *run) replay(ctx context.Context, n int) error {
 	}
 	from := 0
 	for _, end := range bounds {
-		if _, err := s.feed(ctx, from, s.tokens[from:end]); err != nil {
+		if _, err := s.feed(ctx, from, s.tokens[from:end], false); err != nil {
 			return err
 		}
 		from = end
@@ -343,7 +355,9 @@ func (s *run) replay(ctx context.Context, n int) error {
 	return nil
 }
 
-func (s *run) feed(ctx context.Context, from int, toks []int32) (int32, error) {
+// feed runs toks through the chain; sampled says the answer's token will be used, which
+// under a grammar means the last chunk must bring its logits back.
+func (s *run) feed(ctx context.Context, from int, toks []int32, sampled bool) (StepResult, error) {
 	var res StepResult
 	for off := 0; off < len(toks); off += s.g.chunk {
 		end := min(off+s.g.chunk, len(toks))
@@ -354,18 +368,19 @@ func (s *run) feed(ctx context.Context, from int, toks []int32) (int32, error) {
 		var err error
 		t0 := time.Now()
 		res, err = s.stepOnce(ctx, StepInput{
-			Positions: pos,
-			Tokens:    toks[off:end],
-			Sampling:  s.sampling,
-			Recent:    s.recent(from + end),
+			Positions:  pos,
+			Tokens:     toks[off:end],
+			Sampling:   s.sampling,
+			Recent:     s.recent(from + end),
+			WantLogits: sampled && s.matcher != nil && end == len(toks),
 		})
 		s.g.obs.Step(len(pos), time.Since(t0), err)
 		if err != nil {
-			return 0, err
+			return StepResult{}, err
 		}
 		s.bounds = append(s.bounds, from+end)
 	}
-	return res.Token, nil
+	return res, nil
 }
 
 // stepOnce runs one step on the chain within the step timeout. A step that outlasts it is a
@@ -397,13 +412,14 @@ func (s *run) recent(n int) []int32 {
 // textStream turns tokens into text, holding back what may still change: an incomplete UTF-8
 // sequence, or a tail that could be the start of a stop sequence.
 type textStream struct {
-	tok     *shard.Tokenizer
-	stop    []string
-	emit    func(Delta) error
-	ids     []int32
-	pending []int32
-	sent    int // bytes of the decoded text already emitted
-	full    string
+	tok         *shard.Tokenizer
+	keepControl bool
+	stop        []string
+	emit        func(Delta) error
+	ids         []int32
+	pending     []int32
+	sent        int // bytes of the decoded text already emitted
+	full        string
 }
 
 func newTextStream(tok *shard.Tokenizer, stop []string, emit func(Delta) error) *textStream {
@@ -419,7 +435,7 @@ func newTextStream(tok *shard.Tokenizer, stop []string, emit func(Delta) error) 
 // push adds a generated token; it reports true when a stop sequence has been reached.
 func (t *textStream) push(id int32) (bool, error) {
 	t.pending = append(t.pending, id)
-	if types := t.tok.Vocabulary().Types; int(id) < len(types) && types[id] == tokenizer.TOKEN_TYPE_CONTROL {
+	if types := t.tok.Vocabulary().Types; !t.keepControl && int(id) < len(types) && types[id] == tokenizer.TOKEN_TYPE_CONTROL {
 		return false, nil // control tokens are markup, not text: never shown, as llama.cpp does
 	}
 	t.ids = append(t.ids, id)

@@ -68,7 +68,11 @@ type part struct {
 type Grammar struct {
 	root  *node
 	nodes []*node
+	key   string // what it was compiled from, so that equal requests share mask caches
 }
+
+// Key identifies the grammar by what it was compiled from: equal keys, equal grammars.
+func (g *Grammar) Key() string { return g.key }
 
 // ErrSchema marks a schema this package cannot compile.
 var ErrSchema = errors.New("unsupported JSON schema")
@@ -137,7 +141,9 @@ func JSONObject() *Grammar {
 	a := c.anyValue()
 	root := c.newNode(kSeq)
 	root.parts = []part{{n: a.alts[0]}}
-	return c.finish(root)
+	gr := c.finish(root)
+	gr.key = "json_object"
+	return gr
 }
 
 // FromSchema compiles a JSON schema.
@@ -183,7 +189,9 @@ func Value(schema []byte) Piece { return Piece{schema: schema, isVal: true} }
 func Sequence(pieces ...Piece) (*Grammar, error) {
 	c := &compiler{refs: map[string]*node{}}
 	root := c.newNode(kSeq)
+	var key bytes.Buffer
 	for _, p := range pieces {
+		fmt.Fprintf(&key, "%v:%d:%s:%d:%s;", p.isVal, len(p.text), p.text, len(p.schema), p.schema)
 		if !p.isVal {
 			if p.text != "" {
 				root.parts = append(root.parts, part{lit: []byte(p.text)})
@@ -206,7 +214,9 @@ func Sequence(pieces ...Piece) (*Grammar, error) {
 		}
 		root.parts = append(root.parts, part{n: n})
 	}
-	return c.finish(root), nil
+	gr := c.finish(root)
+	gr.key = key.String()
+	return gr, nil
 }
 
 func (c *compiler) finish(root *node) *Grammar {
