@@ -212,14 +212,19 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		if m.Name != "" {
 			msg["name"] = m.Name
 		}
+		if e := toolMessageFields(i, m, msg); e != nil {
+			writeError(w, e)
+			return
+		}
 		msgs[i] = msg
 	}
-	if t := bytes.TrimSpace(cr.Tools); len(t) > 0 && string(t) != "null" && string(t) != "[]" {
-		writeError(w, invalidRequest("tools", "tools are not supported"))
+	if fn := bytes.TrimSpace(cr.Functions); len(fn) > 0 && string(fn) != "null" {
+		writeError(w, invalidRequest("functions", "functions (deprecated by OpenAI) is not supported; send tools instead"))
 		return
 	}
-	if cr.ResponseFormat != nil && cr.ResponseFormat.Type != "" && cr.ResponseFormat.Type != "text" {
-		writeError(w, invalidRequest("response_format", fmt.Sprintf("response_format %q is not supported; only text", cr.ResponseFormat.Type)))
+	constraint, e := cr.ResponseFormat.grammar()
+	if e != nil {
+		writeError(w, e)
 		return
 	}
 
@@ -241,7 +246,19 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		writeError(w, invalidRequest("messages", fmt.Sprintf("model %s has no chat template; use /v1/completions with a prompt", card.ID)))
 		return
 	}
-	prompt, err := s.templates.render(card.ChatTemplate, card.BOS, card.EOS, msgs)
+	tools, e := parseTools(cr.Tools, cr.ToolChoice, card.ChatTemplate)
+	if e != nil {
+		writeError(w, e)
+		return
+	}
+	if forced, e := tools.grammar(); e != nil {
+		writeError(w, e)
+		return
+	} else if forced != nil {
+		constraint = forced
+	}
+	req.Grammar, req.KeepControl = constraint, tools != nil
+	prompt, err := s.templates.renderWith(card.ChatTemplate, card.BOS, card.EOS, tools.withFallback(msgs), tools.templateVars())
 	if err != nil {
 		var te *templateError
 		if errors.As(err, &te) && te.raised {
@@ -258,7 +275,11 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		prompt = strings.TrimPrefix(prompt, card.BOS)
 	}
 	req.Prompt = prompt
-	s.generate(w, r, &cr.samplingFields, req, chatFormat{})
+	f := chatFormat{}
+	if tools != nil {
+		f = chatFormat{tools: tools, stream: &toolStream{ts: tools}}
+	}
+	s.generate(w, r, &cr.samplingFields, req, f)
 }
 
 func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
@@ -299,6 +320,10 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 		writeError(w, notReady(card))
 		return
 	}
+	if req.Grammar, e = cr.ResponseFormat.grammar(); e != nil {
+		writeError(w, e)
+		return
+	}
 	req.Prompt = prompts[0]
 	s.generate(w, r, &cr.samplingFields, req, textFormat{})
 }
@@ -316,19 +341,53 @@ type format interface {
 	usageChunk(id string, created int64, model string, u usage) any
 }
 
-type chatFormat struct{}
+// chatFormat's tools, when set, turn the model's tool-call syntax into tool_calls.
+type chatFormat struct {
+	tools  *toolSet
+	stream *toolStream
+}
 
 func (chatFormat) idPrefix() string { return "chatcmpl-" }
 
 func (chatFormat) promptParam() string { return "messages" }
 
-func (chatFormat) full(id string, created int64, model, text, finish string, u usage) any {
+func (c chatFormat) full(id string, created int64, model, text, finish string, u usage) any {
+	msg := &assistantMsg{Role: "assistant", Content: &text}
+	if c.tools != nil {
+		if content, calls := c.tools.parse(text); len(calls) > 0 {
+			msg.ToolCalls, finish = c.tools.toOpenAI(calls, false), "tool_calls"
+			msg.Content = nil
+			if content != "" {
+				msg.Content = &content
+			}
+		}
+	}
 	return chatCompletion{ID: id, Object: "chat.completion", Created: created, Model: model,
-		Choices: []chatChoice{{Message: &assistantMsg{Role: "assistant", Content: &text}, FinishReason: &finish}},
+		Choices: []chatChoice{{Message: msg, FinishReason: &finish}},
 		Usage:   &u}
 }
 
-func (chatFormat) chunk(id string, created int64, model string, first bool, text string, finish *string) any {
+func (c chatFormat) chunk(id string, created int64, model string, first bool, text string, finish *string) any {
+	if c.stream != nil && !first {
+		if finish == nil {
+			if text = c.stream.push(text); text == "" {
+				return nil // held back: a tool call may be starting
+			}
+		} else {
+			content, calls := c.stream.finish()
+			delta := &assistantMsg{}
+			if content != "" {
+				delta.Content = &content
+			}
+			if len(calls) > 0 {
+				delta.ToolCalls = c.tools.toOpenAI(calls, true)
+				f := "tool_calls"
+				finish = &f
+			}
+			return chatCompletion{ID: id, Object: "chat.completion.chunk", Created: created, Model: model,
+				Choices: []chatChoice{{Delta: delta, FinishReason: finish}}}
+		}
+	}
 	delta := &assistantMsg{}
 	if first {
 		delta.Role = "assistant"
@@ -458,7 +517,11 @@ func (s *Server) stream(ctx context.Context, w http.ResponseWriter, req pipeline
 		if err := begin(); err != nil {
 			return err
 		}
-		return send(f.chunk(id, created, req.Model, false, d.Text, nil))
+		c := f.chunk(id, created, req.Model, false, d.Text, nil)
+		if c == nil {
+			return nil // held back for now (a tool call may be starting)
+		}
+		return send(c)
 	})
 	mu.Lock()
 	defer mu.Unlock()

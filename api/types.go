@@ -35,24 +35,29 @@ type samplingFields struct {
 
 type chatRequest struct {
 	samplingFields
-	Messages       []chatMessage   `json:"messages"`
-	Tools          json.RawMessage `json:"tools"`
-	ResponseFormat *struct {
-		Type string `json:"type"`
-	} `json:"response_format"`
+	Messages          []chatMessage   `json:"messages"`
+	Tools             json.RawMessage `json:"tools"`
+	ToolChoice        json.RawMessage `json:"tool_choice"`
+	ParallelToolCalls *bool           `json:"parallel_tool_calls"` // accepted; calls are parsed however many the model writes
+	Functions         json.RawMessage `json:"functions"`           // deprecated: refused with a pointer to tools
+	ResponseFormat    *responseFormat `json:"response_format"`
 }
 
 type chatMessage struct {
 	Role    string          `json:"role"`
 	Content json.RawMessage `json:"content"`
 	Name    string          `json:"name,omitempty"`
+	// An assistant's earlier tool calls and a tool message's answer to one (see tools.go).
+	ToolCalls  json.RawMessage `json:"tool_calls,omitempty"`
+	ToolCallID string          `json:"tool_call_id,omitempty"`
 }
 
 type completionRequest struct {
 	samplingFields
-	Prompt json.RawMessage `json:"prompt"`
-	Echo   bool            `json:"echo"`
-	Suffix *string         `json:"suffix"`
+	Prompt         json.RawMessage `json:"prompt"`
+	Echo           bool            `json:"echo"`
+	Suffix         *string         `json:"suffix"`
+	ResponseFormat *responseFormat `json:"response_format"` // llama.cpp's extension: JSON output here too
 }
 
 // text returns a message's content: a string, or the text parts of a content array.
@@ -130,8 +135,9 @@ type chatChoice struct {
 }
 
 type assistantMsg struct {
-	Role    string  `json:"role,omitempty"`
-	Content *string `json:"content,omitempty"`
+	Role      string        `json:"role,omitempty"`
+	Content   *string       `json:"content,omitempty"`
+	ToolCalls []toolCallOut `json:"tool_calls,omitempty"`
 }
 
 type textCompletion struct {
