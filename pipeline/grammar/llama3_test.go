@@ -3,6 +3,7 @@ package grammar
 import (
 	"math/rand/v2"
 	"sync"
+	"time"
 	"testing"
 
 	"github.com/ollama/ollama/tokenizer"
@@ -94,16 +95,21 @@ func BenchmarkSampleStep(b *testing.B) {
 				}
 			}
 			steps := 0
+			var masking time.Duration // finding and applying the masks
 			for b.Loop() {
 				m := c.Matcher()
 				for i, id := range ids {
 					copy(logits, model) // fresh logits, as each step brings
 					switch mode {
 					case "walk":
+						t0 := time.Now()
 						mask, _, _ := m.compute(nil, -1)
 						ApplyMask(logits, mask)
+						masking += time.Since(t0)
 					case "cached":
+						t0 := time.Now()
 						ApplyMask(logits, m.Mask(0))
+						masking += time.Since(t0)
 					}
 					s.Sample(logits, p, nil, int32(i))
 					if mode != "none" {
@@ -115,6 +121,7 @@ func BenchmarkSampleStep(b *testing.B) {
 				}
 			}
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(steps), "ns/step")
+			b.ReportMetric(float64(masking.Nanoseconds())/float64(steps), "mask-ns/step")
 		})
 	}
 }
