@@ -1,6 +1,7 @@
 package toolcall
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -113,4 +114,24 @@ func TestForceParsesBack(t *testing.T) {
 			t.Fatalf("%s: %v", fam, err)
 		}
 	}
+}
+
+// FuzzParse: no output text makes a parser panic, and every call it finds has a name and
+// arguments that are JSON.
+func FuzzParse(f *testing.F) {
+	for _, s := range []string{"<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>", `{"name":"f","parameters":{}}`,
+		`[TOOL_CALLS]f[ARGS]{}`, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f<｜tool▁sep｜>{}<｜tool▁call▁end｜>",
+		`<|channel|>commentary to=functions.f <|constrain|>json<|message|>{}<|call|>`} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, text string) {
+		for _, fam := range []Family{Hermes, Llama3, Mistral, DeepSeek, GptOSS} {
+			_, calls := Parse(fam, text)
+			for _, c := range calls {
+				if c.Name == "" || !json.Valid([]byte(c.Arguments)) {
+					t.Fatalf("%s %q: call %+v", fam, text, c)
+				}
+			}
+		}
+	})
 }

@@ -190,3 +190,61 @@ func TestSequence(t *testing.T) {
 		t.Error("wrong function name matched")
 	}
 }
+
+func TestUnsatisfiableRecursion(t *testing.T) {
+	for _, s := range []string{`{"$ref":"#"}`, `{"$defs":{"a":{"$ref":"#/$defs/a"}},"$ref":"#/$defs/a"}`,
+		`{"type":"object","properties":{"next":{"$ref":"#"}},"required":["next"]}`} {
+		if _, err := FromSchema([]byte(s)); !errors.Is(err, ErrSchema) {
+			t.Errorf("FromSchema(%s) = %v, want ErrSchema", s, err)
+		}
+	}
+}
+
+// FuzzSchema: any schema either fails to compile with ErrSchema or gives a matcher that
+// takes any bytes, masks and budgets without panicking, and whose complete matches are JSON.
+func FuzzSchema(f *testing.F) {
+	for _, s := range append(walkSchemas, personSchema, `{"type":"object"}`, `{"enum":[1,10,"a"]}`) {
+		f.Add([]byte(s), []byte(`{"name":"x","age":1}`), uint8(9))
+	}
+	v, _ := byteVocab(fragments...)
+	f.Fuzz(func(t *testing.T, schema, text []byte, budget uint8) {
+		g, err := FromSchema(schema)
+		if err != nil {
+			if !errors.Is(err, ErrSchema) {
+				t.Fatalf("error %v is not ErrSchema", err)
+			}
+			return
+		}
+		m := NewConstraint(g, v).Matcher()
+		for _, c := range text {
+			m.Mask(int(budget))
+			if m.Accept(int32(c)) != nil {
+				return
+			}
+		}
+		if m.Complete() && !json.Valid(text) {
+			t.Fatalf("complete match %q is not JSON", text)
+		}
+	})
+}
+
+// An anyOf that refers to itself expands to its concrete alternatives once: no user schema
+// makes the matcher's work grow exponentially.
+func TestRecursiveAnyOf(t *testing.T) {
+	g := mustSchema(t, `{"anyOf":[{"$ref":"#"},{"$ref":"#"},{"type":"null"},{"type":"array","items":{"$ref":"#"}}]}`)
+	for _, s := range []string{`null`, `[null,[[null]],[]]`} {
+		if ok, done := matches(t, g, s); !ok || !done {
+			t.Errorf("%s: matched %v complete %v", s, ok, done)
+		}
+	}
+}
+
+func TestNestingBounded(t *testing.T) {
+	deep := strings.Repeat("[", maxNesting-1) + strings.Repeat("]", maxNesting-1)
+	if ok, done := matches(t, JSONObject(), `{"a":`+deep+`}`); !ok || !done {
+		t.Errorf("nesting %d: matched %v complete %v", maxNesting, ok, done)
+	}
+	if ok, _ := matches(t, JSONObject(), `{"a":[`+deep); ok {
+		t.Errorf("nesting past %d matched", maxNesting)
+	}
+}

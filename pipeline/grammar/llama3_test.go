@@ -3,8 +3,8 @@ package grammar
 import (
 	"math/rand/v2"
 	"sync"
-	"time"
 	"testing"
+	"time"
 
 	"github.com/ollama/ollama/tokenizer"
 

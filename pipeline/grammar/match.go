@@ -19,15 +19,18 @@ type link struct {
 }
 
 type stack struct {
-	top  frame
-	rest *link
+	top   frame
+	rest  *link
+	depth int32 // frames below top
 }
+
+// maxNesting bounds how deep values nest (as JSON parsers commonly do), which also bounds
+// the per-token work of a state and the size of its cache key.
+const maxNesting = 64
 
 // maxAlts bounds the stacks an ambiguous anyOf may keep alive at once; beyond it the later
 // alternatives are dropped (a schema that needs more is not one a model could follow either).
 const maxAlts = 32
-
-const maxRefDepth = 16 // anyOf nesting followed when expanding alternatives
 
 // Frame states.
 const (
@@ -85,8 +88,8 @@ func wsNext(ws *uint8, c byte) bool {
 	return true
 }
 
-// firstOK reports whether a value of node n can begin with c, without expanding anything.
-func firstOK(n *node, c byte, depth int) bool {
+// firstOK reports whether a value of node n can begin with c.
+func firstOK(n *node, c byte) bool {
 	switch n.kind {
 	case kObject:
 		return c == '{'
@@ -104,11 +107,8 @@ func firstOK(n *node, c byte, depth int) bool {
 		}
 		return false
 	case kAnyOf:
-		if depth > maxRefDepth {
-			return false
-		}
-		for _, a := range n.alts {
-			if firstOK(a, c, depth+1) {
+		for _, a := range n.flat {
+			if firstOK(a, c) {
 				return true
 			}
 		}
@@ -119,24 +119,26 @@ func firstOK(n *node, c byte, depth int) bool {
 func (s *stack) pop() {
 	s.top = s.rest.f
 	s.rest = s.rest.next
+	s.depth--
 }
 
 // push starts a value of node n on s with its first byte c and appends every resulting
 // stack to out (several when n has alternatives that all take c).
-func push(s stack, n *node, c byte, out []stack, depth int) []stack {
+func push(s stack, n *node, c byte, out []stack) []stack {
 	if n.kind == kAnyOf {
-		if depth > maxRefDepth {
-			return out
-		}
-		for _, a := range n.alts {
-			if firstOK(a, c, 0) {
-				out = push(s, a, c, out, depth+1)
+		for _, a := range n.flat {
+			if firstOK(a, c) && len(out) < maxAlts {
+				out = push(s, a, c, out)
 			}
 		}
 		return out
 	}
+	if s.depth >= maxNesting {
+		return out
+	}
 	s.rest = &link{f: s.top, next: s.rest}
 	s.top = frame{n: n}
+	s.depth++
 	return feed(s, c, out)
 }
 
@@ -152,11 +154,11 @@ func feed(s stack, c byte, out []stack) []stack {
 			}
 			p := n.parts[f.a]
 			if p.n != nil {
-				if !firstOK(p.n, c, 0) {
+				if !firstOK(p.n, c) {
 					return out
 				}
 				f.a++
-				return push(s, p.n, c, out, 0)
+				return push(s, p.n, c, out)
 			}
 			if p.lit[f.b] != c {
 				return out
@@ -189,7 +191,7 @@ func feed(s stack, c byte, out []stack) []stack {
 				if c == '"' && objMore(n, f.a) {
 					if n.props == nil { // a free key: any string
 						f.st = objAfterK
-						return push(s, n.key, c, out, 0)
+						return push(s, n.key, c, out)
 					}
 					f.st, f.b = objKey, 1
 					return append(out, s)
@@ -207,11 +209,11 @@ func feed(s stack, c byte, out []stack) []stack {
 				return append(out, s)
 			case objColon:
 				v := objValueNode(n, f.a)
-				if !firstOK(v, c, 0) {
+				if !firstOK(v, c) {
 					return out
 				}
 				f.st = objValue
-				return push(s, v, c, out, 0)
+				return push(s, v, c, out)
 			case objValue:
 				if c == ',' && objMore(n, f.a) {
 					f.st = objComma
@@ -246,12 +248,12 @@ func feed(s stack, c byte, out []stack) []stack {
 					s.pop()
 					return append(out, s)
 				}
-				if (n.maxN >= 0 && int(f.a) >= n.maxN) || !firstOK(n.items, c, 0) {
+				if (n.maxN >= 0 && int(f.a) >= n.maxN) || !firstOK(n.items, c) {
 					return out
 				}
 				f.st = arrValue
 				f.a++
-				return push(s, n.items, c, out, 0)
+				return push(s, n.items, c, out)
 			case arrValue:
 				if c == ',' && (n.maxN < 0 || int(f.a) < n.maxN) {
 					f.st = arrComma

@@ -48,7 +48,8 @@ type node struct {
 	maxN    int      // kArray: maxItems; kString: maxLength; -1: none
 	integer bool     // kNumber
 	lits    [][]byte // kLiteral: JSON encodings, sorted
-	alts    []*node  // kAnyOf: concrete alternatives (no kAnyOf among them)
+	alts    []*node  // kAnyOf: the alternatives as written
+	flat    []*node  // kAnyOf: the concrete nodes it may be (see flatten)
 	parts   []part   // kSeq: the root: literals and values in a row
 	minLen  int      // fewest bytes a value of this node takes
 }
@@ -216,10 +217,20 @@ func Sequence(pieces ...Piece) (*Grammar, error) {
 	}
 	gr := c.finish(root)
 	gr.key = key.String()
+	for _, p := range root.parts {
+		if p.n != nil && p.n.minLen >= inf {
+			return nil, fmt.Errorf("%w: the schema admits no finite value (a $ref that must recurse forever)", ErrSchema)
+		}
+	}
 	return gr, nil
 }
 
 func (c *compiler) finish(root *node) *Grammar {
+	for _, n := range c.nodes {
+		if n.kind == kAnyOf {
+			n.flat = flatten(n)
+		}
+	}
 	computeMinLen(c.nodes)
 	return &Grammar{root: root, nodes: c.nodes}
 }
@@ -568,6 +579,32 @@ func (c *compiler) literals(vals []any) *node {
 }
 
 // anyOf flattens nested alternatives so that a frame on the stack is always concrete.
+// flatten lists the concrete nodes an anyOf may be, each once, following nested anyOf (and
+// $ref cycles through them) without looping: a user's schema must not make the matcher
+// expand alternatives exponentially.
+func flatten(n *node) []*node {
+	seen := map[*node]bool{n: true}
+	var out []*node
+	var visit func(x *node)
+	visit = func(x *node) {
+		if seen[x] {
+			return
+		}
+		seen[x] = true
+		if x.kind != kAnyOf {
+			out = append(out, x)
+			return
+		}
+		for _, a := range x.alts {
+			visit(a)
+		}
+	}
+	for _, a := range n.alts {
+		visit(a)
+	}
+	return out
+}
+
 func (c *compiler) anyOf(alts []*node) *node {
 	n := c.newNode(kAnyOf)
 	n.alts = alts // flattened lazily in expand: placeholders may still change shape
@@ -634,7 +671,7 @@ func (n *node) shortest() int {
 		return m
 	case kAnyOf:
 		m := inf
-		for _, a := range n.alts {
+		for _, a := range n.flat {
 			m = min(m, a.minLen)
 		}
 		return m
