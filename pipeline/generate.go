@@ -170,7 +170,7 @@ func (g *Generator) generate(ctx context.Context, start time.Time, req Request, 
 	}
 
 	s := &run{g: g, start: start, tokens: prompt, sampling: sp, out: newTextStream(g.tok, req.Stop, emit), left: maxNew}
-	s.out.keepControl = req.KeepControl
+	s.out.raw = req.KeepControl
 	if req.Grammar != nil {
 		if s.matcher, err = g.grammars.matcher(g.tok, req.Grammar); err != nil {
 			return Result{}, err
@@ -412,14 +412,14 @@ func (s *run) recent(n int) []int32 {
 // textStream turns tokens into text, holding back what may still change: an incomplete UTF-8
 // sequence, or a tail that could be the start of a stop sequence.
 type textStream struct {
-	tok         *shard.Tokenizer
-	keepControl bool
-	stop        []string
-	emit        func(Delta) error
-	ids         []int32
-	pending     []int32
-	sent        int // bytes of the decoded text already emitted
-	full        string
+	tok     *shard.Tokenizer
+	stop    []string
+	emit    func(Delta) error
+	ids     []int32
+	pending []int32
+	sent    int // bytes of the decoded text already emitted
+	full    string
+	raw     bool // keep control tokens' text (Request.KeepControl)
 }
 
 func newTextStream(tok *shard.Tokenizer, stop []string, emit func(Delta) error) *textStream {
@@ -435,7 +435,7 @@ func newTextStream(tok *shard.Tokenizer, stop []string, emit func(Delta) error) 
 // push adds a generated token; it reports true when a stop sequence has been reached.
 func (t *textStream) push(id int32) (bool, error) {
 	t.pending = append(t.pending, id)
-	if types := t.tok.Vocabulary().Types; !t.keepControl && int(id) < len(types) && types[id] == tokenizer.TOKEN_TYPE_CONTROL {
+	if types := t.tok.Vocabulary().Types; !t.raw && int(id) < len(types) && types[id] == tokenizer.TOKEN_TYPE_CONTROL {
 		return false, nil // control tokens are markup, not text: never shown, as llama.cpp does
 	}
 	t.ids = append(t.ids, id)
