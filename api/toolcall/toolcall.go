@@ -51,15 +51,23 @@ type Call struct {
 func Parse(f Family, text string) (content string, calls []Call) {
 	switch f {
 	case Hermes:
-		return parseHermes(text)
+		content, calls = parseHermes(text)
 	case Mistral:
-		return parseMistral(text)
+		content, calls = parseMistral(text)
 	case DeepSeek:
-		return parseDeepSeek(text)
+		content, calls = parseDeepSeek(text)
 	case GptOSS:
-		return parseHarmony(text)
+		content, calls = parseHarmony(text)
+	default:
+		content, calls = parseLlama3(text)
 	}
-	return parseLlama3(text)
+	for _, c := range calls {
+		// A call needs a name and an arguments object; anything else is text after all.
+		if c.Name == "" || !strings.HasPrefix(c.Arguments, "{") || !json.Valid([]byte(c.Arguments)) {
+			return strings.TrimSpace(text), nil
+		}
+	}
+	return content, calls
 }
 
 // callObject reads {"name": ..., "arguments"|"parameters": {...}} (arguments may also be a
