@@ -295,9 +295,18 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		if m.Name != "" {
 			msg["name"] = m.Name
 		}
+		if e := toolMessageFields(i, m, msg); e != nil {
+			writeError(w, e)
+			return
+		}
 		msgs[i] = msg
 	}
 	if e := cr.unsupported(); e != nil {
+		writeError(w, e)
+		return
+	}
+	constraint, e := cr.ResponseFormat.grammar()
+	if e != nil {
 		writeError(w, e)
 		return
 	}
@@ -341,13 +350,37 @@ func (s *Server) handleChat(w http.ResponseWriter, r *http.Request) {
 		writeError(w, notReady(card))
 		return
 	}
-	prompt, e := s.renderChat(card, msgs)
+	tools, e := parseTools(cr.Tools, cr.ToolChoice, card.ChatTemplate)
+	if e != nil {
+		writeError(w, e)
+		return
+	}
+	if forced, e := tools.grammar(); e != nil {
+		writeError(w, e)
+		return
+	} else if forced != nil {
+		constraint = forced
+	}
+	switch {
+	case tools != nil && n > 1:
+		writeError(w, invalidRequest("n", "n > 1 with tools is not supported"))
+		return
+	case constraint != nil && logprobs:
+		writeError(w, invalidRequest("logprobs", "logprobs with response_format or a forced tool call is not supported"))
+		return
+	}
+	req.Grammar, req.KeepControl = constraint, tools != nil
+	prompt, e := s.renderChatTools(card, msgs, tools)
 	if e != nil {
 		writeError(w, e)
 		return
 	}
 	req.Prompt = prompt
-	s.generate(w, r, &cr.samplingFields, choicesOf([]pipeline.Request{req}, n, cr.Seed != nil), chatFormat{})
+	f := chatFormat{}
+	if tools != nil {
+		f = chatFormat{tools: tools, stream: &toolStream{ts: tools}}
+	}
+	s.generate(w, r, &cr.samplingFields, choicesOf([]pipeline.Request{req}, n, cr.Seed != nil), f)
 }
 
 // unsupported refuses the chat fields this server cannot honour yet, each by name.
@@ -357,24 +390,18 @@ func (cr *chatRequest) unsupported() *apiError {
 		return len(t) > 0 && string(t) != "null"
 	}
 	switch {
-	case set(cr.Tools) && string(bytes.TrimSpace(cr.Tools)) != "[]":
-		return invalidRequest("tools", "tools are not supported")
-	case set(cr.ToolChoice) && string(bytes.TrimSpace(cr.ToolChoice)) != `"none"`:
-		return invalidRequest("tool_choice", "tool_choice is not supported: this server takes no tools")
 	case set(cr.Functions):
-		return invalidRequest("functions", "functions (the legacy form of tools) are not supported")
+		return invalidRequest("functions", "functions (deprecated by OpenAI) is not supported; send tools instead")
 	case set(cr.FunctionCall) && string(bytes.TrimSpace(cr.FunctionCall)) != `"none"`:
 		return invalidRequest("function_call", "function_call (the legacy form of tool_choice) is not supported")
-	case set(cr.ParallelTools) && !set(cr.Tools):
-		// Meaningless without tools; accepted so that clients that always send it work.
+	case set(cr.ParallelTools):
+		// Accepted: calls are parsed however many the model writes.
 	case cr.Store != nil && *cr.Store:
 		return invalidRequest("store", "store: this server does not store completions")
 	case set(cr.Metadata):
 		return invalidRequest("metadata", "metadata is only for stored completions, which this server does not keep")
 	case cr.ServiceTier != "" && cr.ServiceTier != "auto" && cr.ServiceTier != "default":
 		return invalidRequest("service_tier", fmt.Sprintf("service_tier %q is not offered; use auto or default", cr.ServiceTier))
-	case cr.ResponseFormat != nil && cr.ResponseFormat.Type != "" && cr.ResponseFormat.Type != "text":
-		return invalidRequest("response_format", fmt.Sprintf("response_format %q is not supported; only text", cr.ResponseFormat.Type))
 	}
 	return nil
 }
@@ -382,10 +409,16 @@ func (cr *chatRequest) unsupported() *apiError {
 // renderChat renders messages through the model's chat template, less the template's BOS
 // (pipeline.Request leaves BOS to the tokenizer, which adds one when the model asks).
 func (s *Server) renderChat(card pipeline.ModelCard, msgs []map[string]any) (string, *apiError) {
+	return s.renderChatTools(card, msgs, nil)
+}
+
+// renderChatTools is renderChat with tools: the template's own tools variable when it reads
+// one, else their description in the system message.
+func (s *Server) renderChatTools(card pipeline.ModelCard, msgs []map[string]any, tools *toolSet) (string, *apiError) {
 	if card.ChatTemplate == "" {
 		return "", invalidRequest("messages", fmt.Sprintf("model %s has no chat template; use /v1/completions with a prompt", card.ID))
 	}
-	prompt, err := s.templates.render(card.ChatTemplate, card.BOS, card.EOS, msgs)
+	prompt, err := s.templates.renderWith(card.ChatTemplate, card.BOS, card.EOS, tools.withFallback(msgs), tools.templateVars())
 	if err != nil {
 		var te *templateError
 		if errors.As(err, &te) && te.raised {
@@ -484,6 +517,18 @@ func (s *Server) handleCompletion(w http.ResponseWriter, r *http.Request) {
 		} else {
 			reqs[i].Prompt = p.text
 		}
+	}
+	constraint, e := cr.ResponseFormat.grammar()
+	if e != nil {
+		writeError(w, e)
+		return
+	}
+	if constraint != nil && logprobs {
+		writeError(w, invalidRequest("logprobs", "logprobs with response_format is not supported"))
+		return
+	}
+	for i := range reqs {
+		reqs[i].Grammar = constraint
 	}
 	s.generate(w, r, &cr.samplingFields, choicesOf(reqs, n, cr.Seed != nil), textFormat{})
 }
@@ -585,17 +630,31 @@ type format interface {
 	usageChunk(id string, created int64, model string, u usage) any
 }
 
-type chatFormat struct{}
+// chatFormat's tools, when set, turn the model's tool-call syntax into tool_calls.
+type chatFormat struct {
+	tools  *toolSet
+	stream *toolStream
+}
 
 func (chatFormat) idPrefix() string { return "chatcmpl-" }
 
 func (chatFormat) promptParam() string { return "messages" }
 
-func (chatFormat) full(id string, created int64, model string, outs []outcome, logprobs bool, u usage) any {
+func (cf chatFormat) full(id string, created int64, model string, outs []outcome, logprobs bool, u usage) any {
 	c := chatCompletion{ID: id, Object: "chat.completion", Created: created, Model: model, Usage: &u}
 	for i, o := range outs {
 		text, finish := o.text, finishReason(o.res)
-		ch := chatChoice{Index: i, Message: &assistantMsg{Role: "assistant", Content: &text}, FinishReason: &finish}
+		msg := &assistantMsg{Role: "assistant", Content: &text}
+		if cf.tools != nil {
+			if content, calls := cf.tools.parse(text); len(calls) > 0 {
+				msg.ToolCalls, finish = cf.tools.toOpenAI(calls, false), "tool_calls"
+				msg.Content = nil
+				if content != "" {
+					msg.Content = &content
+				}
+			}
+		}
+		ch := chatChoice{Index: i, Message: msg, FinishReason: &finish}
 		if logprobs {
 			ch.Logprobs = chatLogprobsOf(o.logprobs)
 		}
@@ -604,7 +663,27 @@ func (chatFormat) full(id string, created int64, model string, outs []outcome, l
 	return c
 }
 
-func (chatFormat) chunk(id string, created int64, model string, index int, role bool, text string, lps []pipeline.TokenLogprobs, logprobs bool, _ int, finish *string) any {
+func (cf chatFormat) chunk(id string, created int64, model string, index int, role bool, text string, lps []pipeline.TokenLogprobs, logprobs bool, _ int, finish *string) any {
+	if cf.stream != nil && !role {
+		if finish == nil {
+			if text = cf.stream.push(text); text == "" {
+				return nil // held back: a tool call may be starting
+			}
+		} else {
+			content, calls := cf.stream.finish()
+			delta := &assistantMsg{}
+			if content != "" {
+				delta.Content = &content
+			}
+			if len(calls) > 0 {
+				delta.ToolCalls = cf.tools.toOpenAI(calls, true)
+				f := "tool_calls"
+				finish = &f
+			}
+			return chatCompletion{ID: id, Object: "chat.completion.chunk", Created: created, Model: model,
+				Choices: []chatChoice{{Index: index, Delta: delta, FinishReason: finish}}}
+		}
+	}
 	delta := &assistantMsg{}
 	if role {
 		delta.Role = "assistant"
@@ -864,7 +943,11 @@ func (s *Server) stream(ctx context.Context, cancel context.CancelFunc, w http.R
 		}
 		off := offsets[i]
 		offsets[i] += len(d.Text)
-		return send(f.chunk(id, created, model, i, false, d.Text, d.Logprobs, logprobs, off, nil))
+		c := f.chunk(id, created, model, i, false, d.Text, d.Logprobs, logprobs, off, nil)
+		if c == nil {
+			return nil // held back for now (a tool call may be starting)
+		}
+		return send(c)
 	})
 	mu.Lock()
 	defer mu.Unlock()

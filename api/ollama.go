@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/strata-llm/strata/pipeline"
+	"github.com/strata-llm/strata/pipeline/grammar"
 	"github.com/strata-llm/strata/pipeline/sample"
 )
 
@@ -323,13 +324,21 @@ func (c *ollamaCommon) unsupported() *apiError {
 		return len(t) > 0 && string(t) != "null" && string(t) != `""`
 	}
 	switch {
-	case set(c.Format):
-		return invalidRequest("format", "format (structured output) is not supported yet")
 	case set(c.Tools) && string(bytes.TrimSpace(c.Tools)) != "[]":
 		return invalidRequest("tools", "tools are not supported yet")
 	case set(c.Think) && string(bytes.TrimSpace(c.Think)) != "false":
 		return invalidRequest("think", "think is not supported: the swarm's models are served without a thinking mode")
 	}
+	return nil
+}
+
+// grammar constrains the request to format: "json" or a JSON schema.
+func (c *ollamaCommon) grammar(req *pipeline.Request) *apiError {
+	g, err := grammar.FromOllamaFormat(c.Format)
+	if err != nil {
+		return invalidRequest("format", fmt.Sprintf("format: %v", err))
+	}
+	req.Grammar = g
 	return nil
 }
 
@@ -403,6 +412,10 @@ func (s *Server) handleOllamaChat(w http.ResponseWriter, r *http.Request) {
 		ollamaAPIError(w, e)
 		return
 	}
+	if e := req.grammar(&preq); e != nil {
+		ollamaAPIError(w, e)
+		return
+	}
 	if !card.Ready {
 		ollamaAPIError(w, notReady(card))
 		return
@@ -466,6 +479,10 @@ func (s *Server) handleOllamaGenerate(w http.ResponseWriter, r *http.Request) {
 	}
 	preq := pipeline.Request{Model: card.ID}
 	if e := req.Options.apply(&preq, card); e != nil {
+		ollamaAPIError(w, e)
+		return
+	}
+	if e := req.grammar(&preq); e != nil {
 		ollamaAPIError(w, e)
 		return
 	}

@@ -93,13 +93,26 @@ func TestOllamaAPI(t *testing.T) {
 		t.Fatalf("load: %d %v", st, l)
 	}
 
+	// format: the answer is JSON that the schema accepts, even from random weights.
+	st, l = ollamaDo(t, ts, "POST", "/api/chat", `{"model":"tiny","stream":false,"options":{"num_predict":40},"format":{"type":"object","properties":{"ok":{"type":"boolean"}},"required":["ok"]},"messages":[{"role":"user","content":"hi"}]}`)
+	if st != 200 {
+		t.Fatalf("chat with format: %d %v", st, l)
+	}
+	content, _ := l[0]["message"].(map[string]any)["content"].(string)
+	var obj struct {
+		OK *bool `json:"ok"`
+	}
+	if err := json.Unmarshal([]byte(content), &obj); err != nil || obj.OK == nil {
+		t.Fatalf("chat with format: content %q is not the schema's JSON (%v)", content, err)
+	}
+
 	for _, tc := range []struct {
 		method, path, body string
 		status             int
 		says               string
 	}{
 		{"POST", "/api/chat", `{"model":"nope","messages":[{"role":"user","content":"hi"}]}`, 404, "model 'nope' not found"},
-		{"POST", "/api/chat", `{"model":"tiny","format":"json","messages":[{"role":"user","content":"hi"}]}`, 400, "format"},
+		{"POST", "/api/chat", `{"model":"tiny","format":"yaml","messages":[{"role":"user","content":"hi"}]}`, 400, "format"},
 		{"POST", "/api/chat", `{"model":"tiny","tools":[{"type":"function"}],"messages":[{"role":"user","content":"hi"}]}`, 400, "tools"},
 		{"POST", "/api/chat", `{"model":"tiny","options":{"mirostat":2},"messages":[{"role":"user","content":"hi"}]}`, 400, "mirostat"},
 		{"POST", "/api/chat", `{"model":"tiny","options":{"bogus":1},"messages":[{"role":"user","content":"hi"}]}`, 400, "bogus"},

@@ -83,7 +83,7 @@ func TestAuthSchemesAndProtectAll(t *testing.T) {
 		if st := get("/v1/models", "bearer wrong"); st != 401 {
 			t.Errorf("a wrong key: %d", st)
 		}
-		for _, path := range []string{"/health", "/metrics", "/api/swarm", "/"} {
+		for _, path := range []string{"/health", "/metrics", "/strata/swarm", "/"} {
 			want := 200
 			if protect {
 				want = 401

@@ -46,13 +46,18 @@ func (e *templateError) Unwrap() error { return e.err }
 
 // render returns the prompt for messages with add_generation_prompt=true.
 func (t *templates) render(source, bos, eos string, messages []map[string]any) (string, error) {
+	return t.renderWith(source, bos, eos, messages, nil)
+}
+
+// renderWith is render with more variables for the template (tools).
+func (t *templates) renderWith(source, bos, eos string, messages []map[string]any, vars map[string]any) (string, error) {
 	tpl, err := t.parse(source)
 	if err != nil {
 		return "", &templateError{err: fmt.Errorf("parsing chat template: %w", err)}
 	}
 
 	var raised string
-	ctx := exec.NewContext(map[string]any{
+	env := map[string]any{
 		"messages":              messages,
 		"add_generation_prompt": true,
 		"bos_token":             bos,
@@ -71,7 +76,11 @@ func (t *templates) render(source, bos, eos string, messages []map[string]any) (
 			}
 			return strftime(t.now(), args.Args[0].String()), nil
 		},
-	})
+	}
+	for k, v := range vars {
+		env[k] = v
+	}
+	ctx := exec.NewContext(env)
 
 	var out bytes.Buffer
 	if err := tpl.Execute(&out, ctx); err != nil {

@@ -47,9 +47,7 @@ type chatRequest struct {
 	Store          *bool           `json:"store"`
 	Metadata       json.RawMessage `json:"metadata"`
 	ServiceTier    string          `json:"service_tier"`
-	ResponseFormat *struct {
-		Type string `json:"type"`
-	} `json:"response_format"`
+	ResponseFormat *responseFormat `json:"response_format"`
 }
 
 // samplingKeys are the request fields samplingFields reads; chatKeys and completionKeys add
@@ -62,20 +60,24 @@ var samplingKeys = []string{"model", "max_tokens", "max_completion_tokens", "tem
 var chatKeys = append([]string{"messages", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "functions",
 	"function_call", "store", "metadata", "service_tier", "response_format"}, samplingKeys...)
 
-var completionKeys = append([]string{"prompt", "echo", "suffix", "best_of"}, samplingKeys...)
+var completionKeys = append([]string{"prompt", "echo", "suffix", "best_of", "response_format"}, samplingKeys...)
 
 type chatMessage struct {
 	Role    string          `json:"role"`
 	Content json.RawMessage `json:"content"`
 	Name    string          `json:"name,omitempty"`
+	// An assistant's earlier tool calls and a tool message's answer to one (see tools.go).
+	ToolCalls  json.RawMessage `json:"tool_calls,omitempty"`
+	ToolCallID string          `json:"tool_call_id,omitempty"`
 }
 
 type completionRequest struct {
 	samplingFields
-	Prompt json.RawMessage `json:"prompt"`
-	Echo   bool            `json:"echo"`
-	Suffix *string         `json:"suffix"`
-	BestOf *int            `json:"best_of"`
+	Prompt         json.RawMessage `json:"prompt"`
+	Echo           bool            `json:"echo"`
+	Suffix         *string         `json:"suffix"`
+	BestOf         *int            `json:"best_of"`
+	ResponseFormat *responseFormat `json:"response_format"` // llama.cpp's extension: JSON output here too
 }
 
 // text returns a message's content: a string, or the text parts of a content array.
@@ -153,8 +155,9 @@ type chatChoice struct {
 }
 
 type assistantMsg struct {
-	Role    string  `json:"role,omitempty"`
-	Content *string `json:"content,omitempty"`
+	Role      string        `json:"role,omitempty"`
+	Content   *string       `json:"content,omitempty"`
+	ToolCalls []toolCallOut `json:"tool_calls,omitempty"`
 }
 
 type textCompletion struct {

@@ -13,6 +13,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/strata-llm/strata/pipeline/grammar"
 	"github.com/strata-llm/strata/pipeline/sample"
 	"github.com/strata-llm/strata/shard"
 )
@@ -110,6 +111,7 @@ type Generator struct {
 	// encodeSlots bounds the prompts being tokenized at once: N hostile prompts cost at most
 	// this many bounded units of CPU; the rest wait, or leave.
 	encodeSlots chan struct{}
+	grammars    grammarCache
 }
 
 // NewGenerator makes a generator that tokenizes with tok and routes through router.
@@ -218,10 +220,18 @@ func (g *Generator) generate(ctx context.Context, start time.Time, req Request, 
 		}
 	}
 	s := &run{g: g, start: start, client: req.Client, tokens: prompt, promptLen: len(prompt), sampling: sp, bias: req.LogitBias,
-		out: newTextStream(g.tok, req.Stop, emit)}
+		out: newTextStream(g.tok, req.Stop, emit), left: maxNew}
 	if req.Logprobs {
 		s.top = max(req.TopLogprobs, 0)
 		s.logprobs = true
+	}
+	s.out.raw = req.KeepControl
+	if req.Grammar != nil {
+		m, err := g.grammars.matcher(g.tok, req.Grammar)
+		if err != nil {
+			return Result{}, err
+		}
+		s.matcher = m
 	}
 	defer s.close()
 	res := Result{PromptTokens: len(prompt), FinishReason: "length"}
@@ -258,6 +268,7 @@ func (g *Generator) generate(ctx context.Context, start time.Time, req Request, 
 		if res.CompletionTokens == maxNew {
 			break
 		}
+		s.left = maxNew - res.CompletionTokens
 		next, err = s.step(ctx, len(s.tokens)-1, s.tokens[len(s.tokens)-1:])
 	}
 	if err != nil {
@@ -310,6 +321,9 @@ type run struct {
 	logprobs  bool
 	top       int
 	out       *textStream
+	matcher   *grammar.Matcher // nil: the last stage's sample is the token
+	left      int              // tokens the generation may still produce, the next one included
+	sampler   sample.Sampler
 }
 
 func (s *run) close() {
@@ -365,9 +379,9 @@ func routeError(ctx context.Context, err error) error {
 // step feeds tokens starting at position from, in chunks, and samples after the last. When a
 // stage fails it rebuilds the route and replays the whole session before trying again.
 func (s *run) step(ctx context.Context, from int, toks []int32) (StepResult, error) {
-	tok, err := s.feed(ctx, from, toks)
+	res, err := s.feed(ctx, from, toks, true)
 	if err == nil {
-		return tok, nil
+		return s.pick(res, from+len(toks)-1)
 	}
 	if ctx.Err() != nil {
 		return StepResult{}, ctx.Err()
@@ -424,9 +438,9 @@ func (s *run) recover(ctx context.Context, from int, toks []int32, failed *HopEr
 		}
 		// Rebuild the new stages' KV caches with everything before `from`, then feed toks again.
 		if err = s.replay(ctx, from); err == nil {
-			var tok StepResult
-			if tok, err = s.feed(ctx, from, toks); err == nil {
-				return tok, nil
+			var res StepResult
+			if res, err = s.feed(ctx, from, toks, true); err == nil {
+				return s.pick(res, from+len(toks)-1)
 			}
 		}
 		if ctx.Err() != nil {
@@ -463,7 +477,7 @@ func (s *run) replay(ctx context.Context, n int) error {
 	}
 	from := 0
 	for _, end := range bounds {
-		if _, err := s.feed(ctx, from, s.tokens[from:end]); err != nil {
+		if _, err := s.feed(ctx, from, s.tokens[from:end], false); err != nil {
 			return err
 		}
 		from = end
@@ -471,7 +485,9 @@ func (s *run) replay(ctx context.Context, n int) error {
 	return nil
 }
 
-func (s *run) feed(ctx context.Context, from int, toks []int32) (StepResult, error) {
+// feed runs toks through the chain; sampled says the answer's token will be used, which
+// under a grammar means the last chunk must bring its logits back.
+func (s *run) feed(ctx context.Context, from int, toks []int32, sampled bool) (StepResult, error) {
 	var res StepResult
 	for off := 0; off < len(toks); off += s.g.chunk {
 		end := min(off+s.g.chunk, len(toks))
@@ -488,6 +504,7 @@ func (s *run) feed(ctx context.Context, from int, toks []int32) (StepResult, err
 			Recent:      s.recent(from + end),
 			Bias:        s.bias,
 			TopLogprobs: s.top,
+			WantLogits:  sampled && s.matcher != nil && end == len(toks),
 		})
 		s.g.obs.Step(len(pos), time.Since(t0), err)
 		if err != nil {
@@ -545,6 +562,7 @@ type textStream struct {
 	full    string
 	prefix  string // the echoed prompt, ahead of the completion's text
 	stopped string // the stop sequence found
+	raw     bool   // keep control tokens' text (Request.KeepControl)
 }
 
 func newTextStream(tok *shard.Tokenizer, stop []string, emit func(Delta) error) *textStream {
@@ -575,7 +593,7 @@ func (t *textStream) pushInfo(id int32, info *TokenLogprobs) (bool, error) {
 	if info != nil {
 		t.infos = append(t.infos, *info)
 	}
-	if t.tok.IsControl(id) {
+	if !t.raw && t.tok.IsControl(id) {
 		return false, nil // control tokens are markup, not text: never shown, as llama.cpp does
 	}
 	t.ids = append(t.ids, id)

@@ -3,7 +3,10 @@
 // and rebuilds the route when a stage dies mid-generation.
 package pipeline
 
-import "github.com/strata-llm/strata/pipeline/sample"
+import (
+	"github.com/strata-llm/strata/pipeline/grammar"
+	"github.com/strata-llm/strata/pipeline/sample"
+)
 
 // ModelCard describes a model the swarm can serve, for /v1/models and prompt rendering.
 type ModelCard struct {
@@ -38,6 +41,12 @@ type Request struct {
 	// Client identifies who asked (an API key's hash, a remote address), for the admission
 	// queue's fairness: requests of one client start in order, clients take turns.
 	Client string
+	// Grammar, when set, constrains the completion to text it matches (structured output,
+	// forced tool calls); see constrain.go for where the mask is applied.
+	Grammar *grammar.Grammar
+	// KeepControl keeps the text of control tokens in the output, for a parser that reads
+	// the model's markup (tool calls); otherwise it is dropped, as llama.cpp does.
+	KeepControl bool
 }
 
 // Delta is a piece of generated text, handed out as soon as it is final (stop sequences and
