@@ -98,6 +98,9 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
+	if err := n.checkPorts(); err != nil { // before the minutes of hashing and benchmarking
+		return nil, err
+	}
 	if n.modelPath, err = n.resolveModel(ctx); err != nil {
 		return nil, err
 	}
