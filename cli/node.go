@@ -109,10 +109,17 @@ func newStatusCommand() *cobra.Command {
 		Short: "Show a node's view of the swarm: readiness, peers and their layers",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			client := &http.Client{Timeout: 5 * time.Second}
-			resp, err := client.Get("http://" + addr + "/health")
+			if addr == "" {
+				addr = defaultAPI()
+			}
+			base, err := apiBaseURL(addr)
 			if err != nil {
-				return fmt.Errorf("no node answers at %s: %w", addr, err)
+				return err
+			}
+			client := &http.Client{Timeout: 5 * time.Second}
+			resp, err := client.Get(strings.TrimSuffix(base, "v1/") + "health")
+			if err != nil {
+				return explainAPIError(fmt.Errorf("no node answers at %s: %w", addr, err), addr)
 			}
 			defer resp.Body.Close()
 			body, err := io.ReadAll(resp.Body)
@@ -131,7 +138,7 @@ func newStatusCommand() *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&addr, "api", envOr("STRATA_API", "127.0.0.1:8080"), "the node's API address")
+	cmd.Flags().StringVar(&addr, "api", "", apiDefaultHelp)
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the raw JSON")
 	return cmd
 }
