@@ -313,3 +313,17 @@ func TestAPIBaseURL(t *testing.T) {
 		t.Error("empty address accepted")
 	}
 }
+
+// The engine's load-time lines that say nothing on a CPU go to debug; others pass.
+func TestQuietEngine(t *testing.T) {
+	var b strings.Builder
+	l := slog.New(quietEngine{slog.NewTextHandler(&b, &slog.HandlerOptions{Level: slog.LevelInfo})})
+	l.Info("", "architecture", "llama")
+	l.Info("offloaded 0/9 layers to GPU")
+	l.Info("offloaded 3/9 layers to GPU")
+	l.With("k", 1).Info("self-benchmark")
+	if got := b.String(); strings.Contains(got, "architecture") || strings.Contains(got, "0/9") ||
+		!strings.Contains(got, "3/9") || !strings.Contains(got, "self-benchmark") {
+		t.Fatalf("logged:\n%s", got)
+	}
+}
