@@ -113,7 +113,11 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 		return nil, err
 	}
 	n.log.Info("hashing model", "path", n.modelPath, "size", n.model.FileSize)
-	if n.sha, err = shard.FileSHA256(n.modelPath, filepath.Join(cfg.DataDir, "cache")); err != nil {
+	var hashProgress func(float32)
+	if cfg.Progress != nil {
+		hashProgress = cfg.Progress("hashing " + filepath.Base(n.modelPath))
+	}
+	if n.sha, err = shard.FileSHA256WithProgress(n.modelPath, filepath.Join(cfg.DataDir, "cache"), hashProgress); err != nil {
 		return nil, err
 	}
 	b, _ := hex.DecodeString(n.sha)
