@@ -15,8 +15,10 @@ BIN ?= bin/strata
 build:
 	$(GO) build -o $(BIN) ./cmd/strata
 
+# Flags for the demo, e.g. make demo ARGS="--api 127.0.0.1:9090 --data-dir /tmp/demo"
+ARGS ?=
 demo: build
-	$(BIN) demo
+	$(BIN) demo $(ARGS)
 
 # The whole suite: unit, oracle and swarm tests, then every fuzz target for a few seconds.
 test:

@@ -38,7 +38,13 @@ func newNodeStartCommand() *cobra.Command {
 		Long: `Starts a node: it finds peers (mDNS on the LAN, --join for bootstrap peers), agrees with them
 on which contiguous layers each serves, loads only its slice, and serves the OpenAI-compatible
 API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for others to --join.
---model is a GGUF path or an Ollama model name found in Ollama's local store.`,
+--model is a GGUF path, an Ollama model name found in Ollama's local store, hf://OWNER/REPO[@REV]/FILE.gguf
+from the Hugging Face hub, or an https:// URL (append #sha256=HEX to check it); downloads land in
+DATA_DIR/models. Clients name the model by its ID: the Ollama name, or the GGUF file's name
+without .gguf (GET /v1/models lists it).
+Several nodes on one machine need their own --listen, --api (and --data-dir), a share of the
+memory each (--max-memory) and one --cpu-lock file, or each offers 80% of the free RAM and
+they compete for the cores.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var err error
@@ -76,7 +82,7 @@ API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&cfg.Model, "model", "", "GGUF file or Ollama model name, e.g. llama3.3:70b (default: the only model in Ollama's store)")
+	f.StringVar(&cfg.Model, "model", "", "GGUF file, Ollama model name (e.g. llama3.3:70b), hf://OWNER/REPO/FILE.gguf or https:// URL (default: the only model in Ollama's store)")
 	f.StringVar(&cfg.DataDir, "data-dir", "", "identity, slice cache and address files (default ~/.strata)")
 	f.StringSliceVar(&cfg.Listen, "listen", nil, "libp2p listen multiaddrs (default /ip4/0.0.0.0/tcp/4001 and, without --swarm-key, /ip4/0.0.0.0/udp/4001/quic-v1)")
 	f.StringVar(&cfg.API, "api", "127.0.0.1:8080", "host:port of the OpenAI-compatible API")
