@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -165,10 +166,7 @@ func printStatus(w io.Writer, h node.Health) {
 	}
 	fmt.Fprintln(tw, header+"MS/LAYER\tSESSIONS\tAPI")
 	for _, p := range h.Peers {
-		id := p.PeerID
-		if len(id) > 16 {
-			id = "…" + id[len(id)-12:]
-		}
+		id := shortPeer(p.PeerID)
 		if p.Self {
 			id += " *"
 		}
@@ -176,7 +174,15 @@ func printStatus(w io.Writer, h node.Health) {
 		if p.Range.End > p.Range.Start {
 			layers = p.Range.String()
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t", id, p.State, layers, p.Chain, humanBytes(p.Memory))
+		if p.Next != nil {
+			// Moving to a new plan: the old range is served until the new ones cover the model.
+			layers += " retiring, next " + p.Next.String()
+		}
+		chain := "-"
+		if p.Chain >= 0 {
+			chain = strconv.Itoa(p.Chain)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t", id, p.State, layers, chain, humanBytes(p.Memory))
 		if gpu {
 			g := "-"
 			if p.FreeGPU > 0 {
@@ -187,4 +193,13 @@ func printStatus(w io.Writer, h node.Health) {
 		fmt.Fprintf(tw, "%.2f\t%d\t%s\n", p.MsPerLayer, p.Sessions, p.API)
 	}
 	tw.Flush()
+}
+
+// shortPeer is the one short form of a peer ID, here and on the dashboard: its last 8
+// characters (the first ones are the same for every Ed25519 key), as p2p's logs show it.
+func shortPeer(id string) string {
+	if len(id) > 12 {
+		return "…" + id[len(id)-8:]
+	}
+	return id
 }
