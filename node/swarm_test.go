@@ -111,7 +111,18 @@ func TestSwarmPlansHealsAndGrows(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.MustReady(t, 4, 30*time.Second)
-	time.Sleep(time.Second) // let the planner settle
+	// Wait for the newcomer to serve its share (it used to sleep 1 s, too short on a loaded
+	// machine); the deadline is a hang guard.
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		h, err := s.Nodes[3].Health(context.Background())
+		serving := false
+		for _, p := range h.Peers {
+			serving = serving || err == nil && p.Self && p.State == "serving" && p.Range.End > p.Range.Start
+		}
+		if serving || time.Now().After(deadline) {
+			break // past the deadline, the checks below say what is wrong
+		}
+	}
 	close(stop)
 	for g := range gaps {
 		t.Errorf("coverage gap while a node joined: %s", g)
