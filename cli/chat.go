@@ -41,7 +41,10 @@ func NewChatCommand() *cobra.Command {
 Interactive: type a message and press Enter; /clear forgets the conversation, /exit (or EOF,
 Ctrl-D) quits. Ctrl-C while an answer is streaming stops that answer only; at the prompt it
 quits. With -p PROMPT it prints one answer and exits (-p - reads the prompt from stdin).
-The API address defaults to $STRATA_API or ` + defaultChatAPI + `; the key to $STRATA_API_KEY.`,
+The API address defaults to $STRATA_API, else to the address a node on this machine wrote to
+~/.strata/api, else ` + defaultChatAPI + `; the key to $STRATA_API_KEY.
+Commands: /help, /clear (forget the conversation), /model [ID] (show or switch the model),
+/exit.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			o.setTemp = cmd.Flags().Changed("temperature")
@@ -50,6 +53,9 @@ The API address defaults to $STRATA_API or ` + defaultChatAPI + `; the key to $S
 			}
 			if o.maxTokens < 0 {
 				return fmt.Errorf("--max-tokens %d: must be positive", o.maxTokens)
+			}
+			if o.api == "" {
+				o.api = defaultAPI()
 			}
 			s, err := newChatSession(o, cmd.InOrStdin(), cmd.OutOrStdout(), cmd.ErrOrStderr())
 			if err != nil {
@@ -69,7 +75,7 @@ The API address defaults to $STRATA_API or ` + defaultChatAPI + `; the key to $S
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&o.api, "api", envOr("STRATA_API", defaultChatAPI), "address of a node's API (HOST:PORT or URL)")
+	f.StringVar(&o.api, "api", "", apiDefaultHelp)
 	f.StringVar(&o.apiKey, "api-key", os.Getenv("STRATA_API_KEY"), "API key, if the node requires one")
 	f.StringVar(&o.model, "model", "", "model ID (default: the first model the swarm serves)")
 	f.StringVar(&o.system, "system", "", "system prompt")
@@ -77,13 +83,6 @@ The API address defaults to $STRATA_API or ` + defaultChatAPI + `; the key to $S
 	f.IntVar(&o.maxTokens, "max-tokens", 0, "most tokens per answer (default: up to the context)")
 	f.StringVarP(&o.prompt, "prompt", "p", "", "answer this prompt and exit (- reads it from stdin)")
 	return cmd
-}
-
-func envOr(key, def string) string {
-	if v := os.Getenv(key); v != "" {
-		return v
-	}
-	return def
 }
 
 // apiBaseURL turns HOST:PORT, :PORT or a URL into the client's base URL ending in /v1/.
@@ -147,7 +146,7 @@ func (s *chatSession) resolveModel(ctx context.Context) error {
 	}
 	page, err := s.client.Models.List(ctx)
 	if err != nil {
-		return fmt.Errorf("listing models at %s: %w", s.opts.api, err)
+		return explainAPIError(fmt.Errorf("listing models at %s: %w", s.opts.api, err), s.opts.api)
 	}
 	if len(page.Data) == 0 {
 		return fmt.Errorf("the node at %s serves no model", s.opts.api)
@@ -187,7 +186,7 @@ func (s *chatSession) loop(ctx context.Context) error {
 		return err
 	}
 	if s.interactive {
-		fmt.Fprintf(s.errOut, "Chatting with %s at %s. /exit or Ctrl-D quits, /clear forgets, Ctrl-C stops an answer.\n", s.opts.model, s.opts.api)
+		fmt.Fprintf(s.errOut, "Chatting with %s at %s. /exit or Ctrl-D quits, /clear forgets, /help lists more, Ctrl-C stops an answer.\n", s.opts.model, s.opts.api)
 	}
 	// stdin is read on its own goroutine so that the prompt can also wait for Ctrl-C.
 	lines := make(chan string)
@@ -244,10 +243,18 @@ func (s *chatSession) loop(ctx context.Context) error {
 			fmt.Fprintln(s.errOut, "(conversation cleared)")
 			continue
 		case "/help", "/?":
-			fmt.Fprintln(s.errOut, "/exit quits, /clear forgets the conversation, Ctrl-C stops an answer")
+			fmt.Fprintln(s.errOut, chatHelp)
 			continue
 		}
+		if cmd := strings.TrimSpace(line); strings.HasPrefix(cmd, "/") {
+			if s.command(ctx, strings.Fields(cmd)) {
+				continue
+			}
+		}
 
+		if strings.HasPrefix(strings.TrimSpace(line), "//") {
+			line = strings.Replace(line, "//", "/", 1)
+		}
 		s.history = append(s.history, openai.UserMessage(line))
 		actx, cancel := context.WithCancel(ctx)
 		stopWatch := make(chan struct{})
@@ -283,6 +290,42 @@ func (s *chatSession) loop(ctx context.Context) error {
 	}
 }
 
+const chatHelp = `/exit quits, /clear forgets the conversation, /model shows the model and /model ID
+switches to another, Ctrl-C stops an answer. Start a message with // to send one beginning with /.`
+
+// command runs a slash command other than the fixed ones and reports whether line was one;
+// a line starting with // is a message with its first slash removed.
+func (s *chatSession) command(ctx context.Context, f []string) bool {
+	switch f[0] {
+	case "/model":
+		if len(f) == 1 {
+			fmt.Fprintf(s.errOut, "model %s at %s\n", s.opts.model, s.opts.api)
+			return true
+		}
+		page, err := s.client.Models.List(ctx)
+		if err != nil {
+			fmt.Fprintln(s.errOut, "error:", explainAPIError(err, s.opts.api))
+			return true
+		}
+		var ids []string
+		for _, m := range page.Data {
+			if m.ID == f[1] {
+				s.opts.model = m.ID
+				fmt.Fprintf(s.errOut, "(now chatting with %s)\n", m.ID)
+				return true
+			}
+			ids = append(ids, m.ID)
+		}
+		fmt.Fprintf(s.errOut, "no model %q at %s; it serves: %s\n", f[1], s.opts.api, strings.Join(ids, ", "))
+		return true
+	}
+	if strings.HasPrefix(f[0], "//") {
+		return false
+	}
+	fmt.Fprintf(s.errOut, "unknown command %s (/help lists them; start with // to send a message beginning with /)\n", f[0])
+	return true
+}
+
 // answer streams the assistant's reply to the conversation so far to out and returns it (the
 // part received, if the stream was cut); the caller decides what joins the history.
 func (s *chatSession) answer(ctx context.Context) (string, error) {
@@ -312,7 +355,7 @@ func (s *chatSession) answer(ctx context.Context) (string, error) {
 		fmt.Fprintln(s.out)
 	}
 	if err := stream.Err(); err != nil {
-		return text.String(), fmt.Errorf("chat with %s at %s: %w", s.opts.model, s.opts.api, err)
+		return text.String(), explainAPIError(fmt.Errorf("chat with %s at %s: %w", s.opts.model, s.opts.api, err), s.opts.api)
 	}
 	return text.String(), nil
 }

@@ -150,7 +150,7 @@ func TestChatOneShotErrors(t *testing.T) {
 	if _, _, err := runChat(t, "", "--api", addr, "--api-key", "k", "--model", "gpt-9", "-p", "hi"); err == nil || !strings.Contains(err.Error(), "404") {
 		t.Fatalf("unknown model: %v", err)
 	}
-	if _, _, err := runChat(t, "", "--api", addr, "--model", "tiny", "-p", "hi"); err == nil || !strings.Contains(err.Error(), "401") {
+	if _, _, err := runChat(t, "", "--api", addr, "--model", "tiny", "-p", "hi"); err == nil || !strings.Contains(err.Error(), "401") || !strings.Contains(err.Error(), "STRATA_API_KEY") {
 		t.Fatalf("missing key: %v", err)
 	}
 	if out, _, err := runChat(t, "", "--api", addr, "--api-key", "k", "-p", "hi"); err != nil || out != "reply 1 to hi\n" {
@@ -163,7 +163,7 @@ func TestChatOneShotErrors(t *testing.T) {
 		t.Fatal("temperature 9 accepted")
 	}
 	// Nothing listening: a clear error, not a hang.
-	if _, _, err := runChat(t, "", "--api", "127.0.0.1:1", "-p", "hi"); err == nil || !strings.Contains(err.Error(), "127.0.0.1:1") {
+	if _, _, err := runChat(t, "", "--api", "127.0.0.1:1", "-p", "hi"); err == nil || !strings.Contains(err.Error(), "127.0.0.1:1") || !strings.Contains(err.Error(), "--api") {
 		t.Fatalf("no server: %v", err)
 	}
 }
@@ -191,6 +191,18 @@ func TestChatInteractive(t *testing.T) {
 	}
 	if prompts[2] != "user: third\nassistant:" {
 		t.Fatalf("third prompt %q", prompts[2])
+	}
+
+	// Slash commands are commands: an unknown one says so and reaches no model; // sends a
+	// message that starts with a slash.
+	out, stderr, err = runChat(t, "/foo\n/model\n/model nope\n//etc/hosts\n", "--api", addr, "--model", "tiny")
+	if err != nil || out != "reply 1 to /etc/hosts\n" {
+		t.Fatalf("slash commands: %q %v (stderr %q)", out, err, stderr)
+	}
+	for _, want := range []string{"unknown command /foo", "model tiny at", `no model "nope"`} {
+		if !strings.Contains(stderr, want) {
+			t.Errorf("stderr lacks %q: %q", want, stderr)
+		}
 	}
 
 	// EOF ends the session too, and a failing turn does not.
@@ -299,5 +311,19 @@ func TestAPIBaseURL(t *testing.T) {
 	}
 	if _, err := apiBaseURL(" "); err == nil {
 		t.Error("empty address accepted")
+	}
+}
+
+// The engine's load-time lines that say nothing on a CPU go to debug; others pass.
+func TestQuietEngine(t *testing.T) {
+	var b strings.Builder
+	l := slog.New(quietEngine{slog.NewTextHandler(&b, &slog.HandlerOptions{Level: slog.LevelInfo})})
+	l.Info("", "architecture", "llama")
+	l.Info("offloaded 0/9 layers to GPU")
+	l.Info("offloaded 3/9 layers to GPU")
+	l.With("k", 1).Info("self-benchmark")
+	if got := b.String(); strings.Contains(got, "architecture") || strings.Contains(got, "0/9") ||
+		!strings.Contains(got, "3/9") || !strings.Contains(got, "self-benchmark") {
+		t.Fatalf("logged:\n%s", got)
 	}
 }

@@ -97,7 +97,7 @@ Ctrl-C (or /exit) stops every node it started. --model serves a real GGUF file i
 	f.StringVar(&o.preset, "preset", "tiny", "shape of the synthesized model: tiny, small, 8b, 70b")
 	f.Uint64Var(&o.seed, "seed", 1, "seed of the synthesized model's weights")
 	f.StringVar(&o.dataDir, "data-dir", "", "where the model and the nodes' state go (default ~/.strata/demo)")
-	f.StringVar(&o.api, "api", demoAPI, "API address of the first node (default: "+demoAPI+", or any free port if it is taken)")
+	f.StringVar(&o.api, "api", demoAPI, "API address of the first node (any free port if it is taken)")
 	f.BoolVar(&o.noChat, "no-chat", false, "print the API address and wait for Ctrl-C instead of chatting")
 	f.IntVar(&o.maxTokens, "max-tokens", 200, "most tokens per answer, in the chat and the curl line (0: up to the context)")
 	f.DurationVar(&o.timeout, "timeout", 5*time.Minute, "how long to wait for the swarm to be ready")

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -39,9 +40,15 @@ func newNodeStartCommand() *cobra.Command {
 		Long: `Starts a node: it finds peers (mDNS on the LAN, --join for bootstrap peers), agrees with them
 on which contiguous layers each serves, loads only its slice, and serves the OpenAI-compatible
 API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for others to --join.
---model is a GGUF path or an Ollama model name found in Ollama's local store; --model swarm (or no
---model on a node that joins a swarm and has no Ollama model) takes the swarm's model and fetches
-only this node's slices from its peers, checked against the model's manifest.`,
+--model is a GGUF path, an Ollama model name found in Ollama's local store, hf://OWNER/REPO[@REV]/FILE.gguf
+from the Hugging Face hub, or an https:// URL (append #sha256=HEX to check it); downloads land in
+DATA_DIR/models. --model swarm (or no --model on a node that joins a swarm and has no Ollama
+model) takes the swarm's model and fetches only this node's slices from its peers, checked
+against the model's manifest. Clients name the model by its ID: the Ollama name, or the GGUF
+file's name without .gguf (GET /v1/models lists it).
+Several nodes on one machine need their own --listen, --api (and --data-dir), a share of the
+memory each (--max-memory) and one --cpu-lock file, or each offers 80% of the free RAM and
+they compete for the cores.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var err error
@@ -84,7 +91,7 @@ only this node's slices from its peers, checked against the model's manifest.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&cfg.Model, "model", "", "GGUF file or Ollama model name, e.g. llama3.3:70b (default: the only model in Ollama's store)")
+	f.StringVar(&cfg.Model, "model", "", "GGUF file, Ollama model name (e.g. llama3.3:70b), hf://OWNER/REPO/FILE.gguf or https:// URL (default: the only model in Ollama's store)")
 	f.StringVar(&cfg.DataDir, "data-dir", "", "identity, slice cache and address files (default ~/.strata)")
 	f.StringSliceVar(&cfg.Listen, "listen", nil, "libp2p listen multiaddrs (default /ip4/0.0.0.0/tcp/4001 and, without --swarm-key, /ip4/0.0.0.0/udp/4001/quic-v1)")
 	f.StringVar(&cfg.API, "api", "127.0.0.1:8080", "host:port of the OpenAI-compatible API")
@@ -123,8 +130,15 @@ func newStatusCommand() *cobra.Command {
 		Short: "Show a node's view of the swarm: readiness, peers and their layers",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if addr == "" {
+				addr = defaultAPI()
+			}
+			base, err := apiBaseURL(addr)
+			if err != nil {
+				return err
+			}
 			client := &http.Client{Timeout: 5 * time.Second}
-			req, err := http.NewRequest(http.MethodGet, "http://"+addr+"/health", nil)
+			req, err := http.NewRequest(http.MethodGet, strings.TrimSuffix(base, "v1/")+"health", nil)
 			if err != nil {
 				return err
 			}
@@ -133,7 +147,7 @@ func newStatusCommand() *cobra.Command {
 			}
 			resp, err := client.Do(req)
 			if err != nil {
-				return fmt.Errorf("no node answers at %s: %w", addr, err)
+				return explainAPIError(fmt.Errorf("no node answers at %s: %w", addr, err), addr)
 			}
 			defer resp.Body.Close()
 			body, err := io.ReadAll(resp.Body)
@@ -152,7 +166,7 @@ func newStatusCommand() *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&addr, "api", envOr("STRATA_API", "127.0.0.1:8080"), "the node's API address")
+	cmd.Flags().StringVar(&addr, "api", "", apiDefaultHelp)
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the raw JSON")
 	return cmd
 }
@@ -183,10 +197,7 @@ func printStatus(w io.Writer, h node.Health) {
 	}
 	fmt.Fprintln(tw, header+"MS/LAYER\tSESSIONS\tAPI")
 	for _, p := range h.Peers {
-		id := p.PeerID
-		if len(id) > 16 {
-			id = "…" + id[len(id)-12:]
-		}
+		id := shortPeer(p.PeerID)
 		if p.Self {
 			id += " *"
 		}
@@ -194,7 +205,15 @@ func printStatus(w io.Writer, h node.Health) {
 		if p.Range.End > p.Range.Start {
 			layers = p.Range.String()
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t", id, p.State, layers, p.Chain, humanBytes(p.Memory))
+		if p.Next != nil {
+			// Moving to a new plan: the old range is served until the new ones cover the model.
+			layers += " retiring, next " + p.Next.String()
+		}
+		chain := "-"
+		if p.Chain >= 0 {
+			chain = strconv.Itoa(p.Chain)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t", id, p.State, layers, chain, humanBytes(p.Memory))
 		if gpu {
 			g := "-"
 			if p.FreeGPU > 0 {
@@ -205,4 +224,13 @@ func printStatus(w io.Writer, h node.Health) {
 		fmt.Fprintf(tw, "%.2f\t%d\t%s\n", p.MsPerLayer, p.Sessions, p.API)
 	}
 	tw.Flush()
+}
+
+// shortPeer is the one short form of a peer ID, here and on the dashboard: its last 8
+// characters (the first ones are the same for every Ed25519 key), as p2p's logs show it.
+func shortPeer(id string) string {
+	if len(id) > 12 {
+		return "…" + id[len(id)-8:]
+	}
+	return id
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 )
@@ -51,7 +52,35 @@ OpenAI-compatible API.`,
 }
 
 func setLogger(w io.Writer, level slog.Level) {
-	slog.SetDefault(slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level})))
+	slog.SetDefault(slog.New(quietEngine{slog.NewTextHandler(w, &slog.HandlerOptions{Level: level})}))
+}
+
+// quietEngine lowers to debug what the engine logs at info on every model load but that says
+// nothing to a user: ollama's model summary (an empty message) and, on a CPU, that no layer
+// went to a GPU.
+type quietEngine struct{ slog.Handler }
+
+func (q quietEngine) Handle(ctx context.Context, r slog.Record) error {
+	if r.Level == slog.LevelInfo && engineNoise(r.Message) {
+		if !q.Handler.Enabled(ctx, slog.LevelDebug) {
+			return nil
+		}
+		r.Level = slog.LevelDebug
+	}
+	return q.Handler.Handle(ctx, r)
+}
+
+func (q quietEngine) WithAttrs(as []slog.Attr) slog.Handler {
+	return quietEngine{q.Handler.WithAttrs(as)}
+}
+
+func (q quietEngine) WithGroup(name string) slog.Handler {
+	return quietEngine{q.Handler.WithGroup(name)}
+}
+
+func engineNoise(msg string) bool {
+	return msg == "" || strings.HasPrefix(msg, "offloaded 0/") || msg == "offloading 0 repeating layers to GPU" ||
+		msg == "offloading output layer to CPU"
 }
 
 // isTerminal reports whether f is an interactive terminal, where progress bars belong.

@@ -88,7 +88,7 @@ func TestStatusAgainstSwarm(t *testing.T) {
 	if !slices.Equal(header, wantHeader) {
 		t.Errorf("header %q, want %q", header, wantHeader)
 	}
-	row := regexp.MustCompile(`^…(\S{12})( \*)?\s+serving\s+\[(\d+),(\d+)\)\s+(\d+)\s+5\.0 MiB\s+(?:-\s+|\S+ \S+\s+)?(\d+\.\d\d)\s+(\d+)\s+(\S+)$`)
+	row := regexp.MustCompile(`^…(\S{8})( \*)?\s+serving\s+\[(\d+),(\d+)\)\s+(\d+)\s+5\.0 MiB\s+(?:-\s+|\S+ \S+\s+)?(\d+\.\d\d)\s+(\d+)\s+(\S+)$`)
 	covered := make([]int, 6)
 	selfRows := 0
 	for _, l := range lines[5:] {
@@ -120,7 +120,7 @@ func TestStatusAgainstSwarm(t *testing.T) {
 		t.Errorf("%d rows marked as this node, layer coverage %v", selfRows, covered)
 	}
 
-	if _, err := runStatus(t, "--api", "127.0.0.1:1"); err == nil || !strings.Contains(err.Error(), "no node answers") {
+	if _, err := runStatus(t, "--api", "127.0.0.1:1"); err == nil || !strings.Contains(err.Error(), "no node answers") || !strings.Contains(err.Error(), "STRATA_API") {
 		t.Errorf("status without a node: %v", err)
 	}
 }
@@ -143,4 +143,18 @@ func TestStatusGPUColumn(t *testing.T) {
 		t.Errorf("a node with 24 GiB of GPU memory free:\n%s", out.String())
 	}
 	t.Logf("\n%s", out.String())
+}
+
+// TestStatusMarksRetiring: a node moving to a new plan shows its old range as retiring and
+// the next one; a node outside every chain shows "-" for its chain, as for its layers.
+func TestStatusMarksRetiring(t *testing.T) {
+	h := node.Health{Ready: true, Model: "m", Layers: 4, PeerID: "p", State: "serving", Peers: []node.PeerHealth{
+		{PeerID: "12D3KooWabcdefghijklmnop", State: "serving", Range: shard.Range{Start: 0, End: 3}, Next: &shard.Range{Start: 0, End: 2}, Memory: 1 << 30},
+		{PeerID: "b", State: "joining", Chain: -1, Memory: 1 << 30},
+	}}
+	var out bytes.Buffer
+	printStatus(&out, h)
+	if !strings.Contains(out.String(), "…ijklmnop  serving  [0,3) retiring, next [0,2)") || !regexp.MustCompile(`(?m)^b +joining +- +- `).MatchString(out.String()) {
+		t.Errorf("status:\n%s", out.String())
+	}
 }

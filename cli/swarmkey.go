@@ -24,6 +24,9 @@ printed to stdout instead, e.g. to write it from inside a container:
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if args[0] != "-" {
+				if _, err := os.Lstat(args[0]); err == nil {
+					return fmt.Errorf("%s already exists: a swarm key is never overwritten (nodes holding the old one would be shut out); pass that file to --swarm-key, or choose another name", args[0])
+				}
 				if err := p2p.GenerateSwarmKey(args[0]); err != nil {
 					return err
 				}

@@ -599,6 +599,11 @@ func (w slogWriter) Write(p []byte) (int, error) {
 		}
 	}
 	msg = strings.TrimPrefix(msg, "memberlist: ")
+	// Expected, not worth a user's attention: a loaded node refuting that it is suspect (it
+	// answered late and says it is alive), and the listeners closing at shutdown.
+	if strings.HasPrefix(msg, "Refuting a suspect message") || strings.Contains(msg, "use of closed network connection") {
+		level = slog.LevelDebug
+	}
 	w.log.Log(context.Background(), level, msg)
 	return len(p), nil
 }

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -22,6 +23,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -199,6 +201,12 @@ func (f *Fetcher) Fetch(ctx context.Context, ref string) (string, error) {
 		}
 		if !retry || ctx.Err() != nil {
 			break
+		}
+		// Nobody listens, or the name does not resolve: retrying would say the same
+		// thing four more times.
+		var dnsErr *net.DNSError
+		if errors.Is(last, syscall.ECONNREFUSED) || errors.As(last, &dnsErr) {
+			return "", fmt.Errorf("fetch %s: cannot reach the server (is the URL right, the network up?): %w", ref, last)
 		}
 	}
 	return "", fmt.Errorf("fetch %s: %w", ref, last)

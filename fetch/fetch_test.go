@@ -5,7 +5,9 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"log/slog"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -197,6 +199,22 @@ func TestFetchErrors(t *testing.T) {
 	}
 	if h.requests > 2 {
 		t.Errorf("final errors were retried: %d hub requests", h.requests)
+	}
+
+	// Nobody listening: one clear error, no retries (it used to log "resuming" four times).
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := "http://" + ln.Addr().String() + "/model.gguf"
+	ln.Close()
+	var logs bytes.Buffer
+	f = fetch.New(t.TempDir(), fetch.WithLogger(slog.New(slog.NewTextHandler(&logs, nil))))
+	if _, err := f.Fetch(context.Background(), dead); err == nil || !strings.Contains(err.Error(), "cannot reach the server") {
+		t.Errorf("connection refused: %v", err)
+	}
+	if strings.Contains(logs.String(), "resuming") {
+		t.Errorf("retried a refused connection:\n%s", logs.String())
 	}
 }
 

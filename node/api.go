@@ -94,18 +94,21 @@ type Health struct {
 
 // PeerHealth is one member of the swarm as this node sees it.
 type PeerHealth struct {
-	PeerID     string      `json:"peer_id"`
-	State      string      `json:"state"`
-	Range      shard.Range `json:"range"`
-	Chain      int         `json:"chain"`
-	API        string      `json:"api,omitempty"`
-	Gossip     string      `json:"gossip"`
-	Memory     int64       `json:"memory_bytes"`
-	FreeRAM    uint64      `json:"free_ram_bytes"`
-	FreeGPU    uint64      `json:"free_gpu_bytes,omitempty"` // only nodes whose ggml sees a GPU
-	MsPerLayer float32     `json:"ms_per_layer"`
-	Sessions   uint32      `json:"sessions"`
-	Self       bool        `json:"self,omitempty"`
+	PeerID string      `json:"peer_id"`
+	State  string      `json:"state"`
+	Range  shard.Range `json:"range"`
+	// Next is the range a node moving to a new plan has loaded and serves beside Range, which
+	// it retires once the swarm's next ranges cover every layer.
+	Next       *shard.Range `json:"next,omitempty"`
+	Chain      int          `json:"chain"`
+	API        string       `json:"api,omitempty"`
+	Gossip     string       `json:"gossip"`
+	Memory     int64        `json:"memory_bytes"`
+	FreeRAM    uint64       `json:"free_ram_bytes"`
+	FreeGPU    uint64       `json:"free_gpu_bytes,omitempty"` // only nodes whose ggml sees a GPU
+	MsPerLayer float32      `json:"ms_per_layer"`
+	Sessions   uint32       `json:"sessions"`
+	Self       bool         `json:"self,omitempty"`
 }
 
 // Health reports readiness: the swarm has a route through every layer.
@@ -137,6 +140,9 @@ func (n *Node) Health() Health {
 			Chain: m.Chain, API: m.APIAddr, Gossip: m.Addr, Memory: m.MemoryBytes, FreeRAM: m.FreeRAM, FreeGPU: m.FreeGPU,
 			MsPerLayer: m.MsPerLayer, Sessions: m.Sessions, Self: m.PeerID == n.host.ID(),
 		})
+		if m.NextEnd > m.NextStart && (m.NextStart != m.LayerStart || m.NextEnd != m.LayerEnd) {
+			h.Peers[len(h.Peers)-1].Next = &shard.Range{Start: m.NextStart, End: m.NextEnd}
+		}
 	}
 	h.Fetch = n.Fetch()
 	_, err := n.router.route(0, nil)

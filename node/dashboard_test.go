@@ -42,11 +42,11 @@ func TestPeerAPIAddr(t *testing.T) {
 	}
 }
 
-// TestDashboardStatic: the page and its two files are embedded and served with a policy
+// TestDashboardStatic: the page, its two files and its icon are embedded and served with a policy
 // that keeps the page to its own node.
 func TestDashboardStatic(t *testing.T) {
 	h := newDashboard(nil).static()
-	for path, ctype := range map[string]string{"/": "text/html", "/app.js": "javascript", "/style.css": "text/css"} {
+	for path, ctype := range map[string]string{"/": "text/html", "/app.js": "javascript", "/style.css": "text/css", "/favicon.svg": "image/svg+xml"} {
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
 		if rec.Code != http.StatusOK || !strings.Contains(rec.Header().Get("Content-Type"), ctype) || rec.Body.Len() == 0 {

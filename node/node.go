@@ -100,6 +100,9 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data dir: %w", err)
 	}
+	if err := n.checkPorts(); err != nil { // before the minutes of hashing and benchmarking
+		return nil, err
+	}
 	// Nothing writes to the slice cache yet: temp files there are a crashed cut's.
 	if k, err := (shard.SliceCache{Dir: filepath.Join(cfg.DataDir, "slices")}).RemoveStale(); err != nil {
 		n.log.Warn("slice cache", "err", err)
@@ -122,7 +125,11 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 			return nil, err
 		}
 		n.log.Info("hashing model", "path", n.modelPath, "size", n.model.FileSize)
-		if n.sha, err = shard.FileSHA256(n.modelPath, filepath.Join(cfg.DataDir, "cache")); err != nil {
+		var hashProgress func(float32)
+		if cfg.Progress != nil {
+			hashProgress = cfg.Progress("hashing " + filepath.Base(n.modelPath))
+		}
+		if n.sha, err = shard.FileSHA256WithProgress(n.modelPath, filepath.Join(cfg.DataDir, "cache"), hashProgress); err != nil {
 			return nil, err
 		}
 		b, _ := hex.DecodeString(n.sha)

@@ -130,7 +130,9 @@ func TestSwarmKey(t *testing.T) {
 		if err == nil {
 			t.Fatalf("%s: connected", name)
 		}
-		if took > 4*time.Second {
+		// A hang guard: the 2 s dial timeout ends a handshake that hangs; without it libp2p
+		// would wait out its own 15 s.
+		if took > 12*time.Second {
 			t.Fatalf("%s: refusal took %v", name, took)
 		}
 		if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "swarm key") {

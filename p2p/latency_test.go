@@ -51,10 +51,11 @@ func TestLatencyRoundTrip(t *testing.T) {
 		rtts = append(rtts, time.Since(start))
 	}
 	slices.Sort(rtts)
-	med := rtts[len(rtts)/2]
 	t.Logf("round trips with %s one way: %v", oneWay, rtts)
-	if med < 2*oneWay || med > 2*oneWay+60*time.Millisecond {
-		t.Fatalf("median round trip %s, want about %s", med, 2*oneWay)
+	// Every round trip waits the latency both ways; a load can only add to it, so the upper
+	// bound is on the fastest of five and only catches the latency applied twice.
+	if rtts[0] < 2*oneWay || rtts[0] >= 4*oneWay {
+		t.Fatalf("fastest round trip %s, want about %s", rtts[0], 2*oneWay)
 	}
 
 	// Close right after a write: the queued bytes still go out before the stream ends.
@@ -118,7 +119,10 @@ func TestLatencyBandwidth(t *testing.T) {
 	took := last.Sub(start)
 	want := time.Duration(float64(2*size) / bw * float64(time.Second))
 	t.Logf("%d KiB over a %d MiB/s link: %s (ideal %s)", 2*size>>10, bw>>20, took, want)
-	if took < want || took > want+300*time.Millisecond {
+	// The emulated link is never faster than its bandwidth; a loaded machine only makes it
+	// slower, so the upper bound only catches gross mistakes (the streams not sharing, bytes
+	// paced twice).
+	if took < want || took > 4*want {
 		t.Fatalf("took %s, want about %s", took, want)
 	}
 }
@@ -156,10 +160,11 @@ func TestLatencyStageChain(t *testing.T) {
 		steps = append(steps, time.Since(start))
 	}
 	slices.Sort(steps)
-	med := steps[len(steps)/2]
 	t.Logf("decode steps over 6 links of %s: %v", oneWay, steps)
-	if med < 6*oneWay || med > 6*oneWay+80*time.Millisecond {
-		t.Fatalf("median step %s, want about %s", med, 6*oneWay)
+	// Each step waits six latencies at least; the fastest of seven under twelve catches a
+	// link delayed twice, and no load makes all seven that slow.
+	if steps[0] < 6*oneWay || steps[0] >= 12*oneWay {
+		t.Fatalf("fastest step %s, want about %s", steps[0], 6*oneWay)
 	}
 	if err := r.Close(ctx); err != nil {
 		t.Fatal(err)

@@ -210,6 +210,12 @@ func blockOf(name string) (int, bool) {
 // FileSHA256 hashes a file. Models are large, so the digest is remembered beside the data
 // dir's cache keyed by path, size and modification time.
 func FileSHA256(path string, cacheDir string) (string, error) {
+	return FileSHA256WithProgress(path, cacheDir, nil)
+}
+
+// FileSHA256WithProgress is FileSHA256 calling progress, if not nil, with the fraction
+// hashed (a large model takes minutes).
+func FileSHA256WithProgress(path string, cacheDir string, progress func(float32)) (string, error) {
 	st, err := os.Stat(path)
 	if err != nil {
 		return "", fmt.Errorf("hash model: %w", err)
@@ -229,8 +235,15 @@ func FileSHA256(path string, cacheDir string) (string, error) {
 	}
 	defer f.Close()
 	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
+	var w io.Writer = h
+	if progress != nil {
+		w = &hashProgress{w: h, total: st.Size(), report: progress}
+	}
+	if _, err := io.Copy(w, f); err != nil {
 		return "", fmt.Errorf("hash model: %w", err)
+	}
+	if progress != nil {
+		progress(1)
 	}
 	sum := hex.EncodeToString(h.Sum(nil))
 	if memo != "" {
@@ -258,4 +271,24 @@ func (m *ModelInfo) Shape(context, sessions, elemBytes int) ModelShape {
 		s.LayerCosts[l] = m.LayerBytes[l] + m.RangeKVBytes(Range{Start: l, End: l + 1}, context, sessions, elemBytes)
 	}
 	return s
+}
+
+// hashProgress reports the fraction written, at most once per percent.
+type hashProgress struct {
+	w           io.Writer
+	done, total int64
+	last        int64
+	report      func(float32)
+}
+
+func (p *hashProgress) Write(b []byte) (int, error) {
+	n, err := p.w.Write(b)
+	p.done += int64(n)
+	if p.total > 0 {
+		if pct := p.done * 100 / p.total; pct > p.last && pct < 100 {
+			p.last = pct
+			p.report(float32(p.done) / float32(p.total))
+		}
+	}
+	return n, err
 }

@@ -222,8 +222,18 @@ func TestRunTiny(t *testing.T) {
 	if s := slow.Levels[0]; s.PerStream > 1/(float64(swarm.Links)*0.01) {
 		t.Errorf("with 10 ms per link, %d links: %.1f tok/s", swarm.Links, s.PerStream)
 	}
-	if len(rep.Targets) != 5 {
-		t.Errorf("%d targets reported, want 5", len(rep.Targets))
+	// Five targets always; a sixth (decode while every stream decodes) only when the streams'
+	// decode phases overlapped, which depends on the machine's speed and load.
+	want := 5
+	if top := swarm.Levels[len(swarm.Levels)-1]; top.SteadyDecode > 0 {
+		want = 6
+	}
+	if len(rep.Targets) != want {
+		var names []string
+		for _, tg := range rep.Targets {
+			names = append(names, tg.Name)
+		}
+		t.Errorf("%d targets reported, want %d: %q", len(rep.Targets), want, names)
 	}
 	if !strings.Contains(md.String(), "| run | streams |") {
 		t.Error("no table in the markdown")

@@ -16,6 +16,7 @@
   };
 
   let prev = null; // the previous SwarmView, for rates
+  let polls = 0; // polls made, for the quick second one
   let modelID = "";
   const tpsHistory = [];
   const conversation = []; // {role, content} sent with every chat request
@@ -23,7 +24,8 @@
 
   // ---------- formatting ----------
 
-  const short = (id) => (id ? id.slice(-6) : "?");
+  // The one short form of a peer ID, as strata status and the logs show it: the last 8 characters.
+  const short = (id) => (id ? (id.length > 12 ? "…" + id.slice(-8) : id) : "?");
   // A node keeps its colour for as long as the page is open; new nodes take the next one.
   const PALETTE = ["#3b6fb6", "#d0731c", "#3a9a4a", "#c23b3b", "#7d5bb5", "#8c5a3c", "#c2569b", "#5f6b73", "#9a9a1f", "#1f9aa8"];
   const colors = new Map();
@@ -43,7 +45,7 @@
   }
   const num = (n, d = 0) => (Number.isFinite(n) ? n.toLocaleString(undefined, { maximumFractionDigits: d, minimumFractionDigits: d }) : "–");
   const ms = (s) => (Number.isFinite(s) ? (s < 1 ? `${(s * 1000).toFixed(s < 0.01 ? 2 : 1)} ms` : `${s.toFixed(2)} s`) : "–");
-  const layers = (r) => (r.end - r.start === 1 ? `${r.start}` : `${r.start}–${r.end - 1}`);
+  const layers = (r) => `[${r.start},${r.end})`; // half-open, as strata status and the logs write ranges
 
   // rate of a counter between two polls of the same node; a restarted node starts from 0
   function rate(cur, old, field) {
@@ -68,7 +70,8 @@
       b.textContent = "node unreachable";
       b.className = "badge down";
     }
-    setTimeout(poll, POLL_MS);
+    // Rates need two polls: the second comes soon, so they do not read "–" for two seconds.
+    setTimeout(poll, polls++ ? POLL_MS : 300);
   }
 
   function render(v) {
@@ -168,7 +171,7 @@
         s.style.background = color(p.peer_id);
         if (p.self) s.classList.add("self");
         if (p.state !== "serving") s.classList.add("loading");
-        s.title = `node ${p.peer_id}\nlayers ${p.range.start}..${p.range.end - 1} of ${L}\nstate ${p.state}`;
+        s.title = `node ${p.peer_id}\nlayers ${layers(p.range)} of ${L}\nstate ${p.state}`;
         s.append(el("span", "", `node ${short(p.peer_id)}${p.self ? " (this)" : ""}`), el("span", "", `layers ${layers(p.range)}`));
         bar.append(s);
         covered = Math.max(covered, p.range.end);
@@ -250,7 +253,8 @@
         el("td", "num", p.ms_per_layer > 0 ? num(p.ms_per_layer, 2) : "–"),
         el("td", "num", num(p.sessions)),
         el("td", "num", num(rate(st, old, "stage_steps"), 1)),
-        el("td", "num", num(rate(st, old, "tokens"), 1)),
+        // Only entry nodes count tokens; a stage that only computes shows its steps/s instead.
+        el("td", "num", st && st.tokens > 0 ? num(rate(st, old, "tokens"), 1) : "–"),
         el("td", "num", r && r.n ? ms(r.s / r.n) : "–"),
       );
       return tr;

@@ -1,7 +1,7 @@
-// Package quant holds Strata's number formats: the weight quantization formats a model file
-// is stored in (and requantized between), and the codecs that compress activations for the
-// wire between pipeline stages.
-package quant
+// Package codec holds the codecs that compress activations for the wire between pipeline
+// stages. It is pure Go, apart from the weight formats in package quant (which link ggml),
+// so that the frame decoders that use it can be fuzzed without building ggml.
+package codec
 
 import (
 	"encoding/binary"
