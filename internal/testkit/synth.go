@@ -71,7 +71,7 @@ func LookupArchPreset(arch, name string) (Preset, error) {
 		}
 		names = append(names, p.Name)
 	}
-	return Preset{}, fmt.Errorf("unknown %s preset %q (known: %s)", cmp.Or(arch, "llama"), name, strings.Join(names, ", "))
+	return Preset{}, fmt.Errorf("unknown preset %q for %s (known: %s)", name, cmp.Or(arch, "llama"), strings.Join(names, ", "))
 }
 
 // SynthOptions say what model to write.
