@@ -38,7 +38,12 @@ const realContext = 64
 // realContext tokens, behind the API.
 func realServer(t *testing.T, ranges ...shard.Range) *generatorBackend {
 	t.Helper()
-	path := testkit.TinyModel(t)
+	return realServerFor(t, testkit.TinyModel(t), ranges...)
+}
+
+// realServerFor is realServer on the model at path.
+func realServerFor(t *testing.T, path string, ranges ...shard.Range) *generatorBackend {
+	t.Helper()
 	info, err := shard.ReadModelInfo(path)
 	if err != nil {
 		t.Fatal(err)
@@ -170,6 +175,51 @@ func TestNoRouteMidStream(t *testing.T) {
 	}
 	if st.Err() == nil || !strings.Contains(st.Err().Error(), "layers [2,4)") {
 		t.Fatalf("client error %v", st.Err())
+	}
+}
+
+// TestSentencePieceTokenPrompts: a model with a SentencePiece vocabulary (the synthesizer's
+// gemma3, Gemma's real vocabulary) answers a prompt of token ids as it answers the same prompt
+// in text, with logprobs, through the official client.
+func TestSentencePieceTokenPrompts(t *testing.T) {
+	path := testkit.Model(t, testkit.SynthOptions{Arch: "gemma3", Preset: "tiny", Seed: 1, Type: "f32"})
+	info, err := shard.ReadModelInfo(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := realServerFor(t, path, shard.Range{Start: 0, End: info.Layers / 2}, shard.Range{Start: info.Layers / 2, End: info.Layers})
+	c := client(startServer(t, b))
+	ctx := context.Background()
+	const prompt = "Hello world, once upon a time"
+	ids, err := b.gen.Encode(prompt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids64 := make([]int64, len(ids))
+	for i, id := range ids {
+		ids64[i] = int64(id)
+	}
+	text, err := c.Completions.New(ctx, openai.CompletionNewParams{Model: "tiny", MaxTokens: openai.Int(8), Temperature: openai.Float(0),
+		Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String(prompt)}, Logprobs: openai.Int(2)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	byIDs, err := c.Completions.New(ctx, openai.CompletionNewParams{Model: "tiny", MaxTokens: openai.Int(8), Temperature: openai.Float(0),
+		Prompt: openai.CompletionNewParamsPromptUnion{OfArrayOfTokens: ids64}, Logprobs: openai.Int(2)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if text.Choices[0].Text != byIDs.Choices[0].Text || byIDs.Usage.PromptTokens != int64(len(ids)) {
+		t.Fatalf("text prompt %q, id prompt %q (usage %+v)", text.Choices[0].Text, byIDs.Choices[0].Text, byIDs.Usage)
+	}
+	lp := byIDs.Choices[0].Logprobs
+	if int64(len(lp.Tokens)) != byIDs.Usage.CompletionTokens || len(lp.TopLogprobs) != len(lp.Tokens) {
+		t.Fatalf("logprobs for %d tokens: %+v", byIDs.Usage.CompletionTokens, lp)
+	}
+	for i, tok := range lp.Tokens {
+		if best, ok := lp.TopLogprobs[i][tok]; !ok || best != lp.TokenLogprobs[i] {
+			t.Fatalf("token %d %q logprob %v, top %v", i, tok, lp.TokenLogprobs[i], lp.TopLogprobs[i])
+		}
 	}
 }
 
