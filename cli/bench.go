@@ -11,7 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/strata-llm/strata/internal/bench"
+	"github.com/strata-llm/strata/bench"
 	"github.com/strata-llm/strata/p2p"
 	"github.com/strata-llm/strata/quant"
 )
