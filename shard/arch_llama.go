@@ -18,6 +18,8 @@ type llama struct {
 	hidden, heads, kvHeads, headDim, rdim int
 	eps, ropeBase, ropeScale              float32
 
+	neox bool // RoPE on the two halves of each head (Qwen 2), not adjacent pairs
+
 	ends
 	ropeFreqs ml.Tensor
 	blocks
@@ -53,6 +55,9 @@ func (f *llama) bind(t *tensors, r Range) {
 func (f *llama) window(int) int32 { return 0 }
 
 func (f *llama) rope(ctx ml.Context, x, positions ml.Tensor) ml.Tensor {
+	if f.neox {
+		return nn.RoPE(ctx, x, positions, f.rdim, f.ropeBase, 1/f.ropeScale, rope.WithTypeNeoX())
+	}
 	return nn.RoPE(ctx, x, positions, f.rdim, f.ropeBase, 1/f.ropeScale, rope.WithFactors(f.ropeFreqs))
 }
 

@@ -1,80 +1,15 @@
 package shard
 
-import (
-	"cmp"
-	"math"
+import "github.com/ollama/ollama/fs"
 
-	"github.com/ollama/ollama/fs"
-	"github.com/ollama/ollama/ml"
-	"github.com/ollama/ollama/ml/nn"
-	"github.com/ollama/ollama/ml/nn/rope"
-)
-
-// qwen2 is Qwen 2 and 2.5: llama's block with biases on the Q, K and V projections and RoPE
-// on the two halves of each head (NeoX order). As the engine's model/models/qwen2.
-type qwen2 struct {
-	layers                                int
-	hidden, heads, kvHeads, headDim, rdim int
-	eps, ropeBase, ropeScale              float32
-
-	ends
-	blocks
-}
-
+// qwen2 is Qwen 2 and 2.5: llama's block with biases on the Q, K and V projections (bound
+// wherever the file has them) and RoPE on the two halves of each head (NeoX order). As the
+// engine's model/models/qwen2.
 func newQwen2(c fs.Config) (family, error) {
-	f := &qwen2{
-		layers:    int(c.Uint("block_count")),
-		hidden:    int(c.Uint("embedding_length")),
-		heads:     int(c.Uint("attention.head_count")),
-		kvHeads:   int(c.Uint("attention.head_count_kv")),
-		eps:       c.Float("attention.layer_norm_rms_epsilon"),
-		ropeBase:  c.Float("rope.freq_base"),
-		ropeScale: c.Float("rope.scaling.factor", 1),
+	f, err := newLlama(c)
+	if err != nil {
+		return nil, err
 	}
-	if f.heads == 0 {
-		return nil, configError(c, "head_count is 0")
-	}
-	f.headDim = cmp.Or(int(c.Uint("attention.key_length")), f.hidden/f.heads)
-	f.rdim = cmp.Or(int(c.Uint("rope.dimension_count")), f.headDim)
+	f.(*llama).neox = true
 	return f, nil
-}
-
-func (f *qwen2) bind(t *tensors, r Range) {
-	f.ends.bind(t, r, f.layers)
-	f.blocks = bindBlocks(t, r, blockNames{preNorms: true})
-}
-
-func (f *qwen2) window(int) int32 { return 0 }
-
-func (f *qwen2) rope(ctx ml.Context, x, positions ml.Tensor) ml.Tensor {
-	return nn.RoPE(ctx, x, positions, f.rdim, f.ropeBase, 1/f.ropeScale, rope.WithTypeNeoX())
-}
-
-func (f *qwen2) shift(ctx ml.Context, _ int, key, shift ml.Tensor) (ml.Tensor, error) {
-	return f.rope(ctx, key, shift), nil
-}
-
-func (f *qwen2) embed(ctx ml.Context, tokens ml.Tensor) ml.Tensor { return f.embd.Rows(ctx, tokens) }
-
-func (f *qwen2) layer(p *pass, l int, h, outputs ml.Tensor) ml.Tensor {
-	ctx, w, n := p.ctx, f.at(l), h.Dim(1)
-	residual := h
-	x := h.RMSNorm(ctx, w.attnNorm, f.eps)
-	q := w.q.forward(ctx, x).Reshape(ctx, f.headDim, f.heads, n)
-	k := w.k.forward(ctx, x).Reshape(ctx, f.headDim, f.kvHeads, n)
-	v := w.v.forward(ctx, x).Reshape(ctx, f.headDim, f.kvHeads, n)
-	q = f.rope(ctx, q, p.positions)
-	k = f.rope(ctx, k, p.positions)
-	a := nn.Attention(ctx, q, k, v, 1/math.Sqrt(float64(f.headDim)), p.cache)
-	x = w.o.forward(ctx, a.Reshape(ctx, f.headDim*f.heads, n))
-	x, residual = prune(ctx, x, residual, outputs)
-	h = x.Add(ctx, residual)
-
-	x = h.RMSNorm(ctx, w.ffnNorm, f.eps)
-	x = w.gate.forward(ctx, x).SILU(ctx, w.up.forward(ctx, x))
-	return w.down.forward(ctx, x).Add(ctx, h)
-}
-
-func (f *qwen2) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
-	return f.output.Mulmat(ctx, h.RMSNorm(ctx, f.norm, f.eps))
 }
