@@ -13,47 +13,10 @@ type bpeBigram struct {
 // bpeQueue pops the lowest rank first, then the leftmost, as llama.cpp's llm_bigram_bpe
 // comparator orders them (this is where "!!!!!!" differs from the engine's order). It is a
 // hand-rolled binary heap: container/heap's interface calls cost a third of the time here.
-type bpeQueue []bpeBigram
+type bpeQueue = bigramQueue[bpeBigram]
 
-func (q bpeQueue) less(i, j int) bool {
-	return q[i].rank < q[j].rank || (q[i].rank == q[j].rank && q[i].left < q[j].left)
-}
-
-func (q *bpeQueue) push(b bpeBigram) {
-	*q = append(*q, b)
-	h := *q
-	for i := len(h) - 1; i > 0; {
-		p := (i - 1) / 2
-		if !h.less(i, p) {
-			break
-		}
-		h[i], h[p] = h[p], h[i]
-		i = p
-	}
-}
-
-func (q *bpeQueue) pop() bpeBigram {
-	h := *q
-	top := h[0]
-	last := len(h) - 1
-	h[0] = h[last]
-	h = h[:last]
-	for i := 0; ; {
-		l, r, m := 2*i+1, 2*i+2, i
-		if l < len(h) && h.less(l, m) {
-			m = l
-		}
-		if r < len(h) && h.less(r, m) {
-			m = r
-		}
-		if m == i {
-			break
-		}
-		h[i], h[m] = h[m], h[i]
-		i = m
-	}
-	*q = h
-	return top
+func (x bpeBigram) before(y bpeBigram) bool {
+	return x.rank < y.rank || (x.rank == y.rank && x.left < y.left)
 }
 
 // bpe is llama.cpp's llm_tokenizer_bpe_session on one raw fragment: pre-tokenize into words,

@@ -17,49 +17,11 @@ type spmBigram struct {
 }
 
 // spmQueue pops the best merge first: the highest score, then the leftmost, as llama.cpp's
-// llm_bigram_spm::comparator orders them. A typed binary heap: container/heap's boxing and
-// interface calls took two thirds of the time.
-type spmQueue []spmBigram
+// llm_bigram_spm::comparator orders them.
+type spmQueue = bigramQueue[spmBigram]
 
-func (q spmQueue) less(i, j int) bool {
-	return q[i].score > q[j].score || (q[i].score == q[j].score && q[i].left < q[j].left)
-}
-
-func (q *spmQueue) push(b spmBigram) {
-	*q = append(*q, b)
-	h := *q
-	for i := len(h) - 1; i > 0; {
-		p := (i - 1) / 2
-		if !h.less(i, p) {
-			break
-		}
-		h[i], h[p] = h[p], h[i]
-		i = p
-	}
-}
-
-func (q *spmQueue) pop() spmBigram {
-	h := *q
-	top := h[0]
-	last := len(h) - 1
-	h[0] = h[last]
-	h = h[:last]
-	for i := 0; ; {
-		l, r, m := 2*i+1, 2*i+2, i
-		if l < len(h) && h.less(l, m) {
-			m = l
-		}
-		if r < len(h) && h.less(r, m) {
-			m = r
-		}
-		if m == i {
-			break
-		}
-		h[i], h[m] = h[m], h[i]
-		i = m
-	}
-	*q = h
-	return top
+func (x spmBigram) before(y spmBigram) bool {
+	return x.score > y.score || (x.score == y.score && x.left < y.left)
 }
 
 const spmSpace = "\u2581" // ▁, SentencePiece's space
