@@ -61,13 +61,15 @@ func TestArchSwarmQwen2(t *testing.T) {
 		t.Fatalf("strata run %q, in-process generation %q", got, want.Text)
 	}
 
+	// Every node offers two layers: three cover the model and the plan may leave the fourth
+	// idle (it takes over after the kill), so ready means at least three serving.
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: 4, Model: model, Args: exactArgs})
-	s.MustReady(t, 4, 60*time.Second)
+	s.MustReady(t, 3, 60*time.Second)
 	entry, err := s.Add(context.Background(), "--client-only")
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.MustReady(t, 4, 30*time.Second)
+	s.MustReady(t, 3, 30*time.Second)
 	p := chatParams(user, maxTokens)
 	p.Model = id
 	got, err := stream(context.Background(), client(entry), p, nil)
