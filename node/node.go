@@ -479,9 +479,8 @@ func (n *Node) shape() shard.ModelShape {
 	return n.model.Shape(n.cfg.MaxContext, n.cfg.MaxSessions, 2) // the stages' KV cache is F16
 }
 
-// replan computes the swarm's plan from the live view (every node computes the same one) and
-// moves this node to its part of it.
-func (n *Node) replan() {
+// capacities lists the nodes a plan is made of: every live member that offers memory.
+func (n *Node) capacities() []shard.NodeCapacity {
 	var nodes []shard.NodeCapacity
 	for _, m := range n.peers() {
 		if m.MemoryBytes <= 0 || m.State == discovery.StateDraining {
@@ -493,6 +492,15 @@ func (n *Node) replan() {
 		}
 		nodes = append(nodes, c)
 	}
+	return nodes
+}
+
+func (n *Node) liveMembersKey() string { return membersKey(n.capacities()) }
+
+// replan computes the swarm's plan from the live view (every node computes the same one) and
+// moves this node to its part of it.
+func (n *Node) replan() {
+	nodes := n.capacities()
 	if n.cfg.ClientOnly || len(nodes) == 0 {
 		return
 	}
@@ -519,23 +527,42 @@ func (n *Node) replan() {
 		}
 		return
 	}
-	if err := n.moveTo(mine.Range, mine.Chain); err != nil {
+	if err := n.moveTo(mine.Range, mine.Chain, membersKey(nodes)); err != nil {
 		n.log.Error("could not load the planned layers", "range", mine.Range.String(), "err", err)
 	}
 }
 
+// membersKey names the set of nodes a plan was computed from; a move waits for the swarm to
+// settle only while that set holds.
+func membersKey(nodes []shard.NodeCapacity) string {
+	ids := make([]string, len(nodes))
+	for i, c := range nodes {
+		ids[i] = c.ID
+	}
+	slices.Sort(ids)
+	return strings.Join(ids, ",")
+}
+
 // moveTo loads r and serves it beside the old range, announced as the node's next range, and
 // drops the old range only once the swarm's settled ranges cover every layer: a re-plan moves
-// layers between nodes without a moment in which some layer has no server.
-func (n *Node) moveTo(r shard.Range, chain int) error {
+// layers between nodes without a moment in which some layer has no server. members is the
+// membersKey of the plan that asked for r.
+func (n *Node) moveTo(r shard.Range, chain int, members string) error {
 	n.mu.Lock()
 	old := n.stage
 	if old == nil {
 		n.state = discovery.StateLoading
 	}
-	n.mu.Unlock()
+	// A plan that returns to a range this node is still draining takes that stage back: it is
+	// loaded and served already, and loading it again would collide with it on the host.
 	var st *shard.Stage
-	if !r.Empty() {
+	if i := slices.IndexFunc(n.retiring, func(s *shard.Stage) bool { return s.Info().Range == r }); i >= 0 && !r.Empty() {
+		st = n.retiring[i]
+		n.retiring = slices.Delete(n.retiring, i, i+1)
+		n.log.Info("serving a draining range again", "range", r.String())
+	}
+	n.mu.Unlock()
+	if st == nil && !r.Empty() {
 		n.announce()
 		n.log.Info("loading layers", "range", r.String(), "of", n.model.Layers, "weights", n.model.RangeBytes(r))
 		var err error
@@ -578,7 +605,7 @@ func (n *Node) moveTo(r shard.Range, chain int) error {
 		n.next = st
 		n.mu.Unlock()
 		n.announce()
-		n.awaitSettled(r)
+		n.awaitSettled(r, members)
 	}
 	n.mu.Lock()
 	n.stage, n.next, n.chain, n.state = st, nil, chain, discovery.StateServing
@@ -599,10 +626,17 @@ func (n *Node) moveTo(r shard.Range, chain int) error {
 
 // awaitSettled waits until the ranges the swarm is moving to (each node's next range, or its
 // current one when it is not moving) chain through every layer, with this node at mine. A node
-// that never finishes loading must not pin the old plan forever, hence the bound.
-func (n *Node) awaitSettled(mine shard.Range) {
+// that never finishes loading must not pin the old plan forever, hence the bound. When a node
+// joins or dies meanwhile, the plan being waited for is obsolete and may never settle (a dead
+// node's layers have no server in it), so the switch happens at once and the next re-plan,
+// which this wait would otherwise block, takes over.
+func (n *Node) awaitSettled(mine shard.Range, members string) {
 	deadline := time.Now().Add(max(n.cfg.DrainWait, 30*time.Second))
 	for time.Now().Before(deadline) {
+		if n.liveMembersKey() != members {
+			n.log.Info("membership changed while moving; switching now and re-planning", "range", mine.String())
+			return
+		}
 		var cands []pipeline.Candidate
 		for _, m := range n.peers() {
 			r := shard.Range{Start: m.LayerStart, End: m.LayerEnd}
@@ -634,15 +668,27 @@ func (n *Node) retire(old *shard.Stage) {
 	}
 	time.Sleep(time.Second)
 	deadline := time.Now().Add(n.cfg.DrainWait)
-	for old.Sessions() > 0 && time.Now().Before(deadline) {
+	for old.Sessions() > 0 && time.Now().Before(deadline) && n.isRetiring(old) {
 		time.Sleep(100 * time.Millisecond)
 	}
-	n.host.StopStage(n.sha, old.Info().Range)
 	n.mu.Lock()
-	n.retiring = slices.DeleteFunc(n.retiring, func(st *shard.Stage) bool { return st == old })
+	i := slices.Index(n.retiring, old)
+	if i >= 0 {
+		n.retiring = slices.Delete(n.retiring, i, i+1)
+	}
 	n.mu.Unlock()
+	if i < 0 { // a later plan took it back (moveTo)
+		return
+	}
+	n.host.StopStage(n.sha, old.Info().Range)
 	old.Close()
 	n.log.Info("released layers", "range", old.Info().Range.String())
+}
+
+func (n *Node) isRetiring(st *shard.Stage) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return slices.Contains(n.retiring, st)
 }
 
 // progress reports cutting and loading a slice.
