@@ -90,6 +90,10 @@ type Health struct {
 	Busy  bool         `json:"busy"`
 	Queue *QueueHealth `json:"queue,omitempty"`
 	Fetch *FetchStatus `json:"fetch,omitempty"` // the slice fetch from peers in progress, or the last one (weights.go)
+	// AtPlan: this node serves exactly what the plan of the swarm as it sees it now gives it,
+	// and is not moving. A membership change flips it until the node has re-planned, so a
+	// swarm whose nodes are all ready and at plan has settled (tests and scripts wait for it).
+	AtPlan bool `json:"at_plan"`
 }
 
 // PeerHealth is one member of the swarm as this node sees it.
@@ -145,6 +149,7 @@ func (n *Node) Health() Health {
 		}
 	}
 	h.Fetch = n.Fetch()
+	h.AtPlan = n.atPlan()
 	_, err := n.router.route(0, nil)
 	h.Ready = err == nil
 	if q, busy := n.queueHealth(); n.admit != nil {
@@ -157,6 +162,24 @@ func (n *Node) Health() Health {
 		h.Missing = err.Error()
 	}
 	return h
+}
+
+func (n *Node) atPlan() bool {
+	if n.cfg.ClientOnly {
+		return true
+	}
+	plan, err := shard.PlanLayers(n.shape(), n.capacities())
+	if err != nil {
+		return false
+	}
+	mine, _ := plan.Lookup(n.host.ID().String())
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	cur := shard.Range{}
+	if n.stage != nil {
+		cur = n.stage.Info().Range
+	}
+	return n.next == nil && n.state != discovery.StateLoading && mine.Range == cur
 }
 
 func (n *Node) serveHealth(w http.ResponseWriter, r *http.Request) {

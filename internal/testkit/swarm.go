@@ -133,11 +133,14 @@ type Health struct {
 	PeerID  string `json:"peer_id"`
 	State   string `json:"state"`
 	Missing string `json:"missing"`
+	AtPlan  bool   `json:"at_plan"`
 	Peers   []struct {
-		PeerID   string `json:"peer_id"`
-		State    string `json:"state"`
-		Sessions int    `json:"sessions"`
-		Self     bool   `json:"self"`
+		PeerID   string    `json:"peer_id"`
+		State    string    `json:"state"`
+		Sessions int       `json:"sessions"`
+		Self     bool      `json:"self"`
+		Memory   int64     `json:"memory_bytes"`
+		Next     *struct{} `json:"next"`
 		Range    struct {
 			Start int `json:"start"`
 			End   int `json:"end"`
@@ -161,7 +164,11 @@ func (n *Node) Health(ctx context.Context) (Health, error) {
 	return h, err
 }
 
-// WaitReady waits until every running node reports ready, seeing want serving peers.
+// WaitReady waits until the swarm has settled with at least want nodes that offer memory:
+// every running node is ready (a route covers every layer), sees them all, and is at its part
+// of the plan with nobody loading or moving. How many of them the plan gives layers depends on
+// their measured speeds, so it is not counted: a test that needs a node in some role finds
+// one from /health.
 func (s *Swarm) WaitReady(ctx context.Context, want int, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	var last string
@@ -172,15 +179,18 @@ func (s *Swarm) WaitReady(ctx context.Context, want int, timeout time.Duration) 
 				continue
 			}
 			h, err := n.Health(ctx)
-			serving := 0
+			members, moving := 0, 0
 			for _, p := range h.Peers {
-				if p.State == "serving" {
-					serving++
+				if p.Memory > 0 && p.State != "draining" {
+					members++
+				}
+				if p.State == "loading" || p.Next != nil {
+					moving++
 				}
 			}
-			if err != nil || !h.Ready || serving < want {
+			if err != nil || !h.Ready || !h.AtPlan || members < want || moving > 0 {
 				ok = false
-				last = fmt.Sprintf("node %d: ready=%v serving peers %d/%d missing=%q err=%v", n.Index, h.Ready, serving, want, h.Missing, err)
+				last = fmt.Sprintf("node %d: ready=%v at_plan=%v members %d/%d moving=%d missing=%q err=%v", n.Index, h.Ready, h.AtPlan, members, want, moving, h.Missing, err)
 				break
 			}
 		}
