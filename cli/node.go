@@ -184,8 +184,24 @@ func printStatus(w io.Writer, h node.Health) {
 		fmt.Fprintf(w, "queue  %d waiting of %d (oldest %d ms, mean wait %.0f ms)\n", q.Waiting, q.Depth, q.OldestWaitMs, q.MeanWaitMs)
 	}
 	fmt.Fprintln(w)
-	if f := h.Fetch; f != nil && !f.Done {
-		fmt.Fprintf(w, "fetch  layers %s from %d peers: %s of %s, %s/s\n\n", f.Range, f.Sources, humanBytes(f.TensorBytes), humanBytes(f.SliceBytes), humanBytes(int64(f.BytesPerSec)))
+	for _, f := range h.Fetches {
+		state := "fetching"
+		switch {
+		case f.Error != "":
+			state = "failed: " + f.Error
+		case f.Done && f.Verified:
+			state = "done, verified"
+		case f.Done:
+			state = "done, not yet checked against a manifest"
+		}
+		fmt.Fprintf(w, "fetch  layers %s from %s (%d sources): %s of %s, %s/s, %s\n", f.Range, f.From, f.Sources,
+			humanBytes(f.TensorBytes), humanBytes(f.SliceBytes), humanBytes(int64(f.BytesPerSec)), state)
+		if len(f.Dropped) > 0 {
+			fmt.Fprintf(w, "       dropped (bytes failed the manifest's check): %s\n", strings.Join(f.Dropped, ", "))
+		}
+	}
+	if len(h.Fetches) > 0 {
+		fmt.Fprintln(w)
 	}
 	// The GPU column appears only when some node has a GPU: on CPU-only swarms it would be
 	// a column of zeros.
