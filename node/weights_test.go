@@ -2,6 +2,8 @@ package node_test
 
 import (
 	"context"
+	"encoding/json"
+	"net/http"
 	"os"
 	"os/exec"
 	"regexp"
@@ -11,21 +13,24 @@ import (
 	"time"
 
 	"github.com/strata-llm/strata/internal/testkit"
+	"github.com/strata-llm/strata/node"
 )
 
 // fetchedLine is the log line a node writes after fetching a slice from its peers.
 var fetchedLine = regexp.MustCompile(`msg="fetched slice" layers=(\S+) bytes=(\d+) slice_bytes=(\d+)`)
 
-// node: three nodes of which only the first holds the model file; the others fetch and check
-// only their slices from it, receive at most 1.05x each slice's tensor bytes, and the swarm
-// answers chat with exactly `strata run`'s text.
+// node: three nodes of which only the first holds the model file; the others (one started
+// with --model swarm, one with --model NAME, the name the swarm serves it under) fetch and
+// check only their slices from it, receive at most 1.05x each slice's tensor bytes, show the
+// fetch on /health, and the swarm answers chat with exactly `strata run`'s text under the
+// same model ID on every node.
 func TestSlicesFetchedFromPeers(t *testing.T) {
 	model := swarmModel(t)
 	bin := testkit.BuildStrata(t)
 	t0 := time.Now()
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: 1, Model: model, Args: exactArgs})
-	for range 2 {
-		if _, err := s.Add(context.Background(), "--model", "swarm"); err != nil {
+	for _, m := range []string{"swarm", modelID} {
+		if _, err := s.Add(context.Background(), "--model", m); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -44,8 +49,8 @@ func TestSlicesFetchedFromPeers(t *testing.T) {
 	for _, n := range s.Nodes {
 		c := client(n)
 		models, err := c.Models.List(context.Background())
-		if err != nil || len(models.Data) != 1 {
-			t.Fatalf("node %d /v1/models: %+v, %v", n.Index, models, err)
+		if err != nil || len(models.Data) != 1 || models.Data[0].ID != modelID {
+			t.Fatalf("node %d /v1/models: %+v, %v; want the one model %s", n.Index, models, err, modelID)
 		}
 		p := chatParams("hello", 24)
 		p.Model = models.Data[0].ID
@@ -59,6 +64,7 @@ func TestSlicesFetchedFromPeers(t *testing.T) {
 	}
 
 	t.Logf("chat checked %s after start", time.Since(t0).Round(time.Millisecond))
+	holder := nodeHealth(t, s.Nodes[0]).PeerID
 	for _, n := range s.Nodes[1:] {
 		log, err := os.ReadFile(n.LogPath)
 		if err != nil {
@@ -79,12 +85,42 @@ func TestSlicesFetchedFromPeers(t *testing.T) {
 		if strings.Contains(string(log), "dropping weights source") {
 			t.Fatalf("node %d dropped an honest source:%s", n.Index, n.Tail(30))
 		}
+		h := nodeHealth(t, n)
+		if len(h.Fetches) == 0 {
+			t.Fatalf("node %d /health lists no fetch", n.Index)
+		}
+		for _, f := range h.Fetches {
+			var fromPeers int64
+			for p, b := range f.Peers {
+				if p != holder {
+					t.Fatalf("node %d /health: %d bytes from %s, which holds no slice", n.Index, b, p)
+				}
+				fromPeers += b
+			}
+			if !f.Done || !f.Verified || f.From != "peers" || f.Error != "" || fromPeers != f.TensorBytes || f.TensorBytes != f.SliceBytes {
+				t.Fatalf("node %d /health fetch %+v", n.Index, f)
+			}
+		}
 	}
 	for i := len(s.Nodes) - 1; i >= 0; i-- {
 		t1 := time.Now()
 		err := s.Nodes[i].Stop(30 * time.Second)
 		t.Logf("node %d stopped in %s (%v)", i, time.Since(t1).Round(time.Millisecond), err)
 	}
+}
+
+func nodeHealth(t *testing.T, n *testkit.Node) node.Health {
+	t.Helper()
+	resp, err := http.Get("http://" + n.API + "/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var h node.Health
+	if err := json.NewDecoder(resp.Body).Decode(&h); err != nil {
+		t.Fatalf("node %d /health: %v", n.Index, err)
+	}
+	return h
 }
 
 var (
