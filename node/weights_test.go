@@ -130,7 +130,9 @@ var (
 
 // node: with --slices-only and an hf:// model, nodes read the GGUF header and then only their
 // slices from the hub with Range requests (the hub server counts what it sends), and the swarm
-// answers with exactly `strata run`'s text.
+// answers with exactly `strata run`'s text. A restarted node reads nothing from the hub; once
+// a node holding the whole file joins, the others check the hub's header and slices against
+// its manifest.
 func TestSlicesFromHub(t *testing.T) {
 	model := swarmModel(t)
 	url, served := testkit.ServeHubCounted(t, map[string]string{"owner/repo/resolve/main/tiny.gguf": model})
@@ -184,5 +186,58 @@ func TestSlicesFromHub(t *testing.T) {
 	t.Logf("hub served %d bytes in all (%d tensor bytes) for a %d-byte model on 3 nodes", served.Load(), tensors, st.Size())
 	if served.Load() != accounted || tensors == 0 {
 		t.Fatalf("hub served %d bytes, the nodes account for %d", served.Load(), accounted)
+	}
+
+	// A restart needs no network: the header and the slice come from the node's cache. (The
+	// other two cannot hold the model without it, so the plan waits for it and gives it back
+	// its range.)
+	before, t1 := served.Load(), time.Now()
+	n2 := s.Nodes[2]
+	if err := n2.Stop(30 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Restart(context.Background(), n2); err != nil {
+		t.Fatal(err)
+	}
+	s.MustReady(t, 3, 90*time.Second)
+	settled(t, s.Nodes[0], 3, 6)
+	log, _ := os.ReadFile(n2.LogPath)
+	if !strings.Contains(string(log), "using the model's header cached by an earlier start") ||
+		!regexp.MustCompile(`msg="using the cached slice" slice=\S+ from=hub verified=false`).Match(log) {
+		t.Fatalf("the restarted node did not use its cached header and slice:%s", n2.Tail(30))
+	}
+	if got := served.Load() - before; got != 0 {
+		t.Fatalf("the restart cost the hub %d bytes", got)
+	}
+	t.Logf("node 2 restarted from its cache, no hub bytes, swarm settled again in %s", time.Since(t1).Round(time.Millisecond))
+	t1 = time.Now()
+
+	// A node holding the whole file joins: the others get the manifest from it and check what
+	// they read from the hub alone, the header and their slices.
+	if _, err := s.Add(context.Background(), "--model", model, "--slices-only=false"); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range s.Nodes[:3] {
+		waitLog(t, n, "model header read from the hub matches the swarm's manifest")
+		waitLog(t, n, "slice read from the hub matches the swarm's manifest")
+	}
+	t.Logf("a holder joined and the hub nodes checked their header and slices against its manifest in %s", time.Since(t1).Round(time.Millisecond))
+	for _, f := range nodeHealth(t, s.Nodes[0]).Fetches {
+		if f.From == "hub" && (!f.Verified || f.Error != "") {
+			t.Fatalf("node 0's hub fetch after the check: %+v", f)
+		}
+	}
+}
+
+// waitLog waits for a line in a node's log (a hang guard, not a timing).
+func waitLog(t *testing.T, n *testkit.Node, line string) {
+	t.Helper()
+	for deadline := time.Now().Add(90 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if b, _ := os.ReadFile(n.LogPath); strings.Contains(string(b), line) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node %d never logged %q:%s", n.Index, line, n.Tail(30))
+		}
 	}
 }
