@@ -42,9 +42,9 @@ on which contiguous layers each serves, loads only its slice, and serves the Ope
 API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for others to --join.
 --model is a GGUF path, an Ollama model name found in Ollama's local store, hf://OWNER/REPO[@REV]/FILE.gguf
 from the Hugging Face hub, or an https:// URL (append #sha256=HEX to check it); downloads land in
-DATA_DIR/models. --model swarm (or no --model on a node that joins a swarm and has no Ollama
-model) takes the swarm's model and fetches only this node's slices from its peers, checked
-against the model's manifest. Clients name the model by its ID: the Ollama name, or the GGUF
+DATA_DIR/models. A --model this machine lacks (the model ID a swarm serves), --model swarm, or
+no --model on a node that joins a swarm and has no Ollama model, takes the swarm's model and
+fetches only this node's slices from its peers, checked against the model's manifest. Clients name the model by its ID: the Ollama name, or the GGUF
 file's name without .gguf (GET /v1/models lists it).
 Several nodes on one machine need their own --listen, --api (and --data-dir), a share of the
 memory each (--max-memory) and one --cpu-lock file, or each offers 80% of the free RAM and
