@@ -161,8 +161,11 @@ func (n *Node) modelFromSwarm(ctx context.Context) error {
 				"manifest", weights.ID(enc)[:16], "from", m.PeerID.String())
 			return nil
 		}
-		if want != "" && len(seen) > 0 && time.Since(lastNote) > 10*time.Second {
-			n.log.Warn("no peer serves the model yet", "model", want, "served", seen)
+		if want != "" && time.Since(lastNote) > 10*time.Second {
+			// A typo waits here too: say what was looked for where, and what the swarm serves.
+			_, local := fetch.ResolveLocal(want, "")
+			n.log.Warn("no peer serves the model yet; still waiting (it is not on this machine either)", "model", want,
+				"served_by_peers", seen, "local", local)
 			lastNote = time.Now()
 		}
 		select {
