@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -28,7 +29,8 @@ func TestSlicesFetchedFromPeers(t *testing.T) {
 	model := swarmModel(t)
 	bin := testkit.BuildStrata(t)
 	t0 := time.Now()
-	s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: 1, Model: model, Args: exactArgs})
+	// Three nodes share the cores (NewSwarm would size threads for the one node it starts).
+	s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: 1, Model: model, Args: exactArgs, Threads: max(1, runtime.NumCPU()/3)})
 	for _, m := range []string{"swarm", modelID} {
 		if _, err := s.Add(context.Background(), "--model", m); err != nil {
 			t.Fatal(err)
@@ -101,6 +103,14 @@ func TestSlicesFetchedFromPeers(t *testing.T) {
 				t.Fatalf("node %d /health fetch %+v", n.Index, f)
 			}
 		}
+	}
+	// The dashboard of any node lists both fetches, each from the holder, done and verified.
+	if rows, ok := node.DashboardPoll(t, s.Nodes[0].API, "the two fetches", `(() => {
+		const rows = [...document.querySelectorAll('#fetches tbody tr')].map(r => r.textContent);
+		return !document.getElementById('fetches-section').hidden && rows.length === 2 &&
+			rows.every(r => r.includes('done, verified') && r.includes('peers')) ? rows.join(' | ') : '';
+	})()`); ok {
+		t.Logf("dashboard: %s", rows)
 	}
 	for i := len(s.Nodes) - 1; i >= 0; i-- {
 		t1 := time.Now()
