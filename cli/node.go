@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"os"
 	"slices"
@@ -196,8 +197,19 @@ func printStatus(w io.Writer, h node.Health) {
 		}
 		fmt.Fprintf(w, "fetch  layers %s from %s (%d sources): %s of %s, %s/s, %s\n", f.Range, f.From, f.Sources,
 			humanBytes(f.TensorBytes), humanBytes(f.SliceBytes), humanBytes(int64(f.BytesPerSec)), state)
+		if len(f.Peers) > 0 {
+			var srcs []string
+			for _, p := range slices.Sorted(maps.Keys(f.Peers)) {
+				srcs = append(srcs, shortPeer(p)+" "+humanBytes(f.Peers[p]))
+			}
+			fmt.Fprintf(w, "       received from %s\n", strings.Join(srcs, ", "))
+		}
 		if len(f.Dropped) > 0 {
-			fmt.Fprintf(w, "       dropped (bytes failed the manifest's check): %s\n", strings.Join(f.Dropped, ", "))
+			var d []string
+			for _, p := range f.Dropped {
+				d = append(d, shortPeer(p))
+			}
+			fmt.Fprintf(w, "       dropped (bytes failed the manifest's check): %s\n", strings.Join(d, ", "))
 		}
 	}
 	if len(h.Fetches) > 0 {
