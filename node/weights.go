@@ -357,6 +357,7 @@ func (n *Node) cachedSlice(p string) bool {
 				if err = peerfetch.VerifySlice(p, man); err == nil {
 					rec.Verified, rec.Manifest = true, weights.ID(enc)
 					err = peerfetch.WriteRecord(p, rec)
+					n.log.Info("slice read from the hub matches the swarm's manifest", "slice", filepath.Base(p), "manifest", rec.Manifest[:16])
 				}
 			}
 		}
