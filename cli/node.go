@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"os"
 	"slices"
@@ -42,9 +43,9 @@ on which contiguous layers each serves, loads only its slice, and serves the Ope
 API on --api. Its full multiaddr is logged and written to DATA_DIR/multiaddr for others to --join.
 --model is a GGUF path, an Ollama model name found in Ollama's local store, hf://OWNER/REPO[@REV]/FILE.gguf
 from the Hugging Face hub, or an https:// URL (append #sha256=HEX to check it); downloads land in
-DATA_DIR/models. --model swarm (or no --model on a node that joins a swarm and has no Ollama
-model) takes the swarm's model and fetches only this node's slices from its peers, checked
-against the model's manifest. Clients name the model by its ID: the Ollama name, or the GGUF
+DATA_DIR/models. A --model this machine lacks (the model ID a swarm serves), --model swarm, or
+no --model on a node that joins a swarm and has no Ollama model, takes the swarm's model and
+fetches only this node's slices from its peers, checked against the model's manifest. Clients name the model by its ID: the Ollama name, or the GGUF
 file's name without .gguf (GET /v1/models lists it).
 Several nodes on one machine need their own --listen, --api (and --data-dir), a share of the
 memory each (--max-memory) and one --cpu-lock file, or each offers 80% of the free RAM and
@@ -184,8 +185,35 @@ func printStatus(w io.Writer, h node.Health) {
 		fmt.Fprintf(w, "queue  %d waiting of %d (oldest %d ms, mean wait %.0f ms)\n", q.Waiting, q.Depth, q.OldestWaitMs, q.MeanWaitMs)
 	}
 	fmt.Fprintln(w)
-	if f := h.Fetch; f != nil && !f.Done {
-		fmt.Fprintf(w, "fetch  layers %s from %d peers: %s of %s, %s/s\n\n", f.Range, f.Sources, humanBytes(f.TensorBytes), humanBytes(f.SliceBytes), humanBytes(int64(f.BytesPerSec)))
+	for _, f := range h.Fetches {
+		state := "fetching"
+		switch {
+		case f.Error != "":
+			state = "failed: " + f.Error
+		case f.Done && f.Verified:
+			state = "done, verified"
+		case f.Done:
+			state = "done, not yet checked against a manifest"
+		}
+		fmt.Fprintf(w, "fetch  layers %s from %s (%d sources): %s of %s, %s/s, %s\n", f.Range, f.From, f.Sources,
+			humanBytes(f.TensorBytes), humanBytes(f.SliceBytes), humanBytes(int64(f.BytesPerSec)), state)
+		if len(f.Peers) > 0 {
+			var srcs []string
+			for _, p := range slices.Sorted(maps.Keys(f.Peers)) {
+				srcs = append(srcs, shortPeer(p)+" "+humanBytes(f.Peers[p]))
+			}
+			fmt.Fprintf(w, "       received from %s\n", strings.Join(srcs, ", "))
+		}
+		if len(f.Dropped) > 0 {
+			var d []string
+			for _, p := range f.Dropped {
+				d = append(d, shortPeer(p))
+			}
+			fmt.Fprintf(w, "       dropped (bytes failed the manifest's check): %s\n", strings.Join(d, ", "))
+		}
+	}
+	if len(h.Fetches) > 0 {
+		fmt.Fprintln(w)
 	}
 	// The GPU column appears only when some node has a GPU: on CPU-only swarms it would be
 	// a column of zeros.

@@ -158,3 +158,28 @@ func TestStatusMarksRetiring(t *testing.T) {
 		t.Errorf("status:\n%s", out.String())
 	}
 }
+
+// TestStatusShowsFetches: slice fetches show their layers, source, bytes, speed, the bytes
+// from each peer, dropped peers and whether the slice was checked against a manifest.
+func TestStatusShowsFetches(t *testing.T) {
+	h := node.Health{Ready: true, Model: "m", Layers: 4, PeerID: "p", State: "loading", Fetches: []node.FetchStatus{
+		{Range: shard.Range{Start: 0, End: 2}, From: "peers", Sources: 2, SliceBytes: 4 << 20, TensorBytes: 1 << 20, BytesPerSec: 1 << 20,
+			Peers: map[string]int64{"12D3KooWabcdefghijklmnop": 1 << 20}, Dropped: []string{"12D3KooWzyxwvutsrqponmlk"}},
+		{Range: shard.Range{Start: 2, End: 4}, From: "hub", Sources: 1, SliceBytes: 2 << 20, TensorBytes: 2 << 20, Done: true,
+			Peers: map[string]int64{"hub": 2 << 20}},
+	}}
+	var out bytes.Buffer
+	printStatus(&out, h)
+	for _, want := range []string{
+		"fetch  layers [0,2) from peers (2 sources): 1.0 MiB of 4.0 MiB, 1.0 MiB/s, fetching",
+		"received from …ijklmnop 1.0 MiB",
+		"dropped (bytes failed the manifest's check): …rqponmlk",
+		"fetch  layers [2,4) from hub (1 sources): 2.0 MiB of 2.0 MiB",
+		"done, not yet checked against a manifest",
+		"received from hub 2.0 MiB",
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("status lacks %q:\n%s", want, out.String())
+		}
+	}
+}

@@ -119,6 +119,7 @@ func TestMetaRoundTrip(t *testing.T) {
 	meta := testMeta(t, 4, 12)
 	meta.Chain, meta.FreeGPU, meta.Sessions = 1, 8<<30, 3
 	copy(meta.ManifestID[:], "manifest id 16 b")
+	meta.ModelName = "llama3.3:70b-instruct-q4_K_M"
 	for i := range 4 { // six addresses in all, as a dual-stack TCP+QUIC node has
 		meta.Addrs = append(meta.Addrs, ma.StringCast(fmt.Sprintf("/ip6/fe80::%d/tcp/4001", i+1)))
 	}
@@ -126,8 +127,8 @@ func TestMetaRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("metadata with 6 addresses encodes to %d bytes (memberlist limit %d)", len(b), MaxMetaSize)
-	if len(b) > 300 {
+	t.Logf("metadata with 6 addresses and a %d-byte model name encodes to %d bytes (memberlist limit %d)", len(meta.ModelName), len(b), MaxMetaSize)
+	if len(b) > 340 {
 		t.Errorf("metadata of %d bytes leaves little room under %d", len(b), MaxMetaSize)
 	}
 	got, err := DecodeNodeMeta(b)

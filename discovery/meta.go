@@ -15,6 +15,10 @@ import (
 // larger one, so every encoding is checked against it first.
 const MaxMetaSize = memberlist.MetaMaxSize
 
+// MaxModelName bounds NodeMeta.ModelName: room for a long Ollama name while the metadata
+// keeps far below MaxMetaSize.
+const MaxModelName = 96
+
 // ErrMetaTooLarge is returned when a NodeMeta encodes to more than MaxMetaSize bytes.
 var ErrMetaTooLarge = errors.New("node metadata too large")
 
@@ -59,6 +63,10 @@ type NodeMeta struct {
 	// the node serves (package weights); zero when none. 128 bits keep a forged manifest with
 	// the same prefix out of reach while the metadata stays small.
 	ManifestID [16]byte
+	// ModelName is the name clients use for the model (what /v1/models lists), so a node
+	// started with --model NAME and no file finds the peers serving NAME. At most
+	// MaxModelName bytes.
+	ModelName  string
 	LayerStart int // the served layer range [LayerStart, LayerEnd); empty when none
 	LayerEnd   int
 	// NextStart and NextEnd are a range the node has loaded and serves beside its current one
@@ -83,6 +91,7 @@ type wireMeta struct {
 	Addrs [][]byte `msgpack:"a,omitempty"`
 	Model []byte   `msgpack:"m,omitempty"`
 	Mf    []byte   `msgpack:"mf,omitempty"`
+	MName string   `msgpack:"mn,omitempty"`
 	Start int      `msgpack:"s,omitempty"`
 	End   int      `msgpack:"e,omitempty"`
 	NextS int      `msgpack:"ns,omitempty"`
@@ -120,6 +129,10 @@ func (n NodeMeta) Encode() ([]byte, error) {
 		Ms:    n.MsPerLayer,
 		Sess:  n.Sessions,
 		API:   n.APIAddr,
+		MName: n.ModelName,
+	}
+	if len(n.ModelName) > MaxModelName {
+		return nil, fmt.Errorf("encode node metadata: model name of %d bytes, at most %d", len(n.ModelName), MaxModelName)
 	}
 	if n.ModelSHA256 != ([32]byte{}) {
 		w.Model = n.ModelSHA256[:]
@@ -162,6 +175,10 @@ func DecodeNodeMeta(b []byte) (NodeMeta, error) {
 		MsPerLayer:  w.Ms,
 		Sessions:    w.Sess,
 		APIAddr:     w.API,
+		ModelName:   w.MName,
+	}
+	if len(w.MName) > MaxModelName {
+		return NodeMeta{}, fmt.Errorf("decode node metadata: model name of %d bytes, at most %d", len(w.MName), MaxModelName)
 	}
 	if len(w.Peer) > 0 {
 		id, err := peer.IDFromBytes(w.Peer)

@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"math"
+	"strings"
 	"testing"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
@@ -22,7 +23,7 @@ func seedMeta(f *testing.F) NodeMeta {
 	return NodeMeta{
 		PeerID: id, Addrs: []ma.Multiaddr{ma.StringCast("/ip4/192.168.1.10/tcp/4001")},
 		ModelSHA256: [32]byte{1, 2, 3}, ManifestID: [16]byte{4, 5}, LayerStart: 10, LayerEnd: 40, Chain: 1, State: StateServing,
-		MemoryBytes: 12 << 30, FreeRAM: 3 << 30, MsPerLayer: 1.5, Sessions: 3, APIAddr: "192.168.1.10:8080",
+		MemoryBytes: 12 << 30, FreeRAM: 3 << 30, MsPerLayer: 1.5, Sessions: 3, APIAddr: "192.168.1.10:8080", ModelName: "qwen2.5:7b",
 	}
 }
 
@@ -38,6 +39,7 @@ func TestDecodeRefusesLies(t *testing.T) {
 		"unknown state":    func(w *wireMeta) { w.State = 9 },
 		"NaN speed":        func(w *wireMeta) { w.Ms = float32(math.NaN()) },
 		"negative memory":  func(w *wireMeta) { w.Mem = -1 },
+		"long model name":  func(w *wireMeta) { w.MName = strings.Repeat("x", MaxModelName+1) },
 	} {
 		w := good
 		bad(&w)

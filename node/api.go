@@ -63,7 +63,12 @@ func (n *Node) Models(ctx context.Context) ([]pipeline.ModelCard, error) {
 
 // ModelID is the name clients use for the model: the --model argument's base name.
 func (n *Node) ModelID() string {
-	if n.cfg.fromSwarm() && n.model != nil && n.model.Name != "" {
+	switch {
+	case n.cfg.swarmName != "":
+		return n.cfg.swarmName
+	case n.cfg.fromSwarm() && n.w.name != "":
+		return n.w.name // the name the swarm serves it under
+	case n.cfg.fromSwarm() && n.model != nil && n.model.Name != "":
 		return n.model.Name // no file name to go by
 	}
 	return modelID(n.cfg.Model)
@@ -87,9 +92,9 @@ type Health struct {
 	API         string       `json:"api"`
 	Peers       []PeerHealth `json:"peers"`
 	// Busy: requests are waiting for room (every route is full). A busy swarm is ready.
-	Busy  bool         `json:"busy"`
-	Queue *QueueHealth `json:"queue,omitempty"`
-	Fetch *FetchStatus `json:"fetch,omitempty"` // the slice fetch from peers in progress, or the last one (weights.go)
+	Busy    bool          `json:"busy"`
+	Queue   *QueueHealth  `json:"queue,omitempty"`
+	Fetches []FetchStatus `json:"fetches,omitempty"` // this node's recent slice fetches, from peers or the hub (weights.go)
 	// AtPlan: this node serves exactly what the plan of the swarm as it sees it now gives it,
 	// and is not moving. A membership change flips it until the node has re-planned, so a
 	// swarm whose nodes are all ready and at plan has settled (tests and scripts wait for it).
@@ -148,7 +153,7 @@ func (n *Node) Health() Health {
 			h.Peers[len(h.Peers)-1].Next = &shard.Range{Start: m.NextStart, End: m.NextEnd}
 		}
 	}
-	h.Fetch = n.Fetch()
+	h.Fetches = n.Fetches()
 	h.AtPlan = n.atPlan()
 	_, err := n.router.route(0, nil)
 	h.Ready = err == nil

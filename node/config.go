@@ -68,6 +68,10 @@ type Config struct {
 	// slices from the server with Range requests instead of downloading the whole file.
 	SlicesOnly bool
 
+	// swarmName is set when --model names a model this machine lacks, to be taken from the
+	// swarm (see nameInSwarm).
+	swarmName string
+
 	// Benchmarks only: emulate a slower network on this node's libp2p streams (p2p.WithLatency).
 	InjectLatency   time.Duration // one-way latency added to every frame this node sends
 	InjectBandwidth float64       // bytes/s of the emulated link; 0: unlimited

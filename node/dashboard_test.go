@@ -279,3 +279,33 @@ func dashChatOnce(api, model, user string, maxTokens int) (string, error) {
 	}
 	return out.Choices[0].Message.Content, nil
 }
+
+// DashboardPoll opens a node's dashboard in headless Chromium and polls the JavaScript
+// expression expr until it yields a non-empty string, which it returns; ok is false (and
+// the check is skipped) without a Chromium binary or with -short. Exported for the swarm
+// tests of package node_test, which check what their swarm's page shows.
+func DashboardPoll(t *testing.T, api, what, expr string) (v string, ok bool) {
+	t.Helper()
+	bin := findChromium()
+	if bin == "" || testing.Short() {
+		t.Logf("no chromium (or -short): not checking that the dashboard shows %s", what)
+		return "", false
+	}
+	opts := append(chromedp.DefaultExecAllocatorOptions[:], chromedp.ExecPath(bin), chromedp.Headless, chromedp.NoSandbox,
+		chromedp.DisableGPU, chromedp.NoFirstRun, chromedp.UserDataDir(t.TempDir()),
+		chromedp.Flag("disable-background-networking", true), chromedp.Flag("disable-component-update", true))
+	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
+	defer cancelAlloc()
+	bctx, cancelBrowser := chromedp.NewContext(allocCtx)
+	defer cancelBrowser()
+	ctx, cancel := context.WithTimeout(bctx, 90*time.Second) // a hang guard
+	defer cancel()
+	if err := chromedp.Do(ctx, chromedp.Navigate("http://"+api+"/")); err != nil {
+		t.Fatalf("open the dashboard: %v", err)
+	}
+	v, err := chromedp.Run(ctx, chromedp.Poll[string](expr, chromedp.WithPollingInterval(100*time.Millisecond), chromedp.WithPollingTimeout(60*time.Second)))
+	if err != nil {
+		t.Fatalf("waiting for the dashboard to show %s: %v", what, err)
+	}
+	return v, true
+}

@@ -248,6 +248,9 @@ type NodeStats struct {
 	HopSum          map[string]float64 `json:"hop_seconds_sum,omitempty"`
 	ResidentBytes   float64            `json:"resident_bytes"`
 	ProcessCPUTotal float64            `json:"cpu_seconds"`
+	// Fetches are the node's recent slice fetches (weights.go), for the dashboard's view of
+	// weights moving through the swarm.
+	Fetches []FetchStatus `json:"fetches,omitempty"`
 }
 
 // Stats summarises the node's registry. It reads what /metrics serves, so the two never
@@ -260,7 +263,7 @@ func (n *Node) Stats() (NodeStats, error) {
 	if n.host == nil {
 		return NodeStats{}, errors.New("node stats: the node has not started")
 	}
-	s := NodeStats{PeerID: n.host.ID().String(), TimeMs: time.Now().UnixMilli()}
+	s := NodeStats{PeerID: n.host.ID().String(), TimeMs: time.Now().UnixMilli(), Fetches: n.Fetches()}
 	label := func(m *dto.Metric, name string) string {
 		for _, l := range m.GetLabel() {
 			if l.GetName() == name {

@@ -109,6 +109,11 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 	} else if k > 0 {
 		n.log.Info("removed temporary files a crash left in the slice cache", "files", k)
 	}
+	if cfg.nameInSwarm() {
+		n.cfg.swarmName = cfg.Model
+		cfg = n.cfg
+		n.log.Info("model not found on this machine: taking it from the swarm", "model", cfg.Model)
+	}
 	swarm := cfg.fromSwarm() || cfg.hubSlices() // no model file: the slices come from the peers or the hub
 	if !swarm {
 		if n.modelPath, err = n.resolveModel(ctx); err != nil {

@@ -324,54 +324,6 @@ func (c *WeightsConn) roundTrip(ctx context.Context, req weightsRequest, dst []b
 	return dst, nil
 }
 
-// Limiter paces bytes to a rate, shared by any number of streams. A nil Limiter does not
-// limit.
-type Limiter struct {
-	rate  float64 // bytes per second
-	burst float64
-
-	mu     sync.Mutex
-	tokens float64
-	last   time.Time
-}
-
-// NewLimiter returns a limiter of bytesPerSecond, or nil (no limit) when it is not positive.
-func NewLimiter(bytesPerSecond int64) *Limiter {
-	if bytesPerSecond <= 0 {
-		return nil
-	}
-	b := max(float64(bytesPerSecond)/4, MaxWeightsChunk)
-	return &Limiter{rate: float64(bytesPerSecond), burst: b, tokens: b, last: time.Now()}
-}
-
-// Wait blocks until n bytes may pass.
-func (l *Limiter) Wait(ctx context.Context, n int) error {
-	if l == nil {
-		return nil
-	}
-	l.mu.Lock()
-	now := time.Now()
-	l.tokens = min(l.burst, l.tokens+now.Sub(l.last).Seconds()*l.rate)
-	l.last = now
-	l.tokens -= float64(n)
-	wait := time.Duration(0)
-	if l.tokens < 0 {
-		wait = time.Duration(-l.tokens / l.rate * float64(time.Second))
-	}
-	l.mu.Unlock()
-	if wait == 0 {
-		return nil
-	}
-	t := time.NewTimer(wait)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
-
 // addWeightsLimits gives the weights protocol its own resource-manager budget: a few
 // streams per peer (a fetcher runs one per worker) and a chunk buffer each.
 func addWeightsLimits(limits *rcmgr.ScalingLimitConfig) {

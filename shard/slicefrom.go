@@ -67,3 +67,11 @@ func WriteSliceFrom(ctx context.Context, meta *fsggml.GGML, size int64, srcSHA25
 	kv[sliceOfKey] = srcSHA256
 	return gguf.WriteAtomic(dst, kv, out)
 }
+
+// SliceOfKey is the metadata key naming the sha256 of the model a slice was cut from, and
+// AbsentOutput the placeholder tensor a first stage without an LM head carries: a verifier
+// of fetched slices skips both when comparing a slice with the model's manifest.
+const (
+	SliceOfKey   = sliceOfKey
+	AbsentOutput = absentOutput
+)

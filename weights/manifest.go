@@ -233,14 +233,11 @@ func hexLower(s string) string {
 // the manifest's tensors at the same places, so a slice written from the header and
 // verified tensors is the file the manifest's builder held.
 func (m *Manifest) Parse() (*fsggml.GGML, error) {
-	meta, err := gguf.Decode(&headerReader{hdr: m.Header, size: m.FileSize})
+	meta, err := ParseHeader(m.Header, m.FileSize)
 	if err != nil {
-		return nil, fmt.Errorf("%w: header: %w", ErrBadManifest, err)
+		return nil, err
 	}
 	base := int64(meta.Tensors().Offset)
-	if base != int64(len(m.Header)) {
-		return nil, fmt.Errorf("%w: header says tensors start at %d, manifest has %d header bytes", ErrBadManifest, base, len(m.Header))
-	}
 	items := meta.Tensors().Items()
 	if len(items) != len(m.Tensors) {
 		return nil, fmt.Errorf("%w: header lists %d tensors, manifest %d", ErrBadManifest, len(items), len(m.Tensors))
@@ -250,6 +247,19 @@ func (m *Manifest) Parse() (*fsggml.GGML, error) {
 		if !ok || mt.Offset != base+int64(t.Offset) || uint64(mt.Size) != t.Size() {
 			return nil, fmt.Errorf("%w: tensor %q: header and manifest disagree on where it lies", ErrBadManifest, t.Name)
 		}
+	}
+	return meta, nil
+}
+
+// ParseHeader decodes a GGUF header: the bytes of a file of fileSize before its first
+// tensor. It checks that the header says its tensors start right after it.
+func ParseHeader(hdr []byte, fileSize int64) (*fsggml.GGML, error) {
+	meta, err := gguf.Decode(&headerReader{hdr: hdr, size: fileSize})
+	if err != nil {
+		return nil, fmt.Errorf("%w: header: %w", ErrBadManifest, err)
+	}
+	if base := int64(meta.Tensors().Offset); base != int64(len(hdr)) {
+		return nil, fmt.Errorf("%w: header says tensors start at %d, have %d header bytes", ErrBadManifest, base, len(hdr))
 	}
 	return meta, nil
 }

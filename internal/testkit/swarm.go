@@ -40,6 +40,7 @@ type Node struct {
 	Multiaddr string // libp2p address with /p2p/ID
 	LogPath   string
 	cmd       *exec.Cmd
+	args      []string
 	exited    chan struct{}
 }
 
@@ -80,30 +81,56 @@ func (s *Swarm) Add(ctx context.Context, extra ...string) (*Node, error) {
 	if len(s.Nodes) > 0 {
 		args = append(args, "--join", s.Nodes[0].Multiaddr)
 	}
-	args = append(append(args, s.opts.Args...), extra...)
-	logf, err := os.Create(n.LogPath)
-	if err != nil {
+	n.args = append(append(args, s.opts.Args...), extra...)
+	if err := os.Remove(n.LogPath); err != nil && !os.IsNotExist(err) {
 		return nil, err
 	}
-	n.cmd = exec.Command(s.opts.Binary, args...)
-	n.cmd.Stdout, n.cmd.Stderr = logf, logf
+	err := s.start(ctx, n)
+	if n.cmd == nil || n.cmd.Process == nil {
+		return nil, err // never started
+	}
+	s.Nodes = append(s.Nodes, n)
+	return n, err
+}
+
+// Restart starts a stopped node again with the same data dir and flags (its identity, slice
+// cache and cached headers carry over); its log continues in the same file.
+func (s *Swarm) Restart(ctx context.Context, n *Node) error {
+	if !n.Exited() {
+		return fmt.Errorf("restart node %d: still running", n.Index)
+	}
+	for _, f := range []string{"multiaddr", "api"} {
+		if err := os.Remove(filepath.Join(n.DataDir, f)); err != nil && !os.IsNotExist(err) {
+			return err
+		}
+	}
+	n.exited = make(chan struct{})
+	return s.start(ctx, n)
+}
+
+func (s *Swarm) start(ctx context.Context, n *Node) error {
+	logf, err := os.OpenFile(n.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command(s.opts.Binary, n.args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
 	// Pdeathsig: nodes die with the process that started them, even when it cannot clean up
 	// (a test binary killed at its timeout, a demo killed with -9).
-	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := n.cmd.Start(); err != nil {
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
 		logf.Close()
-		return nil, fmt.Errorf("start node %d: %w", i, err)
+		close(n.exited) // nothing runs: Stop and Exited see a stopped node
+		return fmt.Errorf("start node %d: %w", n.Index, err)
 	}
+	n.cmd = cmd
+	exited := n.exited
 	go func() {
-		_ = n.cmd.Wait()
+		_ = cmd.Wait()
 		logf.Close()
-		close(n.exited)
+		close(exited)
 	}()
-	s.Nodes = append(s.Nodes, n)
-	if err := n.waitAddrs(ctx, 60*time.Second); err != nil {
-		return n, err
-	}
-	return n, nil
+	return n.waitAddrs(ctx, 60*time.Second)
 }
 
 func (n *Node) waitAddrs(ctx context.Context, timeout time.Duration) error {

@@ -88,6 +88,47 @@
     renderTiles(v);
     renderMap(h);
     renderNodes(v);
+    renderFetches(v);
+  }
+
+  // ---------- weights fetches ----------
+
+  function renderFetches(v) {
+    const rows = [];
+    for (const [peer, st] of Object.entries(v.nodes || {})) {
+      for (const f of st.fetches || []) {
+        const tr = el("tr");
+        const name = el("td");
+        const sw = el("span", "swatch");
+        sw.style.background = color(peer);
+        name.append(sw, el("code", "", short(peer)));
+        const pct = f.slice_bytes > 0 ? Math.min(100, (100 * f.tensor_bytes) / f.slice_bytes) : 0;
+        const prog = el("progress");
+        prog.max = 100;
+        prog.value = f.done ? 100 : pct;
+        prog.title = `${pct.toFixed(0)}%`;
+        const progCell = el("td");
+        progCell.append(prog);
+        const srcs = Object.entries(f.peers || {}).map(([p, b]) => `${p === "hub" ? "hub" : short(p)} ${bytes(b)}`).join(", ");
+        let state = "fetching";
+        if (f.error) state = `failed: ${f.error}`;
+        else if (f.done) state = f.verified ? "done, verified" : "done, unverified (no manifest yet)";
+        if ((f.dropped || []).length) state += ` · dropped ${f.dropped.map(short).join(", ")}`;
+        tr.append(
+          name,
+          el("td", "", layers(f.range)),
+          el("td", "", f.from),
+          progCell,
+          el("td", "num", `${bytes(f.tensor_bytes)} / ${bytes(f.slice_bytes)}`),
+          el("td", "num", `${bytes(f.bytes_per_sec)}/s`),
+          el("td", "", srcs || "–"),
+          el("td", f.error ? "bad" : "", state),
+        );
+        rows.push(tr);
+      }
+    }
+    $("fetches-section").hidden = rows.length === 0;
+    $("fetches").tBodies[0].replaceChildren(...rows);
   }
 
   // ---------- totals ----------

@@ -68,6 +68,8 @@ type config struct {
 	report   func(float32)
 	log      *slog.Logger
 	manifest []byte
+	perSrc   func(source string, n int64)
+	header   []byte
 }
 
 // WithChunk sets the bytes of one range request (default 4 MiB).
@@ -75,6 +77,14 @@ func WithChunk(n int) Option { return func(c *config) { c.chunk = n } }
 
 // WithProgress reports the fraction of the slice's tensor bytes received.
 func WithProgress(f func(float32)) Option { return func(c *config) { c.report = f } }
+
+// WithSourceBytes reports each chunk's bytes as it arrives, with the source that sent it
+// (a peer's ID, or "hub"), for a live view of who serves a fetch.
+func WithSourceBytes(f func(source string, n int64)) Option { return func(c *config) { c.perSrc = f } }
+
+// WithHeader gives FetchFromHub the model's GGUF header (bytes before the first tensor),
+// cached from an earlier read, so it reads only tensor ranges.
+func WithHeader(hdr []byte) Option { return func(c *config) { c.header = hdr } }
 
 // WithLogger sets the logger.
 func WithLogger(l *slog.Logger) Option { return func(c *config) { c.log = l } }
@@ -442,6 +452,9 @@ func (tw *tensorWriter) writeTo(w io.Writer) (int64, error) {
 			f.bytes.Add(int64(len(b)))
 			cur.bytes.Add(int64(len(b)))
 			f.done.Add(int64(len(b)))
+			if f.cfg.perSrc != nil {
+				f.cfg.perSrc(cur.Name, int64(len(b)))
+			}
 			h.Write(b)
 			at.srcs[i], at.sums[i] = cur, sha256.Sum256(b)
 			if _, err := wa.WriteAt(b, off); err != nil {

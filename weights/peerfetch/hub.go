@@ -23,6 +23,9 @@ type RangeReader interface {
 	Size() int64
 }
 
+// HubSource names the hub as a source of bytes (WithSourceBytes).
+const HubSource = "hub"
+
 // HubStats is what FetchFromHub did.
 type HubStats struct {
 	HeaderBytes int64 // bytes read to parse the GGUF header
@@ -58,8 +61,13 @@ func FetchFromHub(ctx context.Context, req Request, src RangeReader, opts ...Opt
 		}
 		man = m
 	}
-	meta, hb, err := RemoteHeader(ctx, src)
-	st.HeaderBytes = hb
+	var meta *fsggml.GGML
+	var err error
+	if cfg.header != nil {
+		meta, err = weights.ParseHeader(cfg.header, size)
+	} else {
+		meta, _, st.HeaderBytes, err = RemoteHeader(ctx, src)
+	}
 	if err != nil {
 		return st, fmt.Errorf("fetch slice from hub: %w", err)
 	}
@@ -99,6 +107,9 @@ func FetchFromHub(ctx context.Context, req Request, src RangeReader, opts ...Opt
 				}
 				tensorBytes.Add(int64(len(b)))
 				done.Add(int64(len(b)))
+				if cfg.perSrc != nil {
+					cfg.perSrc(HubSource, int64(len(b)))
+				}
 				h.Write(b)
 				if _, err := wa.WriteAt(b, off); err != nil {
 					cancel()
@@ -127,14 +138,18 @@ func FetchFromHub(ctx context.Context, req Request, src RangeReader, opts ...Opt
 }
 
 // RemoteHeader reads and decodes the GGUF header of a remote file, in 256 KiB ranges, and
-// says how many bytes it read.
-func RemoteHeader(ctx context.Context, src RangeReader) (*fsggml.GGML, int64, error) {
-	hdr := &blockReader{ctx: ctx, src: src, size: src.Size(), block: 256 << 10}
-	meta, err := gguf.Decode(io.NewSectionReader(hdr, 0, src.Size()))
+// returns its bytes (those before the first tensor) and how many bytes it read.
+func RemoteHeader(ctx context.Context, src RangeReader) (meta *fsggml.GGML, hdr []byte, read int64, err error) {
+	br := &blockReader{ctx: ctx, src: src, size: src.Size(), block: 256 << 10}
+	meta, err = gguf.Decode(io.NewSectionReader(br, 0, src.Size()))
 	if err != nil {
-		return nil, hdr.read.Load(), fmt.Errorf("header: %w", err)
+		return nil, nil, br.read.Load(), fmt.Errorf("header: %w", err)
 	}
-	return meta, hdr.read.Load(), nil
+	hdr = make([]byte, meta.Tensors().Offset)
+	if _, err := br.ReadAt(hdr, 0); err != nil {
+		return nil, nil, br.read.Load(), fmt.Errorf("header: %w", err)
+	}
+	return meta, hdr, br.read.Load(), nil
 }
 
 type writerFunc func(io.Writer) (int64, error)

@@ -100,6 +100,24 @@ func (h *Holdings) AddFile(model [32]byte, path string) error {
 	return nil
 }
 
+// RemoveFile stops serving a file added with AddFile (a slice that failed a check).
+func (h *Holdings) RemoveFile(model [32]byte, path string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	hd := h.models[model]
+	if hd == nil || hd.files[path] == nil {
+		return
+	}
+	f := hd.files[path]
+	for name, p := range hd.tensors {
+		if p.f == f {
+			delete(hd.tensors, name)
+		}
+	}
+	delete(hd.files, path)
+	f.Close()
+}
+
 // Close closes every file.
 func (h *Holdings) Close() error {
 	h.mu.Lock()
