@@ -19,7 +19,7 @@ type llama struct {
 	hidden, heads, kvHeads, headDim, rdim int
 	eps, ropeBase, ropeScale              float32
 
-	neox bool // RoPE on the two halves of each head (Qwen 2), not adjacent pairs
+	neox  bool // RoPE on the two halves of each head (Qwen 2), not adjacent pairs
 	route routing
 
 	ends
