@@ -82,6 +82,9 @@ func newInfoCommand() *cobra.Command {
 			fmt.Fprintf(w, "name        %s\narchitecture %s\nlayers      %d\nhidden      %d\nheads       %d (kv %d, dim %d)\nffn         %d\nvocabulary  %d\ncontext     %d\nweights     %s (layer %s, embeddings %s, head %s)\n",
 				m.Name, m.Arch, m.Layers, m.Hidden, m.Heads, m.KVHeads, m.HeadDim, m.FFN, m.Vocab, m.ContextLength,
 				humanBytes(m.TotalBytes), humanBytes(m.LayerBytes[0]), humanBytes(m.EmbedBytes), humanBytes(m.HeadBytes))
+			if m.Experts > 0 {
+				fmt.Fprintf(w, "experts     %d per layer, %d per token\n", m.Experts, m.ExpertsUsed)
+			}
 			sliding, window := 0, 0
 			for _, w := range m.Windows {
 				if w > 0 {

@@ -34,6 +34,8 @@ type ModelInfo struct {
 	HeadDim       int // of keys
 	ValueDim      int
 	FFN           int
+	Experts       int // mixture of experts: experts per layer (0: dense) and used per token
+	ExpertsUsed   int
 	Vocab         int
 	ContextLength int
 	ChatTemplate  string
@@ -133,6 +135,7 @@ func modelInfo(path string, size int64, meta *fsggml.GGML) (*ModelInfo, error) {
 		m.FFN = int(ffn[0])
 	}
 	m.Vocab = len(kv.Strings("tokenizer.ggml.tokens"))
+	m.Experts, m.ExpertsUsed = int(kv.Uint("expert_count")), int(kv.Uint("expert_used_count"))
 	if m.Layers <= 0 || m.Hidden <= 0 || m.Heads <= 0 {
 		return nil, fmt.Errorf("model metadata incomplete: block_count=%d embedding_length=%d head_count=%d", m.Layers, m.Hidden, m.Heads)
 	}
