@@ -2,6 +2,7 @@ package shard_test
 
 import (
 	"context"
+	"os"
 	"slices"
 	"testing"
 
@@ -82,13 +83,18 @@ func TestMixtralQuantSplit(t *testing.T) {
 // routing: the tiny MoE models cut in three, activations rounded through the f16 codec at
 // each boundary as the wire would carry them. It logs how many (token, layer) routing
 // decisions of the float64 reference change when its stream is rounded the same way at the
-// same boundaries (teacher-forced on the f32 run's tokens), and where Strata's greedy tokens
+// same boundaries (teacher-forced on the prompt and the f32 run's tokens, padded to 512 with
+// fixed pseudo-random ones when STRATA_MEASURE_ROUTING is set), and where Strata's greedy tokens
 // first part from the f32 run's. Skipped with -short.
 func TestMoEF16RoutingFlips(t *testing.T) {
 	if testing.Short() {
 		t.Skip("a measurement, not an oracle")
 	}
 	const n = 64
+	long := 0 // STRATA_MEASURE_ROUTING=1: 512 reference tokens (~25 s a model), not ~90
+	if os.Getenv("STRATA_MEASURE_ROUTING") != "" {
+		long = 512
+	}
 	for _, c := range []struct {
 		name string
 		path func() string
@@ -112,6 +118,9 @@ func TestMoEF16RoutingFlips(t *testing.T) {
 			// Routing decisions of the reference over the f32 run's sequence, with and
 			// without the f16 round trip where the stages meet.
 			seq := append(slices.Clone(prompt), want[:n-1]...)
+			for x := uint32(1); len(seq) < long; x = x*1103515245 + 12345 {
+				seq = append(seq, int32(x>>8)%2048) // more decisions: tokens from a fixed LCG
+			}
 			plain := referenceRoutes(t, path, seq, nil)
 			rounded := referenceRoutes(t, path, seq, func(l int, x []float64) {
 				if l == 2 || l == 4 {
