@@ -3,8 +3,12 @@ package shard_test
 import (
 	"context"
 	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
+
+	fsggml "github.com/ollama/ollama/fs/ggml"
 
 	"github.com/strata-llm/strata/internal/testkit"
 	"github.com/strata-llm/strata/quant"
@@ -235,5 +239,58 @@ func f16RoundTrip(t *testing.T, x []float64) {
 	}
 	for i := range x {
 		x[i] = float64(v[i])
+	}
+}
+
+// TestMoELayerBytes: a MoE layer's weight bytes, which the planner, memory offers and /health
+// use, count every expert, not one dense MLP's worth.
+func TestMoELayerBytes(t *testing.T) {
+	info, err := shard.ReadModelInfo(tinyMixtral(t, "f32"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, kv, ffn, experts := 64, 32, 192, 8 // the tiny preset: 4 heads of 16, 2 KV heads
+	want := 4 * int64(2*h*h+2*h*kv+2*h+h*experts+3*h*ffn*experts)
+	if info.Experts != experts || info.ExpertsUsed != 2 {
+		t.Errorf("experts %d used %d, want 8 and 2", info.Experts, info.ExpertsUsed)
+	}
+	for l, b := range info.LayerBytes {
+		if b != want {
+			t.Errorf("layer %d: %d bytes, want %d (attention, norms, router and 8 experts)", l, b, want)
+		}
+	}
+	if c := info.Shape(2048, 1, 2).LayerCosts[0]; c != want+2048*info.KVBytesPerToken(2) {
+		t.Errorf("planner cost of layer 0: %d, want its weights %d and its KV", c, want)
+	}
+}
+
+// TestMoEBadMetadata: expert keys that cannot be right are refused by name when the file is
+// read, before any weight is loaded.
+func TestMoEBadMetadata(t *testing.T) {
+	for _, c := range []struct {
+		arch          string
+		count, used   uint32
+		wantSubstring string
+	}{
+		{"qwen3moe", 0, 0, "expert_count is 0"},
+		{"qwen3moe", 8, 9, "expert_used_count 9"},
+		{"qwen3moe", 8, 0, "expert_used_count 0"},
+		{"llama", 8, 0, "expert_used_count 0"},
+	} {
+		path := filepath.Join(t.TempDir(), "m.gguf")
+		f, err := os.Create(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := c.arch
+		kv := fsggml.KV{"general.architecture": a, a + ".block_count": uint32(2), a + ".embedding_length": uint32(64),
+			a + ".attention.head_count": uint32(4), a + ".expert_count": c.count, a + ".expert_used_count": c.used}
+		if err := fsggml.WriteGGUF(f, kv, nil); err != nil {
+			t.Fatal(err)
+		}
+		f.Close()
+		if _, err := shard.ReadModelInfo(path); err == nil || !strings.Contains(err.Error(), c.wantSubstring) {
+			t.Errorf("%s with %d experts, %d used: %v, want an error saying %q", a, c.count, c.used, err, c.wantSubstring)
+		}
 	}
 }
