@@ -204,6 +204,9 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	b.rep.Model = ModelSummary{Path: path, Name: info.Name, Type: info.FileType, Layers: info.Layers, Hidden: info.Hidden,
 		Experts: info.Experts, ExpertsUsed: info.ExpertsUsed, ExpertsOverride: b.cfg.Experts > 0,
 		Vocab: info.Vocab, Bytes: info.TotalBytes, DecodeBytes: info.RangeBytes(shard.Range{Start: 0, End: info.Layers}) - info.EmbedBytes + info.EmbedBytes/int64(max(info.Vocab, 1))}
+	if info.Experts > 0 { // a token reads only the experts it routes to
+		b.rep.Model.DecodeBytes -= info.ExpertBytes - info.ExpertBytes*int64(info.ExpertsUsed)/int64(info.Experts)
+	}
 	b.rep.Settings = Settings{Nodes: cfg.Nodes, Concurrency: cfg.Concurrency, Codec: cfg.Codec.String(), Tokens: cfg.Tokens,
 		PromptTokens: cfg.PromptTokens, Context: b.context, Sessions: b.sessions, ThreadsPerNode: cfg.NodeThreads,
 		WholeThreads: cfg.Cores, Latency: cfg.Latency.Seconds(), Bandwidth: cfg.Bandwidth, HopPayloadBytes: hop}

@@ -37,7 +37,8 @@ type ModelSummary struct {
 	Experts         int  `json:"experts,omitempty"`
 	ExpertsUsed     int  `json:"experts_used,omitempty"`
 	ExpertsOverride bool `json:"experts_override,omitempty"`
-	// DecodeBytes is what one decode step reads: every layer and the LM head (the embedding
+	// DecodeBytes is what one decode step reads: every layer (of a MoE layer, the experts one
+	// token uses) and the LM head (the embedding
 	// lookup reads one row).
 	DecodeBytes int64 `json:"decode_read_bytes"`
 }

@@ -36,6 +36,7 @@ type ModelInfo struct {
 	FFN           int
 	Experts       int // mixture of experts: experts per layer (0: dense) and used per token
 	ExpertsUsed   int
+	ExpertBytes   int64 // all layers' expert tensors (ffn_*_exps), of which a token reads used/count
 	Vocab         int
 	ContextLength int
 	ChatTemplate  string
@@ -170,6 +171,9 @@ func modelInfo(path string, size int64, meta *fsggml.GGML) (*ModelInfo, error) {
 			return nil, fmt.Errorf("tensor %s is beyond block_count %d", t.Name, m.Layers)
 		case ok:
 			m.LayerBytes[layer] += sz
+			if strings.Contains(t.Name, "_exps.") {
+				m.ExpertBytes += sz
+			}
 		case strings.HasPrefix(t.Name, "token_embd."):
 			embd += sz
 			if m.Vocab == 0 && len(t.Shape) == 2 {
