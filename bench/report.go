@@ -38,8 +38,7 @@ type ModelSummary struct {
 	ExpertsUsed     int  `json:"experts_used,omitempty"`
 	ExpertsOverride bool `json:"experts_override,omitempty"`
 	// DecodeBytes is what one decode step reads: every layer (of a MoE layer, the experts one
-	// token uses) and the LM head (the embedding
-	// lookup reads one row).
+	// token uses) and the LM head (the embedding lookup reads one row).
 	DecodeBytes int64 `json:"decode_read_bytes"`
 }
 
