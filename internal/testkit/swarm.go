@@ -100,7 +100,13 @@ func (s *Swarm) Add(ctx context.Context, extra ...string) (*Node, error) {
 		close(n.exited)
 	}()
 	s.Nodes = append(s.Nodes, n)
-	if err := n.waitAddrs(ctx, 60*time.Second); err != nil {
+	// A node writes its addresses after hashing the model: the hang guard grows with the file
+	// (16 MB/s, what a loaded 2-core machine still hashes), or a GB-sized model never starts.
+	guard := 60 * time.Second
+	if st, err := os.Stat(s.opts.Model); err == nil {
+		guard += time.Duration(st.Size()/16e6) * time.Second
+	}
+	if err := n.waitAddrs(ctx, guard); err != nil {
 		return n, err
 	}
 	return n, nil
