@@ -28,12 +28,13 @@ import (
 
 // Config says what to measure. Zero fields take the defaults noted.
 type Config struct {
-	Arch   string // architecture of the synthesized model (default llama)
-	Preset string // synthesized model shape (default "70b")
-	Layers int    // layers of the synthesized model (default: the preset's)
-	Type   string // weight format (default "q4_0")
-	Seed   uint64 // weights seed (default 1)
-	Model  string // measure this GGUF file instead of synthesizing one
+	Arch    string // architecture of the synthesized model (default llama)
+	Preset  string // synthesized model shape (default "70b")
+	Layers  int    // layers of the synthesized model (default: the preset's)
+	Experts int    // experts per layer of the synthesized model (default: the preset's)
+	Type    string // weight format (default "q4_0")
+	Seed    uint64 // weights seed (default 1)
+	Model   string // measure this GGUF file instead of synthesizing one
 
 	Nodes        int           // swarm size (default 3)
 	Concurrency  []int         // concurrent streams per level (default 1, 4, 8)
@@ -201,7 +202,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		return nil, fmt.Errorf("bench: %w", err)
 	}
 	b.rep.Model = ModelSummary{Path: path, Name: info.Name, Type: info.FileType, Layers: info.Layers, Hidden: info.Hidden,
+		Experts: info.Experts, ExpertsUsed: info.ExpertsUsed, ExpertsOverride: b.cfg.Experts > 0,
 		Vocab: info.Vocab, Bytes: info.TotalBytes, DecodeBytes: info.RangeBytes(shard.Range{Start: 0, End: info.Layers}) - info.EmbedBytes + info.EmbedBytes/int64(max(info.Vocab, 1))}
+	if info.Experts > 0 { // a token reads only the experts it routes to
+		b.rep.Model.DecodeBytes -= info.ExpertBytes - info.ExpertBytes*int64(info.ExpertsUsed)/int64(info.Experts)
+	}
 	b.rep.Settings = Settings{Nodes: cfg.Nodes, Concurrency: cfg.Concurrency, Codec: cfg.Codec.String(), Tokens: cfg.Tokens,
 		PromptTokens: cfg.PromptTokens, Context: b.context, Sessions: b.sessions, ThreadsPerNode: cfg.NodeThreads,
 		WholeThreads: cfg.Cores, Latency: cfg.Latency.Seconds(), Bandwidth: cfg.Bandwidth, HopPayloadBytes: hop}
@@ -279,6 +284,9 @@ func (b *bench) synthesize(ctx context.Context) (string, error) {
 	if c.Arch != "" && c.Arch != "llama" {
 		name = c.Arch + "-" + name
 	}
+	if c.Experts > 0 {
+		name = name[:len(name)-len(".gguf")] + fmt.Sprintf("-x%d.gguf", c.Experts)
+	}
 	path := filepath.Join(dir, name)
 	if _, err := os.Stat(path); err == nil {
 		b.progress("model %s (cached)", path)
@@ -286,7 +294,7 @@ func (b *bench) synthesize(ctx context.Context) (string, error) {
 	}
 	b.progress("synthesizing %s (preset %s, %d layers, %s)", path, c.Preset, c.Layers, c.Type)
 	last := -1
-	err := testkit.Synthesize(ctx, path, testkit.SynthOptions{Arch: c.Arch, Preset: c.Preset, Layers: c.Layers, Seed: c.Seed, Type: c.Type},
+	err := testkit.Synthesize(ctx, path, testkit.SynthOptions{Arch: c.Arch, Preset: c.Preset, Layers: c.Layers, Experts: c.Experts, Seed: c.Seed, Type: c.Type},
 		func(f float32) {
 			if p := int(f * 10); p != last {
 				last = p

@@ -32,8 +32,13 @@ type ModelSummary struct {
 	Hidden int    `json:"hidden"`
 	Vocab  int    `json:"vocab"`
 	Bytes  int64  `json:"weight_bytes"`
-	// DecodeBytes is what one decode step reads: every layer and the LM head (the embedding
-	// lookup reads one row).
+	// Mixture of experts: experts per layer and per token, and whether --experts set the
+	// count below the real model's (each expert keeps its real size).
+	Experts         int  `json:"experts,omitempty"`
+	ExpertsUsed     int  `json:"experts_used,omitempty"`
+	ExpertsOverride bool `json:"experts_override,omitempty"`
+	// DecodeBytes is what one decode step reads: every layer (of a MoE layer, the experts one
+	// token uses) and the LM head (the embedding lookup reads one row).
 	DecodeBytes int64 `json:"decode_read_bytes"`
 }
 
@@ -209,6 +214,13 @@ func (rep *Report) Markdown(w io.Writer) {
 	md := rep.Model
 	fmt.Fprintf(w, "model: %s (%s, %d layers, hidden %d, vocabulary %d), %s of weights, %s read per decode step\n",
 		md.Name, md.Type, md.Layers, md.Hidden, md.Vocab, shard.HumanBytes(md.Bytes), shard.HumanBytes(md.DecodeBytes))
+	if md.Experts > 0 {
+		over := ""
+		if md.ExpertsOverride {
+			over = " (--experts override: fewer than the real model's, each of real size)"
+		}
+		fmt.Fprintf(w, "experts: %d per layer%s, %d per token\n", md.Experts, over, md.ExpertsUsed)
+	}
 	s := rep.Settings
 	fmt.Fprintf(w, "settings: %d nodes x %d threads (whole: %d threads), --max-memory %s each, ranges %v, context %d x %d sessions, codec %s (%d B/token/hop), prompts %d tokens, %d new tokens\n\n",
 		s.Nodes, s.ThreadsPerNode, s.WholeThreads, shard.HumanBytes(s.NodeMemory), s.Ranges, s.Context, s.Sessions, s.Codec, s.HopPayloadBytes, s.PromptTokens, s.Tokens)

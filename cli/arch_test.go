@@ -18,12 +18,16 @@ import (
 // models to the engine's own forward).
 func TestArchSynthRunSplit(t *testing.T) {
 	dir := t.TempDir()
-	for _, arch := range testkit.SynthArchs() {
-		if arch == "llama" {
+	for _, name := range append(testkit.SynthArchs(), "mixtral") {
+		arch, synth := name, []string{"--arch", name}
+		switch name {
+		case "llama":
 			continue // TestSynthRunSplitQuant
+		case "mixtral": // llama with experts
+			arch, synth = "llama", []string{"--arch", "llama", "--experts", "8"}
 		}
-		m := filepath.Join(dir, arch+".gguf")
-		run(t, "model", "synth", "--arch", arch, "--preset", "tiny", "--seed", "1", "--type", "q4_0", "--out", m)
+		m := filepath.Join(dir, name+".gguf")
+		run(t, append([]string{"model", "synth", "--preset", "tiny", "--seed", "1", "--type", "q4_0", "--out", m}, synth...)...)
 		if info := run(t, "model", "info", m); !strings.Contains(info, "architecture "+arch) {
 			t.Fatalf("%s: model info says\n%s", arch, info)
 		}
@@ -31,7 +35,7 @@ func TestArchSynthRunSplit(t *testing.T) {
 		whole := run(t, args...)
 		split := run(t, append(args, "--split", "3")...)
 		if whole != split || len(strings.TrimSpace(whole)) == 0 {
-			t.Fatalf("%s: whole %q, split %q", arch, whole, split)
+			t.Fatalf("%s: whole %q, split %q", name, whole, split)
 		}
 	}
 }

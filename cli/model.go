@@ -33,7 +33,11 @@ chat template. --layers keeps a big shape small enough to test with.
 tiny, small, qwen2.5-7b, qwen2.5-72b), qwen3 (qwen3-8b, qwen3-32b), mistral3
 (mistral-small-24b), gemma2 (gemma2-9b, gemma2-27b), gemma3 (gemma3-12b, gemma3-27b), olmo3
 (olmo3-7b, olmo3-32b). Gemma gets Gemma's SentencePiece vocabulary; the others Llama 3's BPE
-vocabulary with their own special tokens, pre-tokenizer and chat template.`,
+vocabulary with their own special tokens, pre-tokenizer and chat template.
+
+Mixture of experts: --arch llama --experts 8 is Mixtral (presets mixtral-8x7b, mixtral-8x22b
+have it already), --arch qwen3moe is Qwen 3 MoE (qwen3-30b-a3b, qwen3-235b-a22b). --experts N
+sets the experts per layer (each of real size), so a real shape's layers fit a small machine.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if out == "" {
@@ -57,6 +61,7 @@ vocabulary with their own special tokens, pre-tokenizer and chat template.`,
 	f.StringVar(&o.Arch, "arch", "llama", "architecture: "+strings.Join(testkit.SynthArchs(), ", "))
 	f.StringVar(&o.Preset, "preset", "tiny", "model shape: tiny, small, or the architecture's real ones (llama: 8b, 70b)")
 	f.IntVar(&o.Layers, "layers", 0, "number of layers (default: the preset's)")
+	f.IntVar(&o.Experts, "experts", 0, "experts per layer (default: the preset's; on llama: Mixtral with N experts)")
 	f.Uint64Var(&o.Seed, "seed", 1, "seed of the weights")
 	f.StringVar(&o.Type, "type", "f16", "weight format: f32, f16, q8_0, q4_0, q4_k, ...")
 	f.BoolVar(&o.Tied, "tied", false, "tie the LM head to the token embeddings")
@@ -77,6 +82,9 @@ func newInfoCommand() *cobra.Command {
 			fmt.Fprintf(w, "name        %s\narchitecture %s\nlayers      %d\nhidden      %d\nheads       %d (kv %d, dim %d)\nffn         %d\nvocabulary  %d\ncontext     %d\nweights     %s (layer %s, embeddings %s, head %s)\n",
 				m.Name, m.Arch, m.Layers, m.Hidden, m.Heads, m.KVHeads, m.HeadDim, m.FFN, m.Vocab, m.ContextLength,
 				humanBytes(m.TotalBytes), humanBytes(m.LayerBytes[0]), humanBytes(m.EmbedBytes), humanBytes(m.HeadBytes))
+			if m.Experts > 0 {
+				fmt.Fprintf(w, "experts     %d per layer, %d per token\n", m.Experts, m.ExpertsUsed)
+			}
 			sliding, window := 0, 0
 			for _, w := range m.Windows {
 				if w > 0 {

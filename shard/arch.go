@@ -71,7 +71,7 @@ func (p *pass) once(key string, f func() ml.Tensor) ml.Tensor {
 
 // Architectures lists the GGUF architectures Strata runs.
 func Architectures() []string {
-	return []string{"gemma2", "gemma3", "llama", "mistral3", "olmo2", "olmo3", "qwen2", "qwen3"}
+	return []string{"gemma2", "gemma3", "llama", "mistral3", "olmo2", "olmo3", "qwen2", "qwen3", "qwen3moe"}
 }
 
 // ErrUnsupportedArch is wrapped by the error for a model of an architecture Strata does not run.
@@ -86,6 +86,8 @@ func newFamily(c fs.Config) (family, error) {
 		return newQwen2(c)
 	case "qwen3":
 		return newQwen3(c)
+	case "qwen3moe":
+		return newQwen3MoE(c)
 	case "mistral3":
 		return newMistral3(c)
 	case "gemma2":
@@ -156,18 +158,24 @@ type block struct {
 	q, k, v, o                           linear
 	ffnNorm, postFFNNorm                 ml.Tensor
 	gate, up, down                       linear
+	moe                                  experts // instead of gate, up, down (moe.go)
 }
 
 // blockNames are the optional parts of a block a family binds.
 type blockNames struct {
 	preNorms, qkNorms, postNorms bool
+	experts                      bool // a mixture-of-experts MLP, no dense one
 }
 
 func bindBlock(t *tensors, l int, n blockNames) block {
 	p := fmt.Sprintf("blk.%d.", l)
 	b := block{
 		q: bindLinear(t, p+"attn_q"), k: bindLinear(t, p+"attn_k"), v: bindLinear(t, p+"attn_v"), o: bindLinear(t, p+"attn_output"),
-		gate: bindLinear(t, p+"ffn_gate"), up: bindLinear(t, p+"ffn_up"), down: bindLinear(t, p+"ffn_down"),
+	}
+	if n.experts {
+		b.moe = bindExperts(t, p)
+	} else {
+		b.gate, b.up, b.down = bindLinear(t, p+"ffn_gate"), bindLinear(t, p+"ffn_up"), bindLinear(t, p+"ffn_down")
 	}
 	if n.preNorms {
 		b.attnNorm = t.get(p + "attn_norm.weight")

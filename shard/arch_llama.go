@@ -12,13 +12,15 @@ import (
 
 // llama is Llama 2/3 and everything shaped like it: pre-norm blocks, RoPE on adjacent pairs
 // (with Llama 3.1's frequency factors when the file has them), grouped-query attention and a
-// SwiGLU MLP. As the engine's model/models/llama.
+// SwiGLU MLP. As the engine's model/models/llama. A file with llama.expert_count > 0 is Mixtral:
+// the same block with a mixture of experts (moe.go) for the MLP, which the engine's llama lacks.
 type llama struct {
 	layers                                int
 	hidden, heads, kvHeads, headDim, rdim int
 	eps, ropeBase, ropeScale              float32
 
-	neox bool // RoPE on the two halves of each head (Qwen 2), not adjacent pairs
+	neox  bool // RoPE on the two halves of each head (Qwen 2), not adjacent pairs
+	route routing
 
 	ends
 	ropeFreqs ml.Tensor
@@ -26,10 +28,13 @@ type llama struct {
 }
 
 func newLlama(c fs.Config) (family, error) {
-	if c.Uint("expert_count") > 0 {
-		return nil, configError(c, "mixture-of-experts llama files (expert_count %d) are not supported yet", c.Uint("expert_count"))
+	// Mixtral renormalises its top-k weights (llama.cpp's build_moe_ffn with norm_w for llama).
+	route, err := newRouting(c, true)
+	if err != nil {
+		return nil, err
 	}
 	f := &llama{
+		route:     route,
 		layers:    int(c.Uint("block_count")),
 		hidden:    int(c.Uint("embedding_length")),
 		heads:     int(c.Uint("attention.head_count")),
@@ -49,7 +54,10 @@ func newLlama(c fs.Config) (family, error) {
 func (f *llama) bind(t *tensors, r Range) {
 	f.ends.bind(t, r, f.layers)
 	f.ropeFreqs = t.opt("rope_freqs.weight")
-	f.blocks = bindBlocks(t, r, blockNames{preNorms: true})
+	f.blocks = bindBlocks(t, r, blockNames{preNorms: true, experts: f.route.count > 0})
+	if f.route.count > 0 {
+		checkExperts(t, f.blocks, f.route)
+	}
 }
 
 func (f *llama) window(int) int32 { return 0 }
@@ -82,6 +90,9 @@ func (f *llama) layer(p *pass, l int, h, outputs ml.Tensor) ml.Tensor {
 	h = x.Add(ctx, residual)
 
 	x = h.RMSNorm(ctx, w.ffnNorm, f.eps)
+	if f.route.count > 0 {
+		return w.moe.forward(ctx, x, f.route).Add(ctx, h)
+	}
 	x = w.gate.forward(ctx, x).SILU(ctx, w.up.forward(ctx, x))
 	return w.down.forward(ctx, x).Add(ctx, h)
 }

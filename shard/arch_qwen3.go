@@ -19,6 +19,7 @@ type qwen3 struct {
 	eps, ropeBase, ropeScale        float32
 	yarn                            bool
 	origContext                     int
+	route                           routing // qwen3moe's experts (arch_qwen3moe.go); count 0 for dense
 
 	ends
 	blocks
@@ -45,7 +46,10 @@ func newQwen3(c fs.Config) (family, error) {
 
 func (f *qwen3) bind(t *tensors, r Range) {
 	f.ends.bind(t, r, f.layers)
-	f.blocks = bindBlocks(t, r, blockNames{preNorms: true, qkNorms: true})
+	f.blocks = bindBlocks(t, r, blockNames{preNorms: true, qkNorms: true, experts: f.route.count > 0})
+	if f.route.count > 0 {
+		checkExperts(t, f.blocks, f.route)
+	}
 }
 
 func (f *qwen3) window(int) int32 { return 0 }
@@ -88,6 +92,9 @@ func (f *qwen3) layer(p *pass, l int, h, outputs ml.Tensor) ml.Tensor {
 	h = x.Add(ctx, residual)
 
 	x = h.RMSNorm(ctx, w.ffnNorm, f.eps)
+	if f.route.count > 0 {
+		return w.moe.forward(ctx, x, f.route).Add(ctx, h)
+	}
 	x = w.gate.forward(ctx, x).SILU(ctx, w.up.forward(ctx, x))
 	return w.down.forward(ctx, x).Add(ctx, h)
 }

@@ -25,7 +25,7 @@ import (
 )
 
 // engineArchs are the families the engine implements, so Strata's forward can be held to it.
-var engineArchs = []string{"llama", "qwen2", "qwen3", "mistral3", "gemma2", "gemma3", "olmo3"}
+var engineArchs = []string{"llama", "qwen2", "qwen3", "qwen3moe", "mistral3", "gemma2", "gemma3", "olmo3"}
 
 const oracleContext = 2048
 

@@ -34,6 +34,9 @@ type ModelInfo struct {
 	HeadDim       int // of keys
 	ValueDim      int
 	FFN           int
+	Experts       int // mixture of experts: experts per layer (0: dense) and used per token
+	ExpertsUsed   int
+	ExpertBytes   int64 // all layers' expert tensors (ffn_*_exps), of which a token reads used/count
 	Vocab         int
 	ContextLength int
 	ChatTemplate  string
@@ -133,6 +136,7 @@ func modelInfo(path string, size int64, meta *fsggml.GGML) (*ModelInfo, error) {
 		m.FFN = int(ffn[0])
 	}
 	m.Vocab = len(kv.Strings("tokenizer.ggml.tokens"))
+	m.Experts, m.ExpertsUsed = int(kv.Uint("expert_count")), int(kv.Uint("expert_used_count"))
 	if m.Layers <= 0 || m.Hidden <= 0 || m.Heads <= 0 {
 		return nil, fmt.Errorf("model metadata incomplete: block_count=%d embedding_length=%d head_count=%d", m.Layers, m.Hidden, m.Heads)
 	}
@@ -167,6 +171,9 @@ func modelInfo(path string, size int64, meta *fsggml.GGML) (*ModelInfo, error) {
 			return nil, fmt.Errorf("tensor %s is beyond block_count %d", t.Name, m.Layers)
 		case ok:
 			m.LayerBytes[layer] += sz
+			if strings.Contains(t.Name, "_exps.") {
+				m.ExpertBytes += sz
+			}
 		case strings.HasPrefix(t.Name, "token_embd."):
 			embd += sz
 			if m.Vocab == 0 && len(t.Shape) == 2 {

@@ -6,6 +6,8 @@ import (
 	"io"
 	"math"
 	"os"
+	"slices"
+	"sort"
 	"testing"
 
 	fsggml "github.com/ollama/ollama/fs/ggml"
@@ -25,6 +27,13 @@ type refModel struct {
 	eps, ropeBase                   float64
 	neox                            bool          // rotate (x[i], x[i+hd/2]) as Qwen does, not adjacent pairs
 	keys, values                    [][][]float64 // [layer][pos] -> kvHeads*hd
+
+	// Mixture of experts (Mixtral, qwen3moe): experts per layer, used per token, each one's
+	// FFN width. route, when set, sees each layer's chosen experts; boundary, when set, may
+	// change the stream entering layer l (a codec between stages).
+	experts, used, expFFN int
+	route                 func(l int, chosen []int)
+	boundary              func(l int, x []float64)
 }
 
 func loadRef(t *testing.T, path string) *refModel {
@@ -52,7 +61,8 @@ func loadRef(t *testing.T, path string) *refModel {
 	if k := int(kv.Uint("attention.key_length")); k > 0 {
 		m.hd = k
 	}
-	m.neox = kv.Architecture() == "qwen2" || kv.Architecture() == "qwen3"
+	m.neox = kv.Architecture() == "qwen2" || kv.Architecture() == "qwen3" || kv.Architecture() == "qwen3moe"
+	m.experts, m.used = int(kv.Uint("expert_count")), int(kv.Uint("expert_used_count"))
 	base := meta.Tensors().Offset
 	for _, tt := range meta.Tensors().Items() {
 		b := make([]byte, tt.Size())
@@ -79,6 +89,9 @@ func loadRef(t *testing.T, path string) *refModel {
 		m.w[tt.Name] = v
 	}
 	m.ffn = len(m.w["blk.0.ffn_up.weight"]) / m.hidden
+	if m.experts > 0 {
+		m.expFFN = len(m.w["blk.0.ffn_up_exps.weight"]) / m.hidden / m.experts
+	}
 	if _, ok := m.w["output.weight"]; !ok {
 		m.w["output.weight"] = m.w["token_embd.weight"]
 	}
@@ -159,6 +172,9 @@ func (m *refModel) headNorm(x []float64, name string) {
 func (m *refModel) step(token int32, pos int) []float64 {
 	x := append([]float64(nil), m.w["token_embd.weight"][int(token)*m.hidden:(int(token)+1)*m.hidden]...)
 	for l := range m.layers {
+		if m.boundary != nil {
+			m.boundary(l, x)
+		}
 		p := func(s string) []float64 { return m.w["blk."+itoa(l)+"."+s+".weight"] }
 		xn := m.rmsnorm(x, p("attn_norm"))
 		b := "blk." + itoa(l) + "."
@@ -204,6 +220,13 @@ func (m *refModel) step(token int32, pos int) []float64 {
 			x[i] += o[i]
 		}
 		xn = m.rmsnorm(x, p("ffn_norm"))
+		if m.experts > 0 {
+			d := m.moe(l, xn, p)
+			for i := range x {
+				x[i] += d[i]
+			}
+			continue
+		}
 		g, u := matvec(p("ffn_gate"), xn), matvec(p("ffn_up"), xn)
 		for i := range g {
 			g[i] = g[i] / (1 + math.Exp(-g[i])) * u[i]
@@ -214,6 +237,48 @@ func (m *refModel) step(token int32, pos int) []float64 {
 		}
 	}
 	return matvec(m.w["output.weight"], m.rmsnorm(x, m.w["output_norm.weight"]))
+}
+
+// moe is the mixture-of-experts MLP written from its definition: softmax over every
+// expert's router logit, the top k by probability, their SwiGLU outputs summed with those
+// probabilities renormalised to sum to one (Mixtral, and qwen3moe's norm_top_k_prob).
+func (m *refModel) moe(l int, xn []float64, p func(string) []float64) []float64 {
+	logits := matvec(p("ffn_gate_inp"), xn)
+	mx := slices.Max(logits)
+	var sum float64
+	prob := make([]float64, len(logits))
+	for e, v := range logits {
+		prob[e] = math.Exp(v - mx)
+		sum += prob[e]
+	}
+	order := make([]int, m.experts)
+	for e := range order {
+		order[e] = e
+		prob[e] /= sum
+	}
+	sort.SliceStable(order, func(i, j int) bool { return prob[order[i]] > prob[order[j]] })
+	chosen := order[:m.used]
+	if m.route != nil {
+		m.route(l, chosen)
+	}
+	var norm float64
+	for _, e := range chosen {
+		norm += prob[e]
+	}
+	out := make([]float64, m.hidden)
+	gate, up, down := p("ffn_gate_exps"), p("ffn_up_exps"), p("ffn_down_exps")
+	size := m.expFFN * m.hidden
+	for _, e := range chosen {
+		g, u := matvec(gate[e*size:(e+1)*size], xn), matvec(up[e*size:(e+1)*size], xn)
+		for i := range g {
+			g[i] = g[i] / (1 + math.Exp(-g[i])) * u[i]
+		}
+		d := matvec(down[e*size:(e+1)*size], g)
+		for i := range out {
+			out[i] += prob[e] / norm * d[i]
+		}
+	}
+	return out
 }
 
 func itoa(i int) string {
@@ -228,9 +293,18 @@ func itoa(i int) string {
 func TestWholeMatchesFloat64Reference(t *testing.T) {
 	// qwen2 adds Q/K/V biases and NeoX RoPE, qwen3 per-head Q/K norms and heads*head_dim !=
 	// hidden: the pieces of those families Strata writes itself.
-	for _, arch := range []string{"llama", "qwen2", "qwen3"} {
-		t.Run(arch, func(t *testing.T) {
-			testWholeMatchesFloat64Reference(t, testkit.Model(t, testkit.SynthOptions{Arch: arch, Preset: "tiny", Seed: 1, Type: "f32"}))
+	// mixtral and qwen3moe add top-k softmax routing over experts: Mixtral has no engine
+	// implementation to compare with, so this is its oracle.
+	for _, o := range []testkit.SynthOptions{
+		{Arch: "llama"}, {Arch: "qwen2"}, {Arch: "qwen3"}, {Arch: "llama", Experts: 8}, {Arch: "qwen3moe"},
+	} {
+		name := o.Arch
+		if o.Arch == "llama" && o.Experts > 0 {
+			name = "mixtral"
+		}
+		o.Preset, o.Seed, o.Type = "tiny", 1, "f32"
+		t.Run(name, func(t *testing.T) {
+			testWholeMatchesFloat64Reference(t, testkit.Model(t, o))
 		})
 	}
 }

@@ -24,6 +24,9 @@ func Model(tb testing.TB, o SynthOptions) string {
 	if o.Tied {
 		name += "-tied"
 	}
+	if o.Experts > 0 {
+		name += fmt.Sprintf("-x%d", o.Experts)
+	}
 	path := filepath.Join(dir, name+".gguf")
 	if _, err := os.Stat(path); err == nil {
 		return path

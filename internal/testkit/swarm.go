@@ -130,7 +130,13 @@ func (s *Swarm) start(ctx context.Context, n *Node) error {
 		logf.Close()
 		close(exited)
 	}()
-	return n.waitAddrs(ctx, 60*time.Second)
+	// A node writes its addresses after hashing the model: the hang guard grows with the file
+	// (16 MB/s, what a loaded 2-core machine still hashes), or a GB-sized model never starts.
+	guard := 60 * time.Second
+	if st, err := os.Stat(s.opts.Model); err == nil {
+		guard += time.Duration(st.Size()/16e6) * time.Second
+	}
+	return n.waitAddrs(ctx, guard)
 }
 
 func (n *Node) waitAddrs(ctx context.Context, timeout time.Duration) error {

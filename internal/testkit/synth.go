@@ -35,6 +35,10 @@ type Preset struct {
 	RopeBase float32
 	Window   int // sliding attention window of the layers that slide (gemma2/3, olmo3)
 	Scaling  *RopeScaling
+
+	// Mixture of experts (synth_moe.go): experts per layer, used per token, and each expert's
+	// FFN width (0: FFN). Experts 0 is a dense model.
+	Experts, ExpertsUsed, ExpertFFN int
 }
 
 // RopeScaling is a preset's rope.scaling keys.
@@ -52,6 +56,8 @@ func Presets() []Preset {
 		{Name: "small", Arch: "llama", Hidden: 512, Heads: 8, KVHeads: 4, FFN: 1536, Layers: 8, Vocab: 16384, Context: 4096, RopeBase: 500000},
 		{Name: "8b", Arch: "llama", Hidden: 4096, Heads: 32, KVHeads: 8, FFN: 14336, Layers: 32, Context: 8192, RopeBase: 500000},
 		{Name: "70b", Arch: "llama", Hidden: 8192, Heads: 64, KVHeads: 8, FFN: 28672, Layers: 80, Context: 8192, RopeBase: 500000},
+		{Name: "mixtral-8x7b", Arch: "llama", Hidden: 4096, Heads: 32, KVHeads: 8, FFN: 14336, Layers: 32, Context: 32768, RopeBase: 1e6, Experts: 8, ExpertsUsed: 2},
+		{Name: "mixtral-8x22b", Arch: "llama", Hidden: 6144, Heads: 48, KVHeads: 8, FFN: 16384, Layers: 56, Context: 65536, RopeBase: 1e6, Experts: 8, ExpertsUsed: 2},
 	}
 }
 
@@ -82,6 +88,7 @@ type SynthOptions struct {
 	Seed     uint64 // weights are a pure function of the seed and the tensor's name
 	Type     string // weight format of the matrices: f32, f16, q8_0, q4_0, ... (default f16)
 	Tied     bool   // no output.weight: the LM head reuses token_embd
+	Experts  int    // overrides the preset's experts per layer when > 0 (llama: makes it Mixtral)
 	VocabDir string // default: VocabDir()
 }
 
@@ -93,6 +100,9 @@ const Llama3ChatTemplate = "{{- bos_token }}{%- for message in messages %}{{- '<
 func Synthesize(ctx context.Context, out string, o SynthOptions, reportProgress func(float32)) error {
 	p, err := LookupArchPreset(o.Arch, o.Preset)
 	if err != nil {
+		return fmt.Errorf("synthesize: %w", err)
+	}
+	if err := p.withExperts(o.Experts); err != nil {
 		return fmt.Errorf("synthesize: %w", err)
 	}
 	if p.Arch != "llama" {
@@ -167,6 +177,10 @@ func Synthesize(ctx context.Context, out string, o SynthOptions, reportProgress 
 		add(b+"attn_v.weight", p.Hidden, p.KVHeads*headDim, 0, in, format)
 		add(b+"attn_output.weight", p.Heads*headDim, p.Hidden, 0, deep/math.Sqrt(float64(p.Heads*headDim)), format)
 		add(b+"ffn_norm.weight", p.Hidden, 1, 1, 0.05, f32)
+		if p.Experts > 0 {
+			specs = append(specs, expertSpecs(b, p, format)...)
+			continue
+		}
 		add(b+"ffn_gate.weight", p.Hidden, p.FFN, 0, in, format)
 		add(b+"ffn_up.weight", p.Hidden, p.FFN, 0, in, format)
 		add(b+"ffn_down.weight", p.FFN, p.Hidden, 0, 2*deep/math.Sqrt(float64(p.FFN)), format)
@@ -175,6 +189,7 @@ func Synthesize(ctx context.Context, out string, o SynthOptions, reportProgress 
 	if !o.Tied {
 		add("output.weight", p.Hidden, vocab, 0, 2*in, format)
 	}
+	setExpertKeys(kv, "llama", p)
 	return writeModel(ctx, out, kv, specs, o.Seed, reportProgress)
 }
 
@@ -187,7 +202,7 @@ func writeModel(ctx context.Context, out string, kv fsggml.KV, specs []tensorSpe
 			s.format = mustFormat("f16")
 		}
 		s.seed = tensorSeed(seed, s.name)
-		total += s.nrows * s.format.RowBytes(s.ncols)
+		total += s.rows() * s.format.RowBytes(s.ncols)
 	}
 	prog := &progress.Counter{Total: int64(total), Report: reportProgress}
 	ts := make([]*fsggml.Tensor, len(specs))
@@ -196,6 +211,9 @@ func writeModel(ctx context.Context, out string, kv fsggml.KV, specs []tensorSpe
 		shape := []uint64{s.ncols, s.nrows}
 		if s.nrows == 1 {
 			shape = shape[:1]
+		}
+		if s.experts > 0 {
+			shape = append(shape, s.experts)
 		}
 		ts[i] = &fsggml.Tensor{Name: s.name, Kind: uint32(s.format.Tensor), Shape: shape,
 			WriterTo: &tensorWriter{ctx: ctx, spec: s, progress: prog}}
@@ -221,7 +239,11 @@ type tensorSpec struct {
 	mean, std    float64
 	format       quant.Format
 	seed         uint64
+	experts      uint64 // > 0: a 3-D tensor of that many ncols x nrows matrices
 }
+
+// rows is how many rows of ncols values the tensor stores.
+func (s *tensorSpec) rows() uint64 { return s.nrows * max(1, s.experts) }
 
 func tensorSeed(seed uint64, name string) uint64 {
 	h := fnv.New64a()
@@ -244,11 +266,11 @@ func (w *tensorWriter) WriteTo(dst io.Writer) (int64, error) {
 	vals := make([]float32, rows*s.ncols)
 	half := float32(s.std * math.Sqrt(3)) // uniform on [-a, a] has std a/sqrt(3)
 	var n int64
-	for r := uint64(0); r < s.nrows; r += rows {
+	for r := uint64(0); r < s.rows(); r += rows {
 		if err := w.ctx.Err(); err != nil {
 			return n, err
 		}
-		k := min(rows, s.nrows-r)
+		k := min(rows, s.rows()-r)
 		v := vals[:k*s.ncols]
 		for i := range k {
 			fillUniform(v[i*s.ncols:(i+1)*s.ncols], s.seed+(r+i)*0x9e3779b97f4a7c15, float32(s.mean), half)

@@ -14,7 +14,7 @@ import (
 
 // SynthArchs lists the architectures `strata model synth --arch` writes.
 func SynthArchs() []string {
-	return []string{"gemma2", "gemma3", "llama", "mistral3", "olmo3", "qwen2", "qwen3"}
+	return []string{"gemma2", "gemma3", "llama", "mistral3", "olmo3", "qwen2", "qwen3", "qwen3moe"}
 }
 
 // ArchPresets lists the shapes of architecture arch ("" is llama). tiny and small are for
@@ -44,6 +44,8 @@ func ArchPresets(arch string) ([]Preset, error) {
 			{Name: "qwen3-8b", Arch: arch, Hidden: 4096, Heads: 32, KVHeads: 8, HeadDim: 128, FFN: 12288, Layers: 36, Context: 40960, RopeBase: 1e6},
 			{Name: "qwen3-32b", Arch: arch, Hidden: 5120, Heads: 64, KVHeads: 8, HeadDim: 128, FFN: 25600, Layers: 64, Context: 40960, RopeBase: 1e6},
 		}, nil
+	case "qwen3moe":
+		return qwen3MoEPresets(), nil
 	case "mistral3":
 		// tiny turns on the YaRN keys that give queries past each 16-token interval the
 		// engine's per-position scale, so 64 tokens cross it (Ministral 3 files set them).
@@ -199,15 +201,19 @@ func synthesizeArch(ctx context.Context, out string, p Preset, o SynthOptions, r
 		add(b+"attn_k.weight", p.Hidden, kvDim, 0, in, format)
 		add(b+"attn_v.weight", p.Hidden, kvDim, 0, in, format)
 		add(b+"attn_output.weight", qDim, p.Hidden, 0, deep/math.Sqrt(float64(qDim)), format)
-		add(b+"ffn_gate.weight", p.Hidden, p.FFN, 0, in, format)
-		add(b+"ffn_up.weight", p.Hidden, p.FFN, 0, in, format)
-		add(b+"ffn_down.weight", p.FFN, p.Hidden, 0, 2*deep/math.Sqrt(float64(p.FFN)), format)
+		if p.Experts > 0 {
+			specs = append(specs, expertSpecs(b, p, format)...)
+		} else {
+			add(b+"ffn_gate.weight", p.Hidden, p.FFN, 0, in, format)
+			add(b+"ffn_up.weight", p.Hidden, p.FFN, 0, in, format)
+			add(b+"ffn_down.weight", p.FFN, p.Hidden, 0, 2*deep/math.Sqrt(float64(p.FFN)), format)
+		}
 		switch a {
 		case "qwen2":
 			add(b+"attn_q.bias", qDim, 1, 0, 0.1, f32)
 			add(b+"attn_k.bias", kvDim, 1, 0, 0.1, f32)
 			add(b+"attn_v.bias", kvDim, 1, 0, 0.1, f32)
-		case "qwen3", "gemma3":
+		case "qwen3", "qwen3moe", "gemma3":
 			add(b+"attn_q_norm.weight", headDim, 1, 1, 0.05, f32)
 			add(b+"attn_k_norm.weight", headDim, 1, 1, 0.05, f32)
 		case "olmo3":
@@ -223,6 +229,7 @@ func synthesizeArch(ctx context.Context, out string, p Preset, o SynthOptions, r
 	if !o.Tied && !gemma { // Gemma's files always tie the head to the embeddings
 		add("output.weight", p.Hidden, vocab, 0, 2*in, format)
 	}
+	setExpertKeys(kv, a, p)
 	return writeModel(ctx, out, kv, specs, o.Seed, report)
 }
 
@@ -274,11 +281,11 @@ func archVocab(kv fsggml.KV, p Preset, dir string) (int, error) {
 	var bos, eos, eot, pre, tmpl string
 	addBOS := false
 	switch p.Arch {
-	case "qwen2", "qwen3":
+	case "qwen2", "qwen3", "qwen3moe":
 		specials = []string{"<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"}
 		bos, eos, eot, pre = "<|endoftext|>", "<|im_end|>", "<|im_end|>", "qwen2"
 		tmpl = QwenChatTemplate
-		if p.Arch == "qwen3" {
+		if p.Arch != "qwen2" {
 			tmpl = Qwen3ChatTemplate
 		}
 	case "mistral3":
