@@ -28,12 +28,13 @@ import (
 
 // Config says what to measure. Zero fields take the defaults noted.
 type Config struct {
-	Arch   string // architecture of the synthesized model (default llama)
-	Preset string // synthesized model shape (default "70b")
-	Layers int    // layers of the synthesized model (default: the preset's)
-	Type   string // weight format (default "q4_0")
-	Seed   uint64 // weights seed (default 1)
-	Model  string // measure this GGUF file instead of synthesizing one
+	Arch    string // architecture of the synthesized model (default llama)
+	Preset  string // synthesized model shape (default "70b")
+	Layers  int    // layers of the synthesized model (default: the preset's)
+	Experts int    // experts per MoE layer of the synthesized model (default: the preset's)
+	Type    string // weight format (default "q4_0")
+	Seed    uint64 // weights seed (default 1)
+	Model   string // measure this GGUF file instead of synthesizing one
 
 	Nodes        int           // swarm size (default 3)
 	Concurrency  []int         // concurrent streams per level (default 1, 4, 8)
@@ -276,6 +277,9 @@ func (b *bench) synthesize(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("bench: model cache: %w", err)
 	}
 	name := fmt.Sprintf("%s-L%d-%s-s%d.gguf", c.Preset, c.Layers, c.Type, c.Seed)
+	if c.Experts > 0 {
+		name = fmt.Sprintf("%s-L%d-E%d-%s-s%d.gguf", c.Preset, c.Layers, c.Experts, c.Type, c.Seed)
+	}
 	if c.Arch != "" && c.Arch != "llama" {
 		name = c.Arch + "-" + name
 	}
@@ -286,7 +290,7 @@ func (b *bench) synthesize(ctx context.Context) (string, error) {
 	}
 	b.progress("synthesizing %s (preset %s, %d layers, %s)", path, c.Preset, c.Layers, c.Type)
 	last := -1
-	err := testkit.Synthesize(ctx, path, testkit.SynthOptions{Arch: c.Arch, Preset: c.Preset, Layers: c.Layers, Seed: c.Seed, Type: c.Type},
+	err := testkit.Synthesize(ctx, path, testkit.SynthOptions{Arch: c.Arch, Preset: c.Preset, Layers: c.Layers, Experts: c.Experts, Seed: c.Seed, Type: c.Type},
 		func(f float32) {
 			if p := int(f * 10); p != last {
 				last = p

@@ -35,6 +35,11 @@ type Preset struct {
 	RopeBase float32
 	Window   int // sliding attention window of the layers that slide (gemma2/3, olmo3)
 	Scaling  *RopeScaling
+
+	// Mixture of experts (synth_moe.go): experts per layer, used per token, and each expert's
+	// FFN width (0: FFN). Experts 0 is a dense model.
+	Experts, ExpertsUsed, ExpertFFN int
+	DeepSeek                        *DeepSeekShape // deepseek2's attention and MoE extras (synth_moed.go)
 }
 
 // RopeScaling is a preset's rope.scaling keys.
@@ -82,6 +87,7 @@ type SynthOptions struct {
 	Seed     uint64 // weights are a pure function of the seed and the tensor's name
 	Type     string // weight format of the matrices: f32, f16, q8_0, q4_0, ... (default f16)
 	Tied     bool   // no output.weight: the LM head reuses token_embd
+	Experts  int    // overrides the preset's experts per layer when > 0 (llama: makes it Mixtral)
 	VocabDir string // default: VocabDir()
 }
 
@@ -187,7 +193,7 @@ func writeModel(ctx context.Context, out string, kv fsggml.KV, specs []tensorSpe
 			s.format = mustFormat("f16")
 		}
 		s.seed = tensorSeed(seed, s.name)
-		total += s.nrows * s.format.RowBytes(s.ncols)
+		total += s.rows() * s.format.RowBytes(s.ncols)
 	}
 	prog := &progress.Counter{Total: int64(total), Report: reportProgress}
 	ts := make([]*fsggml.Tensor, len(specs))
@@ -196,6 +202,9 @@ func writeModel(ctx context.Context, out string, kv fsggml.KV, specs []tensorSpe
 		shape := []uint64{s.ncols, s.nrows}
 		if s.nrows == 1 {
 			shape = shape[:1]
+		}
+		if s.experts > 0 {
+			shape = append(shape, s.experts)
 		}
 		ts[i] = &fsggml.Tensor{Name: s.name, Kind: uint32(s.format.Tensor), Shape: shape,
 			WriterTo: &tensorWriter{ctx: ctx, spec: s, progress: prog}}
@@ -221,7 +230,11 @@ type tensorSpec struct {
 	mean, std    float64
 	format       quant.Format
 	seed         uint64
+	experts      uint64 // > 0: a 3-D tensor of that many ncols x nrows matrices
 }
+
+// rows is how many rows of ncols values the tensor stores.
+func (s *tensorSpec) rows() uint64 { return s.nrows * max(1, s.experts) }
 
 func tensorSeed(seed uint64, name string) uint64 {
 	h := fnv.New64a()
@@ -244,11 +257,11 @@ func (w *tensorWriter) WriteTo(dst io.Writer) (int64, error) {
 	vals := make([]float32, rows*s.ncols)
 	half := float32(s.std * math.Sqrt(3)) // uniform on [-a, a] has std a/sqrt(3)
 	var n int64
-	for r := uint64(0); r < s.nrows; r += rows {
+	for r := uint64(0); r < s.rows(); r += rows {
 		if err := w.ctx.Err(); err != nil {
 			return n, err
 		}
-		k := min(rows, s.nrows-r)
+		k := min(rows, s.rows()-r)
 		v := vals[:k*s.ncols]
 		for i := range k {
 			fillUniform(v[i*s.ncols:(i+1)*s.ncols], s.seed+(r+i)*0x9e3779b97f4a7c15, float32(s.mean), half)
