@@ -1,0 +1,45 @@
+package shard_test
+
+import (
+	"testing"
+
+	"github.com/strata-llm/strata/internal/testkit"
+	"github.com/strata-llm/strata/shard"
+)
+
+// TestMoELayerCosts: the planner sees each block's own bytes. DeepSeek's leading dense block
+// costs a fraction of a mixture-of-experts one, and MLA's KV cache holds the latent and the
+// rope key (one head) instead of every head's K and V; gpt-oss's sliding blocks keep their
+// window. Tiny presets; only the files' metadata and tensor tables are read.
+func TestMoELayerCosts(t *testing.T) {
+	ds, err := shard.ReadModelInfo(testkit.Model(t, testkit.SynthOptions{Arch: "deepseek2", Preset: "tiny", Seed: 1, Type: "q8_0"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// tiny: kv_lora_rank 32, rope 16; 4 heads of 32+16 query/key and 32 value dims.
+	if got, want := ds.KVBytesPerToken(2), int64((32+16+32)*2); got != want {
+		t.Errorf("deepseek2 KV bytes per token and layer %d, want %d (latent+rope key, latent)", got, want)
+	}
+	shape := ds.Shape(2048, 4, 2)
+	if d, m := ds.LayerBytes[0], ds.LayerBytes[1]; d*2 > m {
+		t.Errorf("deepseek2 dense layer 0 weighs %d, MoE layer 1 %d: want under half", d, m)
+	}
+	if d, m := shape.LayerCosts[0]-ds.LayerBytes[0], shape.LayerCosts[1]-ds.LayerBytes[1]; d != m || d != 2048*4*ds.KVBytesPerToken(2) {
+		t.Errorf("deepseek2 KV of layers 0 and 1: %d and %d, want %d each", d, m, 2048*4*ds.KVBytesPerToken(2))
+	}
+	for l := 2; l < ds.Layers; l++ {
+		if shape.LayerCosts[l] != shape.LayerCosts[1] {
+			t.Errorf("deepseek2 MoE layers differ: %d costs %d, layer 1 %d", l, shape.LayerCosts[l], shape.LayerCosts[1])
+		}
+	}
+	t.Logf("deepseek2 tiny q8_0: dense layer %d B, MoE layer %d B of weights, KV %d B/token/layer (f16)", ds.LayerBytes[0], ds.LayerBytes[1], ds.KVBytesPerToken(2))
+
+	oss, err := shard.ReadModelInfo(testkit.Model(t, testkit.SynthOptions{Arch: "gptoss", Preset: "tiny", Seed: 1, Type: "mxfp4"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	shape = oss.Shape(2048, 4, 2)
+	if s, g := shape.LayerCosts[0], shape.LayerCosts[1]; s >= g || g-s != int64(2048-17)*4*oss.KVBytesPerToken(2) {
+		t.Errorf("gptoss sliding layer costs %d, global %d: want the global one's KV for 2048-17 more tokens x 4 sessions", s, g)
+	}
+}
