@@ -71,7 +71,7 @@ func (p *pass) once(key string, f func() ml.Tensor) ml.Tensor {
 
 // Architectures lists the GGUF architectures Strata runs.
 func Architectures() []string {
-	return []string{"deepseek2", "gemma2", "gemma3", "gpt-oss", "gptoss", "llama", "mistral3", "olmo2", "olmo3", "qwen2", "qwen3"}
+	return []string{"gemma2", "gemma3", "llama", "mistral3", "olmo2", "olmo3", "qwen2", "qwen3", "deepseek2", "gptoss", "gpt-oss"}
 }
 
 // ErrUnsupportedArch is wrapped by the error for a model of an architecture Strata does not run.
