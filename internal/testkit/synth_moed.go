@@ -71,6 +71,13 @@ func gptossPresets() []Preset {
 // matrices in q8_0.
 func synthesizeMoED(ctx context.Context, out string, p Preset, o SynthOptions, report func(float32)) error {
 	if o.Layers > 0 {
+		if ds := p.DeepSeek; ds != nil && o.Layers < p.Layers {
+			// Fewer layers keep the model's share of dense ones (3 of 61 for V3), at least one,
+			// so --layers 3 is one dense block and two MoE blocks, not three dense ones.
+			d := *ds
+			d.DenseLayers = min(max(1, (ds.DenseLayers*o.Layers+p.Layers/2)/p.Layers), o.Layers-1)
+			p.DeepSeek = &d
+		}
 		p.Layers = o.Layers
 	}
 	if o.Experts > 0 {
