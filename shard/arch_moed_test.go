@@ -1,6 +1,7 @@
 package shard_test
 
 import (
+	"slices"
 	"testing"
 
 	"github.com/strata-llm/strata/internal/testkit"
@@ -41,5 +42,46 @@ func TestMoELayerCosts(t *testing.T) {
 	shape = oss.Shape(2048, 4, 2)
 	if s, g := shape.LayerCosts[0], shape.LayerCosts[1]; s >= g || g-s != int64(2048-17)*4*oss.KVBytesPerToken(2) {
 		t.Errorf("gptoss sliding layer costs %d, global %d: want the global one's KV for 2048-17 more tokens x 4 sessions", s, g)
+	}
+}
+
+// TestDeepseek2PerHeadKVMatchesEngine: DeepSeek files as ollama's converter writes them
+// (attn_kv_b decompresses the latent into every head's K and V, the cache holds those) run
+// the engine's other attention path; Strata follows it whole and cut in two.
+func TestDeepseek2PerHeadKVMatchesEngine(t *testing.T) {
+	n := 32
+	if testing.Short() {
+		n = 8
+	}
+	path := testkit.Model(t, testkit.SynthOptions{Arch: "deepseek2", Preset: "tiny-mha", Seed: 1, Type: "f32"})
+	info, err := shard.ReadModelInfo(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := info.KVBytesPerToken(2), int64(4*(48+32)*2); got != want {
+		t.Errorf("per-head KV %d B/token/layer, want %d", got, want)
+	}
+	tok, err := shard.LoadTokenizer(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prompt, err := tok.Encode("The quick brown fox jumps over the lazy dog, said Strata.", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, wantLogits := engineGreedy(t, path, prompt, n)
+	half := info.Layers / 2
+	for _, ranges := range [][]shard.Range{{{Start: 0, End: info.Layers}}, {{Start: 0, End: half}, {Start: half, End: info.Layers}}} {
+		stages, _ := testkit.LoadStages(t, path, ranges, shard.WithCacheType("f32"), shard.WithMaxSessions(1), shard.WithMaxContext(oracleContext))
+		got, gotLogits := pipelineGreedy(t, stages, prompt, n)
+		if !slices.Equal(got, want) {
+			t.Fatalf("%v: Strata %v, engine %v", ranges, got, want)
+		}
+		if d := maxDiff(gotLogits, wantLogits); d > 1e-4 {
+			t.Fatalf("%v: logits differ from the engine's by %.3g > 1e-4", ranges, d)
+		}
+		for _, st := range stages {
+			st.Close()
+		}
 	}
 }

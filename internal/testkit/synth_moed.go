@@ -20,6 +20,10 @@ type DeepSeekShape struct {
 	SharedExperts         int // each as wide as a routed expert
 	RoutedScale           float32
 	Groups, GroupsUsed    int // written for the real shapes; routing ignores them as the engine does
+	// PerHeadKV writes attention as ollama's converter does (attn_kv_b decompressing the
+	// latent into every head's K and V, which the cache then holds) instead of llama.cpp's
+	// MLA form (attn_k_b, attn_v_b; the cache holds the latent).
+	PerHeadKV bool
 }
 
 // Chat templates of DeepSeek V3 and gpt-oss (harmony), shortened as the others.
@@ -39,6 +43,9 @@ func deepseek2Presets() []Preset {
 		{Name: "tiny", Arch: a, Hidden: 64, Heads: 4, KVHeads: 1, FFN: 192, Layers: 6, Vocab: 2048, Context: 2048, RopeBase: 1e4, Scaling: yarn(4, 256),
 			Experts: 16, ExpertsUsed: 4, ExpertFFN: 32,
 			DeepSeek: &DeepSeekShape{QLoraRank: 32, KVLoraRank: 32, RopeDim: 16, NopeDim: 32, VHeadDim: 32, DenseLayers: 1, SharedExperts: 1, RoutedScale: 2.5}},
+		{Name: "tiny-mha", Arch: a, Hidden: 64, Heads: 4, KVHeads: 4, FFN: 192, Layers: 6, Vocab: 2048, Context: 2048, RopeBase: 1e4, Scaling: yarn(4, 256),
+			Experts: 16, ExpertsUsed: 4, ExpertFFN: 32,
+			DeepSeek: &DeepSeekShape{QLoraRank: 0, KVLoraRank: 32, RopeDim: 16, NopeDim: 32, VHeadDim: 32, DenseLayers: 1, SharedExperts: 1, RoutedScale: 2.5, PerHeadKV: true}},
 		{Name: "small", Arch: a, Hidden: 512, Heads: 8, KVHeads: 1, FFN: 1536, Layers: 8, Vocab: 16384, Context: 4096, RopeBase: 1e4, Scaling: yarn(4, 1024),
 			Experts: 32, ExpertsUsed: 4, ExpertFFN: 256,
 			DeepSeek: &DeepSeekShape{QLoraRank: 192, KVLoraRank: 128, RopeDim: 32, NopeDim: 64, VHeadDim: 64, DenseLayers: 1, SharedExperts: 1, RoutedScale: 2.5}},
@@ -135,12 +142,17 @@ func synthesizeMoED(ctx context.Context, out string, p Preset, o SynthOptions, r
 	case "deepseek2":
 		ds := p.DeepSeek
 		qk := ds.NopeDim + ds.RopeDim
-		// llama.cpp's MLA form: key_length and value_length are what the cache holds per
-		// token (latent and rope key; latent), the _mla keys a head's real sizes.
-		set("attention.key_length", uint32(ds.KVLoraRank+ds.RopeDim))
-		set("attention.value_length", uint32(ds.KVLoraRank))
-		set("attention.key_length_mla", uint32(qk))
-		set("attention.value_length_mla", uint32(ds.VHeadDim))
+		if ds.PerHeadKV {
+			set("attention.key_length", uint32(qk))
+			set("attention.value_length", uint32(ds.VHeadDim))
+		} else {
+			// llama.cpp's MLA form: key_length and value_length are what the cache holds per
+			// token (latent and rope key; latent), the _mla keys a head's real sizes.
+			set("attention.key_length", uint32(ds.KVLoraRank+ds.RopeDim))
+			set("attention.value_length", uint32(ds.KVLoraRank))
+			set("attention.key_length_mla", uint32(qk))
+			set("attention.value_length_mla", uint32(ds.VHeadDim))
+		}
 		set("attention.q_lora_rank", uint32(ds.QLoraRank))
 		set("attention.kv_lora_rank", uint32(ds.KVLoraRank))
 		set("attention.layer_norm_rms_epsilon", float32(1e-6))
@@ -169,9 +181,13 @@ func synthesizeMoED(ctx context.Context, out string, p Preset, o SynthOptions, r
 			}
 			add(b+"attn_kv_a_mqa.weight", p.Hidden, ds.KVLoraRank+ds.RopeDim, 0, 0, in, denseFormat)
 			add(b+"attn_kv_a_norm.weight", ds.KVLoraRank, 1, 0, 1, 0.05, f32)
-			// Per head: the latent's key (nope x latent) and value (latent x v) projections.
-			add(b+"attn_k_b.weight", ds.NopeDim, ds.KVLoraRank, p.Heads, 0, 1/math.Sqrt(float64(ds.NopeDim)), denseFormat)
-			add(b+"attn_v_b.weight", ds.KVLoraRank, ds.VHeadDim, p.Heads, 0, 1/math.Sqrt(float64(ds.KVLoraRank)), denseFormat)
+			if ds.PerHeadKV {
+				add(b+"attn_kv_b.weight", ds.KVLoraRank, p.Heads*(ds.NopeDim+ds.VHeadDim), 0, 0, 1/math.Sqrt(float64(ds.KVLoraRank)), denseFormat)
+			} else {
+				// Per head: the latent's key (nope x latent) and value (latent x v) projections.
+				add(b+"attn_k_b.weight", ds.NopeDim, ds.KVLoraRank, p.Heads, 0, 1/math.Sqrt(float64(ds.NopeDim)), denseFormat)
+				add(b+"attn_v_b.weight", ds.KVLoraRank, ds.VHeadDim, p.Heads, 0, 1/math.Sqrt(float64(ds.KVLoraRank)), denseFormat)
+			}
 			add(b+"attn_output.weight", p.Heads*ds.VHeadDim, p.Hidden, 0, 0, deep/math.Sqrt(float64(p.Heads*ds.VHeadDim)), denseFormat)
 			if l < ds.DenseLayers {
 				add(b+"ffn_gate.weight", p.Hidden, p.FFN, 0, 0, in, denseFormat)
