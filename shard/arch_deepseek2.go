@@ -98,13 +98,16 @@ func newDeepseek2(c fs.Config) (family, error) {
 		ropeScale:   c.Float("rope.scaling.factor", 1),
 	}
 	f.nopeDim = keyLen - f.ropeDim
-	// The engine's attention scale: YaRN's magnitude correction squared over sqrt(key_length).
-	// Without a scaling factor the engine's formula takes log(0); Strata takes the factor as 1.
+	// The attention scale: YaRN's magnitude correction squared over the square root of a
+	// head's query-key size (keyLen: key_length_mla in MLA files, whose key_length is the
+	// cached row; the pinned engine divides by that row, fixed by build/engine-patches/0002,
+	// as llama.cpp does). Without a scaling factor the engine's formula takes log(0); Strata
+	// takes the factor as 1.
 	mScale := float32(1.0)
 	if factor := c.Float("rope.scaling.factor"); factor != 0 {
 		mScale = float32(1.0 + float64(c.Float("rope.scaling.yarn_log_multiplier"))*math.Log(float64(factor)))
 	}
-	f.kqScale = float64(mScale) * float64(mScale) / math.Sqrt(float64(c.Uint("attention.key_length")))
+	f.kqScale = float64(mScale) * float64(mScale) / math.Sqrt(float64(keyLen))
 	switch {
 	case f.heads == 0 || f.kvHeads == 0:
 		return nil, configError(c, "head_count and head_count_kv are required")

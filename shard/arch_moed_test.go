@@ -17,13 +17,13 @@ func TestMoELayerCosts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// tiny: kv_lora_rank 32, rope 16; 4 heads of 32+16 query/key and 32 value dims.
-	if got, want := ds.KVBytesPerToken(2), int64((32+16+32)*2); got != want {
+	// tiny: kv_lora_rank 64, rope 16; 4 heads of 32+16 query/key and 32 value dims.
+	if got, want := ds.KVBytesPerToken(2), int64((64+16+64)*2); got != want {
 		t.Errorf("deepseek2 KV bytes per token and layer %d, want %d (latent+rope key, latent)", got, want)
 	}
 	shape := ds.Shape(2048, 4, 2)
-	if d, m := ds.LayerBytes[0], ds.LayerBytes[1]; d*2 > m {
-		t.Errorf("deepseek2 dense layer 0 weighs %d, MoE layer 1 %d: want under half", d, m)
+	if d, m := ds.LayerBytes[0], ds.LayerBytes[1]; d*3 > m*2 { // V3's: 5%; tiny's attention is a larger share
+		t.Errorf("deepseek2 dense layer 0 weighs %d, MoE layer 1 %d: want under two thirds", d, m)
 	}
 	if d, m := shape.LayerCosts[0]-ds.LayerBytes[0], shape.LayerCosts[1]-ds.LayerBytes[1]; d != m || d != 2048*4*ds.KVBytesPerToken(2) {
 		t.Errorf("deepseek2 KV of layers 0 and 1: %d and %d, want %d each", d, m, 2048*4*ds.KVBytesPerToken(2))

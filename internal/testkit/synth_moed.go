@@ -33,7 +33,10 @@ const (
 )
 
 // deepseek2Presets are DeepSeek's shapes in the MLA form llama.cpp converts them to (the KV
-// cache holds the latent). tiny routes 4 of 16 experts after one dense block, with YaRN on.
+// cache holds the latent). tiny routes 4 of 16 experts after one dense block, with YaRN on;
+// its latent (64) is wider than a head's nope part (32), as V3's (512, 128), so the cached
+// row's size (key_length) and a head's (key_length_mla) differ and the attention scale
+// shows which one is used.
 func deepseek2Presets() []Preset {
 	const a = "deepseek2"
 	yarn := func(f float32, orig int) *RopeScaling {
@@ -42,7 +45,7 @@ func deepseek2Presets() []Preset {
 	return []Preset{
 		{Name: "tiny", Arch: a, Hidden: 64, Heads: 4, KVHeads: 1, FFN: 192, Layers: 6, Vocab: 2048, Context: 2048, RopeBase: 1e4, Scaling: yarn(4, 256),
 			Experts: 16, ExpertsUsed: 4, ExpertFFN: 32,
-			DeepSeek: &DeepSeekShape{QLoraRank: 32, KVLoraRank: 32, RopeDim: 16, NopeDim: 32, VHeadDim: 32, DenseLayers: 1, SharedExperts: 1, RoutedScale: 2.5}},
+			DeepSeek: &DeepSeekShape{QLoraRank: 32, KVLoraRank: 64, RopeDim: 16, NopeDim: 32, VHeadDim: 32, DenseLayers: 1, SharedExperts: 1, RoutedScale: 2.5}},
 		{Name: "tiny-mha", Arch: a, Hidden: 64, Heads: 4, KVHeads: 4, FFN: 192, Layers: 6, Vocab: 2048, Context: 2048, RopeBase: 1e4, Scaling: yarn(4, 256),
 			Experts: 16, ExpertsUsed: 4, ExpertFFN: 32,
 			DeepSeek: &DeepSeekShape{QLoraRank: 0, KVLoraRank: 32, RopeDim: 16, NopeDim: 32, VHeadDim: 32, DenseLayers: 1, SharedExperts: 1, RoutedScale: 2.5, PerHeadKV: true}},
