@@ -3,6 +3,7 @@ package cli
 import (
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -87,6 +88,9 @@ func newInfoCommand() *cobra.Command {
 			}
 			if sliding > 0 {
 				fmt.Fprintf(w, "attention   sliding window of %d tokens on %d of %d layers (their KV cache holds only the window)\n", window, sliding, m.Layers)
+			}
+			if lo, hi := slices.Min(m.LayerBytes), slices.Max(m.LayerBytes); lo != hi { // dense and MoE blocks
+				fmt.Fprintf(w, "layers      %s to %s each; KV cache %s per token per layer (f16)\n", humanBytes(lo), humanBytes(hi), humanBytes(m.KVBytesPerToken(2)))
 			}
 			return nil
 		},
