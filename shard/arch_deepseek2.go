@@ -158,6 +158,7 @@ func (f *deepseek2) bind(t *tensors, r Range) {
 			if b.expProbsBias = t.opt(p + "exp_probs_b.bias"); b.expProbsBias == nil {
 				b.expProbsBias = t.opt(p + "exp_probs_b")
 			}
+			checkExpertCount(t, l, f.experts, b.router.w, b.gateExps, b.upExps, b.downExps)
 		}
 		f.blk = append(f.blk, b)
 	}
@@ -271,6 +272,25 @@ func routedExperts(ctx ml.Context, x, idx, weights, gate, up, down ml.Tensor, us
 	g := gate.MulmatID(ctx, x, idx)
 	e := down.MulmatID(ctx, g.SILU(ctx, u), idx).Mul(ctx, weights)
 	return sumExpertOutputs(ctx, e, used)
+}
+
+// checkExpertCount fails the bind when a block's router or expert tensors hold another number
+// of experts than the metadata says, so such a file is refused at load with what is wrong
+// rather than failing inside a graph.
+func checkExpertCount(t *tensors, l, experts int, router ml.Tensor, exps ...ml.Tensor) {
+	if t.missing != nil || router == nil {
+		return
+	}
+	if router.Dim(1) != experts {
+		t.missing = fmt.Errorf("blk.%d.ffn_gate_inp scores %d experts, metadata says %d", l, router.Dim(1), experts)
+		return
+	}
+	for _, e := range exps {
+		if e != nil && e.Dim(2) != experts {
+			t.missing = fmt.Errorf("blk.%d: expert tensors hold %d experts, metadata says %d", l, e.Dim(2), experts)
+			return
+		}
+	}
 }
 
 // sumExpertOutputs adds the used expert outputs of each token, in order, as the engine does.

@@ -104,6 +104,7 @@ func (f *gptoss) bind(t *tensors, r Range) {
 		} else {
 			b.gate, b.up = bindLinear(t, p+"ffn_gate_exps"), bindLinear(t, p+"ffn_up_exps")
 		}
+		checkExpertCount(t, l, f.experts, b.router.w, b.gateUp.w, b.gate.w, b.up.w, b.down.w)
 		f.blk = append(f.blk, b)
 	}
 }
