@@ -1,10 +1,13 @@
 package shard_test
 
 import (
+	"context"
+	"math"
 	"slices"
 	"testing"
 
 	"github.com/strata-llm/strata/internal/testkit"
+	"github.com/strata-llm/strata/quant"
 	"github.com/strata-llm/strata/shard"
 )
 
@@ -82,6 +85,82 @@ func TestDeepseek2PerHeadKVMatchesEngine(t *testing.T) {
 		}
 		for _, st := range stages {
 			st.Close()
+		}
+	}
+}
+
+// BenchmarkMoECodecFlips measures (asserts nothing) what the wire's activation codec does to
+// a mixture-of-experts model split in three: the tiny preset's greedy tokens of the whole
+// model are fed back (teacher forcing) through the stages with the activations between them
+// encoded and decoded, and each step's argmax is compared with the whole model's. A routing
+// decision the codec flips shows as a changed logit and, at a near-tie, a changed token.
+// Reports flips per step and the largest logit change, per family and codec:
+//
+//	go test -run '^$' -bench MoECodecFlips -benchtime 1x ./shard/
+func BenchmarkMoECodecFlips(b *testing.B) {
+	const n = 64
+	for _, arch := range []string{"deepseek2", "gptoss"} {
+		for _, c := range []quant.Codec{quant.CodecF16, quant.CodecQ8} {
+			b.Run(arch+"/"+c.String(), func(b *testing.B) {
+				path := testkit.Model(b, testkit.SynthOptions{Arch: arch, Preset: "tiny", Seed: 1, Type: "f32"})
+				info, err := shard.ReadModelInfo(path)
+				if err != nil {
+					b.Fatal(err)
+				}
+				tok, err := shard.LoadTokenizer(path)
+				if err != nil {
+					b.Fatal(err)
+				}
+				prompt, err := tok.Encode("The quick brown fox jumps over the lazy dog, said Strata.", true)
+				if err != nil {
+					b.Fatal(err)
+				}
+				opts := []shard.StageOption{shard.WithCacheType("f32"), shard.WithMaxSessions(1), shard.WithMaxContext(oracleContext)}
+				whole, _ := testkit.LoadStages(b, path, []shard.Range{{Start: 0, End: info.Layers}}, opts...)
+				want, wantLogits := pipelineGreedy(b, whole, prompt, n)
+				third := info.Layers / 3
+				split, _ := testkit.LoadStages(b, path, []shard.Range{{Start: 0, End: third}, {Start: third, End: 2 * third}, {Start: 2 * third, End: info.Layers}}, opts...)
+				for _, st := range split {
+					if err := st.OpenSession(1); err != nil {
+						b.Fatal(err)
+					}
+				}
+				flips, worst := 0, 0.0
+				for i := range n {
+					toks, from := prompt, 0
+					if i > 0 {
+						toks, from = want[i-1:i], len(prompt)+i-1
+					}
+					s := shard.Step{Session: 1, Positions: positions(from, len(toks)), Tokens: toks}
+					var logits []float32
+					for _, st := range split {
+						out, err := st.Forward(context.Background(), s)
+						if err != nil {
+							b.Fatal(err)
+						}
+						if out.Logits != nil {
+							logits = out.Logits
+							break
+						}
+						enc, err := c.Append(nil, out.Hidden)
+						if err != nil {
+							b.Fatal(err)
+						}
+						h := make([]float32, len(out.Hidden))
+						if err := c.Decode(h, enc); err != nil {
+							b.Fatal(err)
+						}
+						s = shard.Step{Session: 1, Positions: s.Positions, Hidden: h}
+					}
+					if argmax(logits) != want[i] {
+						flips++
+					}
+					worst = math.Max(worst, maxDiff([][]float32{logits}, wantLogits[i:i+1]))
+				}
+				b.ReportMetric(float64(flips)/n, "flips/step")
+				b.ReportMetric(worst, "max|dlogit|")
+				b.Logf("%s %s: %d of %d greedy steps pick another token than the whole model's (f32 activations: 0, TestArchMatchesEngine); max |logit change| %.3g", arch, c, flips, n, worst)
+			})
 		}
 	}
 }

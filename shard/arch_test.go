@@ -79,7 +79,7 @@ func engineGreedy(t *testing.T, path string, prompt []int32, n int) ([]int32, []
 }
 
 // pipelineGreedy runs stages in order, as a chain of nodes does, greedily for n tokens.
-func pipelineGreedy(t *testing.T, stages []*shard.Stage, prompt []int32, n int) ([]int32, [][]float32) {
+func pipelineGreedy(t testing.TB, stages []*shard.Stage, prompt []int32, n int) ([]int32, [][]float32) {
 	t.Helper()
 	ctx := context.Background()
 	for _, st := range stages {
