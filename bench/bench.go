@@ -31,7 +31,7 @@ type Config struct {
 	Arch    string // architecture of the synthesized model (default llama)
 	Preset  string // synthesized model shape (default "70b")
 	Layers  int    // layers of the synthesized model (default: the preset's)
-	Experts int    // experts per MoE layer of the synthesized model (default: the preset's)
+	Experts int    // experts per layer of the synthesized model (default: the preset's)
 	Type    string // weight format (default "q4_0")
 	Seed    uint64 // weights seed (default 1)
 	Model   string // measure this GGUF file instead of synthesizing one
@@ -277,11 +277,11 @@ func (b *bench) synthesize(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("bench: model cache: %w", err)
 	}
 	name := fmt.Sprintf("%s-L%d-%s-s%d.gguf", c.Preset, c.Layers, c.Type, c.Seed)
-	if c.Experts > 0 {
-		name = fmt.Sprintf("%s-L%d-E%d-%s-s%d.gguf", c.Preset, c.Layers, c.Experts, c.Type, c.Seed)
-	}
 	if c.Arch != "" && c.Arch != "llama" {
 		name = c.Arch + "-" + name
+	}
+	if c.Experts > 0 {
+		name = name[:len(name)-len(".gguf")] + fmt.Sprintf("-x%d.gguf", c.Experts)
 	}
 	path := filepath.Join(dir, name)
 	if _, err := os.Stat(path); err == nil {

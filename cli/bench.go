@@ -94,7 +94,7 @@ of layers needs, so the planner forms exactly one K-stage chain.`,
 	f.StringVar(&cfg.Arch, "arch", "llama", "architecture of the synthesized model (see strata model synth --arch)")
 	f.StringVar(&cfg.Preset, "preset", "70b", "shape of the synthesized model: tiny, small, 8b, 70b, or the architecture's real shapes")
 	f.IntVar(&cfg.Layers, "layers", 0, "layers of the synthesized model (default: the preset's)")
-	f.IntVar(&cfg.Experts, "experts", 0, "experts per MoE layer of the synthesized model, each of its real size (default: the preset's)")
+	f.IntVar(&cfg.Experts, "experts", 0, "experts per layer of the synthesized model (default: the preset's; the table says when set)")
 	f.StringVar(&cfg.Type, "type", "q4_0", "weight format of the synthesized model")
 	f.Uint64Var(&cfg.Seed, "seed", 1, "seed of the synthesized model's weights")
 	f.StringVar(&cfg.Model, "model", "", "measure this GGUF file instead of a synthesized model")

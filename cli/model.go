@@ -28,13 +28,14 @@ func newSynthCommand() *cobra.Command {
 		Long: `Writes a real llama-architecture GGUF: real shapes (70b: hidden 8192, 64 heads, 8 KV heads,
 FFN 28672, vocabulary 128256), weights drawn from the seed and scaled so activations stay
 finite over many layers, quantized with ggml's own quantizer, Llama 3's BPE tokenizer and
-chat template. --layers keeps a big shape small enough to test with.
+chat template. --layers keeps a big shape small enough to test with. deepseek2 (deepseek-v3,
+MLA form; tiny-mha: ollama's per-head form) and gptoss (gpt-oss-20b, gpt-oss-120b; --type
+mxfp4 for MXFP4 experts) keep each expert's real size with --experts N of them per layer.
 
 --arch writes another family with every tensor and key its real files have: qwen2 (presets
 tiny, small, qwen2.5-7b, qwen2.5-72b), qwen3 (qwen3-8b, qwen3-32b), mistral3
 (mistral-small-24b), gemma2 (gemma2-9b, gemma2-27b), gemma3 (gemma3-12b, gemma3-27b), olmo3
-(olmo3-7b, olmo3-32b), deepseek2 (deepseek-v3, MLA form), gptoss (gpt-oss-20b, gpt-oss-120b).
---experts N keeps each expert's real size with N of them per layer. Gemma gets Gemma's SentencePiece vocabulary; the others Llama 3's BPE
+(olmo3-7b, olmo3-32b). Gemma gets Gemma's SentencePiece vocabulary; the others Llama 3's BPE
 vocabulary with their own special tokens, pre-tokenizer and chat template.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -59,8 +60,8 @@ vocabulary with their own special tokens, pre-tokenizer and chat template.`,
 	f.StringVar(&o.Arch, "arch", "llama", "architecture: "+strings.Join(testkit.SynthArchs(), ", "))
 	f.StringVar(&o.Preset, "preset", "tiny", "model shape: tiny, small, or the architecture's real ones (llama: 8b, 70b)")
 	f.IntVar(&o.Layers, "layers", 0, "number of layers (default: the preset's)")
+	f.IntVar(&o.Experts, "experts", 0, "experts per layer (default: the preset's; on llama: Mixtral with N experts)")
 	f.Uint64Var(&o.Seed, "seed", 1, "seed of the weights")
-	f.IntVar(&o.Experts, "experts", 0, "experts per MoE layer instead of the preset's, each of its real size (so a real shape's layer fits)")
 	f.StringVar(&o.Type, "type", "f16", "weight format: f32, f16, q8_0, q4_0, q4_k, ... (mxfp4: gptoss's experts, q8_0 elsewhere)")
 	f.BoolVar(&o.Tied, "tied", false, "tie the LM head to the token embeddings")
 	return cmd
