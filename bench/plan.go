@@ -13,16 +13,10 @@ import (
 const kvElemBytes = 2
 
 // Shape is the planner's view of a model when every node budgets KV cache for sessions x
-// context tokens per layer, as `strata node start --context C --max-sessions S` does.
+// context tokens per layer, as `strata node start --context C --max-sessions S` does: the
+// same per-layer costs the nodes plan with (a sliding layer's window, dense and MoE blocks).
 func Shape(info *shard.ModelInfo, context, sessions int) shard.ModelShape {
-	return shard.ModelShape{
-		Layers:          info.Layers,
-		LayerBytes:      slices.Max(info.LayerBytes),
-		KVBytesPerToken: info.KVBytesPerToken(kvElemBytes),
-		EmbedBytes:      info.EmbedBytes,
-		HeadBytes:       info.HeadBytes,
-		Context:         context * sessions,
-	}
+	return info.Shape(context, sessions, kvElemBytes)
 }
 
 // NodeMemory is the --max-memory that makes k identical nodes split the model into one chain
@@ -47,12 +41,16 @@ func NodeMemory(info *shard.ModelInfo, k, context, sessions int) (int64, []shard
 	if k == 1 {
 		return shape.TotalBytes(), []shard.Range{{Start: 0, End: info.Layers}}, nil
 	}
-	// The planner's capacities jump at these budgets: i layers with the embeddings, with the
-	// head, with both, or alone. Anything in between holds no more than the budget below it.
-	c := shape.LayerCost()
+	// The planner's capacities jump at these budgets: the costliest run of i layers with the
+	// embeddings, with the head, with both, or alone. Anything in between holds no more than
+	// the budget below it.
 	var budgets []int64
-	for i := int64(1); i <= int64(info.Layers); i++ {
-		budgets = append(budgets, i*c, shape.EmbedBytes+i*c, shape.HeadBytes+i*c, shape.EmbedBytes+shape.HeadBytes+i*c)
+	for i := 1; i <= info.Layers; i++ {
+		var c int64
+		for a := 0; a+i <= info.Layers; a++ {
+			c = max(c, shape.RangeBytes(shard.Range{Start: a, End: a + i})-rangeEnds(shape, a, a+i))
+		}
+		budgets = append(budgets, c, shape.EmbedBytes+c, shape.HeadBytes+c, shape.EmbedBytes+shape.HeadBytes+c)
 	}
 	slices.Sort(budgets)
 	budgets = slices.Compact(budgets)
@@ -91,5 +89,17 @@ func NodeMemory(info *shard.ModelInfo, k, context, sessions int) (int64, []shard
 // NodeFootprint is the memory a node serving r should use: its weights and its KV cache
 // (sessions x context tokens per layer, F16), without runtime overhead.
 func NodeFootprint(info *shard.ModelInfo, r shard.Range, context, sessions int) (weights, kv int64) {
-	return info.RangeBytes(r), int64(r.Len()) * info.KVBytesPerToken(kvElemBytes) * int64(context) * int64(sessions)
+	return info.RangeBytes(r), info.RangeKVBytes(r, context, sessions, kvElemBytes)
+}
+
+// rangeEnds is what the embeddings and the head add to layers [a,b).
+func rangeEnds(s shard.ModelShape, a, b int) int64 {
+	var n int64
+	if a == 0 {
+		n += s.EmbedBytes
+	}
+	if b == s.Layers {
+		n += s.HeadBytes
+	}
+	return n
 }

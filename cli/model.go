@@ -3,6 +3,7 @@ package cli
 import (
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -27,7 +28,9 @@ func newSynthCommand() *cobra.Command {
 		Long: `Writes a real llama-architecture GGUF: real shapes (70b: hidden 8192, 64 heads, 8 KV heads,
 FFN 28672, vocabulary 128256), weights drawn from the seed and scaled so activations stay
 finite over many layers, quantized with ggml's own quantizer, Llama 3's BPE tokenizer and
-chat template. --layers keeps a big shape small enough to test with.
+chat template. --layers keeps a big shape small enough to test with. deepseek2 (deepseek-v3,
+MLA form; tiny-mha: ollama's per-head form) and gptoss (gpt-oss-20b, gpt-oss-120b; --type
+mxfp4 for MXFP4 experts) keep each expert's real size with --experts N of them per layer.
 
 --arch writes another family with every tensor and key its real files have: qwen2 (presets
 tiny, small, qwen2.5-7b, qwen2.5-72b), qwen3 (qwen3-8b, qwen3-32b), mistral3
@@ -63,7 +66,7 @@ sets the experts per layer (each of real size), so a real shape's layers fit a s
 	f.IntVar(&o.Layers, "layers", 0, "number of layers (default: the preset's)")
 	f.IntVar(&o.Experts, "experts", 0, "experts per layer (default: the preset's; on llama: Mixtral with N experts)")
 	f.Uint64Var(&o.Seed, "seed", 1, "seed of the weights")
-	f.StringVar(&o.Type, "type", "f16", "weight format: f32, f16, q8_0, q4_0, q4_k, ...")
+	f.StringVar(&o.Type, "type", "f16", "weight format: f32, f16, q8_0, q4_0, q4_k, ... (mxfp4: gptoss's experts, q8_0 elsewhere)")
 	f.BoolVar(&o.Tied, "tied", false, "tie the LM head to the token embeddings")
 	return cmd
 }
@@ -93,6 +96,9 @@ func newInfoCommand() *cobra.Command {
 			}
 			if sliding > 0 {
 				fmt.Fprintf(w, "attention   sliding window of %d tokens on %d of %d layers (their KV cache holds only the window)\n", window, sliding, m.Layers)
+			}
+			if lo, hi := slices.Min(m.LayerBytes), slices.Max(m.LayerBytes); lo != hi { // dense and MoE blocks
+				fmt.Fprintf(w, "layers      %s to %s each; KV cache %s per token per layer (f16)\n", humanBytes(lo), humanBytes(hi), humanBytes(m.KVBytesPerToken(2)))
 			}
 			return nil
 		},

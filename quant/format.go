@@ -32,6 +32,7 @@ var formats = []Format{
 	{"q4_k", fsggml.TensorTypeQ4_K, fsggml.FileTypeQ4_K_M},
 	{"q5_k", fsggml.TensorTypeQ5_K, fsggml.FileType(17)},
 	{"q6_k", fsggml.TensorTypeQ6_K, fsggml.FileType(18)},
+	{"mxfp4", fsggml.TensorTypeMXFP4, fsggml.FileType(4)}, // gpt-oss's experts; the engine names file type 4 MXFP4
 }
 
 // Formats lists the names ParseFormat accepts.

@@ -71,7 +71,7 @@ func (p *pass) once(key string, f func() ml.Tensor) ml.Tensor {
 
 // Architectures lists the GGUF architectures Strata runs.
 func Architectures() []string {
-	return []string{"gemma2", "gemma3", "llama", "mistral3", "olmo2", "olmo3", "qwen2", "qwen3", "qwen3moe"}
+	return []string{"gemma2", "gemma3", "llama", "mistral3", "olmo2", "olmo3", "qwen2", "qwen3", "qwen3moe", "deepseek2", "gptoss", "gpt-oss"}
 }
 
 // ErrUnsupportedArch is wrapped by the error for a model of an architecture Strata does not run.
@@ -96,6 +96,10 @@ func newFamily(c fs.Config) (family, error) {
 		return newGemma3(c)
 	case "olmo2", "olmo3":
 		return newOlmo(c)
+	case "deepseek2":
+		return newDeepseek2(c)
+	case "gptoss", "gpt-oss": // ollama's name and llama.cpp's
+		return newGptoss(c)
 	default:
 		return nil, fmt.Errorf("%w %q: Strata runs %s", ErrUnsupportedArch, arch, strings.Join(Architectures(), ", "))
 	}

@@ -12,8 +12,10 @@ import (
 	"github.com/ollama/ollama/model/input"
 
 	// The engine's own families, the oracle each of Strata's is held to.
+	_ "github.com/ollama/ollama/model/models/deepseek2"
 	_ "github.com/ollama/ollama/model/models/gemma2"
 	_ "github.com/ollama/ollama/model/models/gemma3"
+	_ "github.com/ollama/ollama/model/models/gptoss"
 	_ "github.com/ollama/ollama/model/models/llama"
 	_ "github.com/ollama/ollama/model/models/mistral3"
 	_ "github.com/ollama/ollama/model/models/olmo3"
@@ -25,7 +27,7 @@ import (
 )
 
 // engineArchs are the families the engine implements, so Strata's forward can be held to it.
-var engineArchs = []string{"llama", "qwen2", "qwen3", "qwen3moe", "mistral3", "gemma2", "gemma3", "olmo3"}
+var engineArchs = []string{"llama", "qwen2", "qwen3", "qwen3moe", "mistral3", "gemma2", "gemma3", "olmo3", "deepseek2", "gptoss"}
 
 const oracleContext = 2048
 
@@ -77,7 +79,7 @@ func engineGreedy(t *testing.T, path string, prompt []int32, n int) ([]int32, []
 }
 
 // pipelineGreedy runs stages in order, as a chain of nodes does, greedily for n tokens.
-func pipelineGreedy(t *testing.T, stages []*shard.Stage, prompt []int32, n int) ([]int32, [][]float32) {
+func pipelineGreedy(t testing.TB, stages []*shard.Stage, prompt []int32, n int) ([]int32, [][]float32) {
 	t.Helper()
 	ctx := context.Background()
 	for _, st := range stages {
@@ -169,6 +171,7 @@ func TestArchMatchesEngine(t *testing.T) {
 			}
 			want, wantLogits := engineGreedy(t, path, prompt, n)
 			var worst float64
+			var whole [][]float32 // Strata's own, which every cut must give bit for bit
 			for _, k := range parts {
 				for _, ranges := range cuts(info.Layers, k) {
 					stages, _ := testkit.LoadStages(t, path, ranges, shard.WithCacheType("f32"), shard.WithMaxSessions(1), shard.WithMaxContext(oracleContext))
@@ -181,6 +184,11 @@ func TestArchMatchesEngine(t *testing.T) {
 					worst = math.Max(worst, d)
 					if d > 1e-4 {
 						t.Fatalf("%s: logits differ from the engine's by %.3g > 1e-4", name, d)
+					}
+					if whole == nil {
+						whole = gotLogits
+					} else if d := maxDiff(gotLogits, whole); d != 0 {
+						t.Fatalf("%s: logits differ from Strata's whole model by %.3g: a split must be bit-identical (f32 activations)", name, d)
 					}
 					for _, st := range stages {
 						st.Close()
@@ -211,6 +219,7 @@ func TestSlidingWindowKVBudget(t *testing.T) {
 		{"gemma2", []int{16, 0, 16, 0, 16, 0}},
 		{"gemma3", []int{16, 16, 16, 16, 16, 0}},
 		{"olmo3", []int{16, 16, 16, 0, 16, 16, 16, 0}},
+		{"gptoss", []int{16, 0, 16, 0, 16, 0}},
 		{"qwen2", []int{0, 0, 0, 0, 0, 0}},
 	} {
 		info, err := shard.ReadModelInfo(testkit.Model(t, testkit.SynthOptions{Arch: c.arch, Preset: "tiny", Seed: 1, Type: "f32"}))
@@ -242,7 +251,11 @@ func TestArchQuantMatchesEngine(t *testing.T) {
 		n = 8
 	}
 	for _, arch := range engineArchs {
-		for _, typ := range []string{"q8_0", "q4_0"} {
+		types := []string{"q8_0", "q4_0"}
+		if arch == "gptoss" {
+			types = append(types, "mxfp4") // its real experts' type
+		}
+		for _, typ := range types {
 			t.Run(arch+"/"+typ, func(t *testing.T) {
 				path := testkit.Model(t, testkit.SynthOptions{Arch: arch, Preset: "tiny", Seed: 1, Type: typ})
 				info, err := shard.ReadModelInfo(path)

@@ -39,6 +39,7 @@ type Preset struct {
 	// Mixture of experts (synth_moe.go): experts per layer, used per token, and each expert's
 	// FFN width (0: FFN). Experts 0 is a dense model.
 	Experts, ExpertsUsed, ExpertFFN int
+	DeepSeek                        *DeepSeekShape // deepseek2's attention and MoE extras (synth_moed.go)
 }
 
 // RopeScaling is a preset's rope.scaling keys.

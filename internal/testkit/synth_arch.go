@@ -14,7 +14,7 @@ import (
 
 // SynthArchs lists the architectures `strata model synth --arch` writes.
 func SynthArchs() []string {
-	return []string{"gemma2", "gemma3", "llama", "mistral3", "olmo3", "qwen2", "qwen3", "qwen3moe"}
+	return []string{"deepseek2", "gemma2", "gemma3", "gptoss", "llama", "mistral3", "olmo3", "qwen2", "qwen3", "qwen3moe"}
 }
 
 // ArchPresets lists the shapes of architecture arch ("" is llama). tiny and small are for
@@ -73,6 +73,10 @@ func ArchPresets(arch string) ([]Preset, error) {
 			{Name: "gemma3-27b", Arch: arch, Hidden: 5376, Heads: 32, KVHeads: 16, HeadDim: 128, FFN: 21504, Layers: 62, Context: 131072, RopeBase: 1e6, Window: 1024,
 				Scaling: &RopeScaling{Type: "linear", Factor: 8}},
 		}, nil
+	case "deepseek2":
+		return deepseek2Presets(), nil
+	case "gptoss":
+		return gptossPresets(), nil
 	case "olmo3":
 		return []Preset{
 			with(tiny(arch), func(p *Preset) { p.Layers, p.Window, p.RopeBase = 8, 16, 5e5 }),
@@ -100,6 +104,9 @@ const (
 // BPE vocabulary with the family's special tokens in the reserved slots (Qwen, Mistral and
 // OLMo use byte-level BPE too, with other vocabularies), or Gemma's SentencePiece vocabulary.
 func synthesizeArch(ctx context.Context, out string, p Preset, o SynthOptions, report func(float32)) error {
+	if p.Arch == "deepseek2" || p.Arch == "gptoss" {
+		return synthesizeMoED(ctx, out, p, o, report)
+	}
 	if o.Layers > 0 {
 		p.Layers = o.Layers
 	}
@@ -294,6 +301,8 @@ func archVocab(kv fsggml.KV, p Preset, dir string) (int, error) {
 	case "olmo3":
 		specials = []string{"<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"}
 		bos, eos, eot, pre, tmpl = "<|endoftext|>", "<|endoftext|>", "<|im_end|>", "dbrx", OlmoChatTemplate
+	case "deepseek2", "gptoss":
+		specials, bos, eos, eot, pre, tmpl, addBOS = moedVocab(p.Arch)
 	default:
 		return 0, fmt.Errorf("no vocabulary for architecture %q", p.Arch)
 	}
