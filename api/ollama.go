@@ -352,10 +352,10 @@ func (c *ollamaCommon) unloads() bool {
 }
 
 type ollamaMessage struct {
-	Role      string          `json:"role"`
-	Content   string          `json:"content"`
-	Images    json.RawMessage `json:"images,omitempty"`
-	ToolCalls json.RawMessage `json:"tool_calls,omitempty"`
+	Role       string          `json:"role"`
+	Content    string          `json:"content"`
+	Images     json.RawMessage `json:"images,omitempty"`
+	ToolCalls  json.RawMessage `json:"tool_calls,omitempty"`
 	ToolName   string          `json:"tool_name,omitempty"`
 	ToolCallID string          `json:"tool_call_id,omitempty"`
 	Thinking   string          `json:"thinking,omitempty"`
