@@ -34,8 +34,10 @@ func (s *Server) mountOllama() {
 	s.apiMux.Handle("/api/show", s.ollamaMethod(http.MethodPost, s.handleOllamaShow))
 	s.apiMux.Handle("/api/chat", s.ollamaMethod(http.MethodPost, s.handleOllamaChat))
 	s.apiMux.Handle("/api/generate", s.ollamaMethod(http.MethodPost, s.handleOllamaGenerate))
+	s.apiMux.Handle("/api/embed", s.ollamaMethod(http.MethodPost, s.handleOllamaEmbed))
+	s.apiMux.Handle("/api/embeddings", s.ollamaMethod(http.MethodPost, s.handleOllamaEmbeddings))
 	s.apiMux.Handle("/api/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ollamaError(w, http.StatusNotFound, fmt.Sprintf("unknown endpoint %s %s: this server offers Ollama's version, tags, ps, show, chat and generate", r.Method, r.URL.Path))
+		ollamaError(w, http.StatusNotFound, fmt.Sprintf("unknown endpoint %s %s: this server offers Ollama's version, tags, ps, show, chat, generate, embed and embeddings", r.Method, r.URL.Path))
 	}))
 }
 
@@ -152,6 +154,12 @@ func (s *Server) handleOllamaShow(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	caps := []string{"completion"}
+	if card.ChatTemplate != "" {
+		caps = append(caps, "tools") // rendered through the template, or described in the system prompt
+	}
+	if _, ok := s.backend.(Embedder); ok {
+		caps = append(caps, "embedding")
+	}
 	writeJSON(w, http.StatusOK, map[string]any{
 		"modelfile":  fmt.Sprintf("# served by a Strata swarm\nFROM %s\n", card.ID),
 		"parameters": "",
