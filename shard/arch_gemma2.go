@@ -129,4 +129,6 @@ func (f *gemma2) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
 	return softcap(ctx, logits, f.finalSoftcap)
 }
 
-func (f *gemma2) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor { return h.RMSNorm(ctx, f.norm, f.eps) }
+func (f *gemma2) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor {
+	return h.RMSNorm(ctx, f.norm, f.eps)
+}

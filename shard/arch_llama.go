@@ -90,4 +90,6 @@ func (f *llama) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
 	return f.output.Mulmat(ctx, h.RMSNorm(ctx, f.norm, f.eps))
 }
 
-func (f *llama) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor { return h.RMSNorm(ctx, f.norm, f.eps) }
+func (f *llama) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor {
+	return h.RMSNorm(ctx, f.norm, f.eps)
+}

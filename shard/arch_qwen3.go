@@ -96,4 +96,6 @@ func (f *qwen3) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
 	return f.output.Mulmat(ctx, h.RMSNorm(ctx, f.norm, f.eps))
 }
 
-func (f *qwen3) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor { return h.RMSNorm(ctx, f.norm, f.eps) }
+func (f *qwen3) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor {
+	return h.RMSNorm(ctx, f.norm, f.eps)
+}
