@@ -32,7 +32,7 @@ func structuredServer(t *testing.T) *generatorBackend {
 	stages, tok := testkit.LoadStages(t, path, []shard.Range{{Start: 0, End: 3}, {Start: 3, End: 6}}, shard.WithMaxContext(1024), shard.WithMaxSessions(2))
 	gen := pipeline.NewGenerator(tok, pipeline.LocalRouter{Stages: stages, Codec: quant.CodecF16}, pipeline.WithMaxContext(1024))
 	return &generatorBackend{gen: gen, card: pipeline.ModelCard{
-		ID: "tiny", ContextLength: gen.MaxContext(), ChatTemplate: info.ChatTemplate, BOS: tok.BOS, EOS: tok.EOS, Ready: true,
+		ID: "tiny", ContextLength: gen.MaxContext(), ChatTemplate: info.ChatTemplate, BOS: tok.BOS, EOS: tok.EOS, Vocab: info.Vocab, Ready: true,
 	}}
 }
 
