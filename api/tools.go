@@ -188,7 +188,9 @@ func withDescriptions(tools []any) []any {
 // not render tools itself (so the model was asked for bare JSON), as bare JSON too.
 func (ts *toolSet) parse(text string) (string, []toolcall.Call) {
 	content, calls := toolcall.Parse(ts.family, text)
-	if len(calls) == 0 && !ts.native && ts.family != toolcall.Llama3 {
+	// A forced call is bare JSON in every family but Hermes (toolcall.Force), so it is read
+	// as such whatever the template's own syntax.
+	if len(calls) == 0 && (!ts.native || ts.force != nil) && ts.family != toolcall.Llama3 {
 		if c2, calls2 := toolcall.Parse(toolcall.Llama3, text); len(calls2) > 0 {
 			return c2, calls2
 		}
@@ -342,6 +344,9 @@ func (s *toolStream) push(text string) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.text.WriteString(text)
+	if s.ts.force != nil {
+		s.held = true // the grammar makes the whole reply one call: nothing of it is content
+	}
 	if s.held {
 		return ""
 	}
