@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/strata-llm/strata/api/toolcall"
 	"github.com/strata-llm/strata/pipeline"
 	"github.com/strata-llm/strata/pipeline/sample"
 )
@@ -129,10 +130,6 @@ func (s *Server) handleMessages(w http.ResponseWriter, r *http.Request) {
 		anthropicError(w, e)
 		return
 	}
-	set := func(raw json.RawMessage) bool {
-		t := bytes.TrimSpace(raw)
-		return len(t) > 0 && string(t) != "null" && string(t) != "[]"
-	}
 	bad := func(msg string) { anthropicError(w, invalidRequest("", msg)) }
 	switch {
 	case mr.MaxTokens == nil:
@@ -143,12 +140,6 @@ func (s *Server) handleMessages(w http.ResponseWriter, r *http.Request) {
 		return
 	case len(mr.Messages) == 0:
 		bad("messages: at least one message is required")
-		return
-	case set(mr.Tools):
-		bad("tools: tool use is not supported yet")
-		return
-	case set(mr.ToolChoice):
-		bad("tool_choice: tool use is not supported yet")
 		return
 	case mr.Thinking != nil && mr.Thinking.Type != "disabled":
 		bad("thinking: extended thinking is not supported")
@@ -183,12 +174,17 @@ func (s *Server) handleMessages(w http.ResponseWriter, r *http.Request) {
 			bad(fmt.Sprintf("messages.%d.role: must be user or assistant, got %q", i, m.Role))
 			return
 		}
-		text, err := anthText(m.Content)
+		turn, err := anthTurn(m)
 		if err != nil {
 			bad(fmt.Sprintf("messages.%d.content: %v", i, err))
 			return
 		}
-		msgs = append(msgs, map[string]any{"role": m.Role, "content": text})
+		msgs = append(msgs, turn...)
+	}
+	rawTools, rawChoice, err := anthToolsAsOpenAI(mr.Tools, mr.ToolChoice)
+	if err != nil {
+		bad(err.Error())
+		return
 	}
 	card, e := s.findModel(r.Context(), mr.Model)
 	if e != nil {
@@ -206,11 +202,25 @@ func (s *Server) handleMessages(w http.ResponseWriter, r *http.Request) {
 	// A final assistant message is a prefill: the answer continues it. The chat template
 	// would close the turn, so it is rendered without it and appended.
 	var prefill string
-	if last := msgs[len(msgs)-1]; last["role"] == "assistant" {
+	if last := msgs[len(msgs)-1]; last["role"] == "assistant" && last["tool_calls"] == nil {
 		prefill = strings.TrimRight(last["content"].(string), " \t\n")
 		msgs = msgs[:len(msgs)-1]
 	}
-	prompt, e := s.renderChat(card, msgs)
+	tools, e := parseTools(rawTools, rawChoice, card.ChatTemplate)
+	if e != nil {
+		anthropicError(w, e)
+		return
+	}
+	forced, e := tools.grammar()
+	if e != nil {
+		anthropicError(w, e)
+		return
+	}
+	if forced != nil && prefill != "" {
+		bad("tool_choice: a forced tool call cannot continue a prefilled assistant message")
+		return
+	}
+	prompt, e := s.renderChatTools(card, msgs, tools)
 	if e != nil {
 		anthropicError(w, e)
 		return
@@ -225,7 +235,8 @@ func (s *Server) handleMessages(w http.ResponseWriter, r *http.Request) {
 	if mr.TopK != nil {
 		p.TopK = *mr.TopK
 	}
-	req := pipeline.Request{Model: card.ID, Prompt: prompt + prefill, MaxTokens: *mr.MaxTokens, Sampling: p.WithRandomSeed()}
+	req := pipeline.Request{Model: card.ID, Prompt: prompt + prefill, MaxTokens: *mr.MaxTokens, Sampling: p.WithRandomSeed(),
+		Grammar: forced, KeepControl: tools != nil}
 	for _, st := range mr.StopSequences {
 		if st != "" {
 			req.Stop = append(req.Stop, st)
@@ -235,7 +246,145 @@ func (s *Server) handleMessages(w http.ResponseWriter, r *http.Request) {
 	if mr.Metadata != nil {
 		user = mr.Metadata.UserID
 	}
-	s.messages(w, r, req, mr.Stream, user)
+	s.messages(w, r, req, mr.Stream, user, tools)
+}
+
+// anthTurn turns one Anthropic message into the chat template's messages: its text (and, for
+// an assistant, its tool_use blocks as tool_calls), and each tool_result block of a user turn
+// as a tool message, in the order the blocks come.
+func anthTurn(m anthMessage) ([]map[string]any, error) {
+	raw := bytes.TrimSpace(m.Content)
+	if len(raw) == 0 || raw[0] != '[' {
+		text, err := anthText(raw)
+		return []map[string]any{{"role": m.Role, "content": text}}, err
+	}
+	var blocks []struct {
+		Type      string          `json:"type"`
+		Text      string          `json:"text"`
+		ID        string          `json:"id"`
+		Name      string          `json:"name"`
+		Input     any             `json:"input"`
+		ToolUseID string          `json:"tool_use_id"`
+		Content   json.RawMessage `json:"content"`
+		IsError   bool            `json:"is_error"`
+	}
+	if err := json.Unmarshal(raw, &blocks); err != nil {
+		return nil, errors.New("must be a string or an array of content blocks")
+	}
+	var out []map[string]any
+	var text strings.Builder
+	var calls []callIn
+	flush := func() {
+		if text.Len() > 0 || len(calls) > 0 {
+			msg := map[string]any{"role": m.Role, "content": text.String()}
+			if len(calls) > 0 {
+				msg["tool_calls"] = templateCalls(calls)
+			}
+			out = append(out, msg)
+		}
+		text.Reset()
+		calls = nil
+	}
+	for i, bl := range blocks {
+		switch {
+		case bl.Type == "text":
+			text.WriteString(bl.Text)
+		case bl.Type == "tool_use" && m.Role == "assistant":
+			if bl.Name == "" {
+				return nil, fmt.Errorf("block %d: tool_use needs a name", i)
+			}
+			if _, ok := bl.Input.(map[string]any); !ok && bl.Input != nil {
+				return nil, fmt.Errorf("block %d: tool_use input must be an object", i)
+			}
+			calls = append(calls, callIn{ID: bl.ID, Name: bl.Name, Args: bl.Input})
+		case bl.Type == "tool_result" && m.Role == "user":
+			flush()
+			content, err := anthText(bl.Content)
+			if err != nil {
+				return nil, fmt.Errorf("block %d: tool_result content: %v", i, err)
+			}
+			if bl.IsError {
+				content = "Error: " + content
+			}
+			out = append(out, map[string]any{"role": "tool", "tool_call_id": bl.ToolUseID, "content": content})
+		case bl.Type == "tool_use" || bl.Type == "tool_result":
+			return nil, fmt.Errorf("block %d: a %s block belongs in a %s turn", i, bl.Type, map[string]string{"tool_use": "assistant", "tool_result": "user"}[bl.Type])
+		default:
+			return nil, fmt.Errorf("content block of type %q is not supported: this server takes text, tool_use and tool_result blocks", bl.Type)
+		}
+	}
+	flush()
+	if len(out) == 0 {
+		out = append(out, map[string]any{"role": m.Role, "content": ""})
+	}
+	return out, nil
+}
+
+// anthToolsAsOpenAI rewrites Anthropic's tools ({name, description, input_schema}) and
+// tool_choice ({type: auto|any|tool|none, name}) as OpenAI's, which parseTools reads.
+// Anthropic's server tools (web search, code execution...) run on Anthropic's side and are
+// refused by name.
+func anthToolsAsOpenAI(rawTools, rawChoice json.RawMessage) (json.RawMessage, json.RawMessage, error) {
+	set := func(raw json.RawMessage) bool {
+		t := bytes.TrimSpace(raw)
+		return len(t) > 0 && string(t) != "null"
+	}
+	var tools, choice json.RawMessage
+	if set(rawTools) {
+		var defs []struct {
+			Type         string          `json:"type"`
+			Name         string          `json:"name"`
+			Description  string          `json:"description"`
+			InputSchema  json.RawMessage `json:"input_schema"`
+			CacheControl json.RawMessage `json:"cache_control"` // a caching hint: no effect here
+		}
+		if err := json.Unmarshal(rawTools, &defs); err != nil {
+			return nil, nil, fmt.Errorf("tools: must be an array of {name, description, input_schema}: %v", err)
+		}
+		out := make([]map[string]any, len(defs))
+		for i, d := range defs {
+			switch {
+			case d.Type != "" && d.Type != "custom":
+				return nil, nil, fmt.Errorf("tools.%d: tool type %q runs on Anthropic's servers and is not offered here; send custom tools", i, d.Type)
+			case d.Name == "":
+				return nil, nil, fmt.Errorf("tools.%d.name: field required", i)
+			case len(bytes.TrimSpace(d.InputSchema)) == 0 || string(bytes.TrimSpace(d.InputSchema)) == "null":
+				return nil, nil, fmt.Errorf("tools.%d.input_schema: field required", i)
+			}
+			fn := map[string]any{"name": d.Name, "parameters": d.InputSchema}
+			if d.Description != "" {
+				fn["description"] = d.Description
+			}
+			out[i] = map[string]any{"type": "function", "function": fn}
+		}
+		tools, _ = json.Marshal(out)
+	}
+	if set(rawChoice) {
+		var c struct {
+			Type                   string `json:"type"`
+			Name                   string `json:"name"`
+			DisableParallelToolUse bool   `json:"disable_parallel_tool_use"` // a forced call is one call already
+		}
+		if err := json.Unmarshal(rawChoice, &c); err != nil {
+			return nil, nil, fmt.Errorf("tool_choice: must be {type: auto|any|tool|none}: %v", err)
+		}
+		switch c.Type {
+		case "auto":
+			choice = json.RawMessage(`"auto"`)
+		case "any":
+			choice = json.RawMessage(`"required"`)
+		case "none":
+			choice = json.RawMessage(`"none"`)
+		case "tool":
+			if c.Name == "" {
+				return nil, nil, errors.New("tool_choice.name: field required for type tool")
+			}
+			choice, _ = json.Marshal(map[string]any{"type": "function", "function": map[string]string{"name": c.Name}})
+		default:
+			return nil, nil, fmt.Errorf("tool_choice.type: %q is not one of auto, any, tool, none", c.Type)
+		}
+	}
+	return tools, choice, nil
 }
 
 type anthUsage struct {
@@ -243,9 +392,42 @@ type anthUsage struct {
 	OutputTokens int `json:"output_tokens"`
 }
 
+// anthBlock is a content block of a response: text, or a tool_use with its input object.
+// The tags are for decoding (tests); MarshalJSON writes each type with its own fields.
 type anthBlock struct {
-	Type string `json:"type"`
-	Text string `json:"text"`
+	Type  string          `json:"type"`
+	Text  string          `json:"text"`
+	ID    string          `json:"id,omitempty"`
+	Name  string          `json:"name,omitempty"`
+	Input json.RawMessage `json:"input,omitempty"`
+}
+
+func (b anthBlock) MarshalJSON() ([]byte, error) {
+	if b.Type == "tool_use" {
+		input := b.Input
+		if len(input) == 0 {
+			input = json.RawMessage(`{}`)
+		}
+		return json.Marshal(struct {
+			Type  string          `json:"type"`
+			ID    string          `json:"id"`
+			Name  string          `json:"name"`
+			Input json.RawMessage `json:"input"`
+		}{b.Type, b.ID, b.Name, input})
+	}
+	return json.Marshal(struct {
+		Type string `json:"type"`
+		Text string `json:"text"`
+	}{b.Type, b.Text})
+}
+
+// toolUses turns parsed calls into tool_use blocks.
+func toolUses(calls []toolcall.Call) []anthBlock {
+	out := make([]anthBlock, len(calls))
+	for i, c := range calls {
+		out[i] = anthBlock{Type: "tool_use", ID: "toolu_" + randomID(), Name: c.Name, Input: json.RawMessage(c.Arguments)}
+	}
+	return out
 }
 
 type anthResponse struct {
@@ -270,7 +452,11 @@ func anthStop(res pipeline.Result) (reason string, seq *string) {
 	return "end_turn", nil
 }
 
-func (s *Server) messages(w http.ResponseWriter, r *http.Request, req pipeline.Request, stream bool, user string) {
+// messages runs req and answers as a message, or streamed as Anthropic's events. With tools,
+// the model's calls become tool_use blocks (stop_reason tool_use); streamed, text that may
+// start a call is held, and each call goes out as a block whose input comes in one
+// input_json_delta.
+func (s *Server) messages(w http.ResponseWriter, r *http.Request, req pipeline.Request, stream bool, user string, tools *toolSet) {
 	ctx := r.Context()
 	start := time.Now()
 	id := "msg_" + randomID()
@@ -280,7 +466,13 @@ func (s *Server) messages(w http.ResponseWriter, r *http.Request, req pipeline.R
 		done    bool
 		text    strings.Builder
 		rc      = http.NewResponseController(w)
+		held    *toolStream
+		blocks  int  // content blocks started
+		open    bool // the text block is started and not stopped
 	)
+	if tools != nil {
+		held = &toolStream{ts: tools}
+	}
 	event := func(name string, v any) error {
 		b, err := marshal(v)
 		if err != nil {
@@ -290,6 +482,11 @@ func (s *Server) messages(w http.ResponseWriter, r *http.Request, req pipeline.R
 			return fmt.Errorf("writing to client: %w", err)
 		}
 		return rc.Flush()
+	}
+	startText := func() error {
+		open = true
+		blocks++
+		return event("content_block_start", map[string]any{"type": "content_block_start", "index": blocks - 1, "content_block": anthBlock{Type: "text"}})
 	}
 	begin := func(inputTokens int) error {
 		if started {
@@ -305,10 +502,21 @@ func (s *Server) messages(w http.ResponseWriter, r *http.Request, req pipeline.R
 		if err := event("message_start", map[string]any{"type": "message_start", "message": msg}); err != nil {
 			return err
 		}
-		if err := event("content_block_start", map[string]any{"type": "content_block_start", "index": 0, "content_block": anthBlock{Type: "text"}}); err != nil {
-			return err
+		if held == nil { // without tools the answer is one text block, opened at once
+			if err := startText(); err != nil {
+				return err
+			}
 		}
 		return event("ping", map[string]string{"type": "ping"})
+	}
+	textDelta := func(t string) error {
+		if !open {
+			if err := startText(); err != nil {
+				return err
+			}
+		}
+		return event("content_block_delta", map[string]any{"type": "content_block_delta", "index": blocks - 1,
+			"delta": map[string]string{"type": "text_delta", "text": t}})
 	}
 	res, err := s.backend.Generate(ctx, req, func(d pipeline.Delta) error {
 		mu.Lock()
@@ -324,8 +532,13 @@ func (s *Server) messages(w http.ResponseWriter, r *http.Request, req pipeline.R
 		if err := begin(d.PromptTokens); err != nil {
 			return err
 		}
-		return event("content_block_delta", map[string]any{"type": "content_block_delta", "index": 0,
-			"delta": map[string]string{"type": "text_delta", "text": d.Text}})
+		t := d.Text
+		if held != nil {
+			if t = held.push(t); t == "" {
+				return ctx.Err() // held back: a tool call may be starting
+			}
+		}
+		return textDelta(t)
 	})
 	mu.Lock()
 	defer mu.Unlock()
@@ -356,16 +569,50 @@ func (s *Server) messages(w http.ResponseWriter, r *http.Request, req pipeline.R
 		if out == "" {
 			out = text.String()
 		}
+		content := []anthBlock{{Type: "text", Text: out}}
+		if tools != nil {
+			if rest, calls := tools.parse(out); len(calls) > 0 {
+				content, reason, seq = toolUses(calls), "tool_use", nil
+				if rest != "" {
+					content = append([]anthBlock{{Type: "text", Text: rest}}, content...)
+				}
+			}
+		}
 		writeJSON(w, http.StatusOK, anthResponse{ID: id, Type: "message", Role: "assistant", Model: req.Model,
-			Content: []anthBlock{{Type: "text", Text: out}}, StopReason: &reason, StopSequence: seq,
+			Content: content, StopReason: &reason, StopSequence: seq,
 			Usage: anthUsage{InputTokens: res.PromptTokens, OutputTokens: res.CompletionTokens}})
 		return
 	}
 	if err := begin(res.PromptTokens); err != nil {
 		return
 	}
-	if err := event("content_block_stop", map[string]any{"type": "content_block_stop", "index": 0}); err != nil {
-		return
+	var calls []toolcall.Call
+	if held != nil {
+		var rest string
+		rest, calls = held.finish()
+		if rest != "" || (len(calls) == 0 && blocks == 0) {
+			if err := textDelta(rest); err != nil {
+				return
+			}
+		}
+	}
+	if open {
+		if err := event("content_block_stop", map[string]any{"type": "content_block_stop", "index": blocks - 1}); err != nil {
+			return
+		}
+	}
+	for _, b := range toolUses(calls) {
+		input := b.Input
+		b.Input = json.RawMessage(`{}`) // the input comes in the delta, as Anthropic streams it
+		blocks++
+		i := blocks - 1
+		if event("content_block_start", map[string]any{"type": "content_block_start", "index": i, "content_block": b}) != nil ||
+			event("content_block_delta", map[string]any{"type": "content_block_delta", "index": i,
+				"delta": map[string]string{"type": "input_json_delta", "partial_json": string(input)}}) != nil ||
+			event("content_block_stop", map[string]any{"type": "content_block_stop", "index": i}) != nil {
+			return
+		}
+		reason, seq = "tool_use", nil
 	}
 	if err := event("message_delta", map[string]any{"type": "message_delta",
 		"delta": map[string]any{"stop_reason": reason, "stop_sequence": seq},

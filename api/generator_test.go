@@ -22,6 +22,9 @@ import (
 type generatorBackend struct {
 	gen  *pipeline.Generator
 	card pipeline.ModelCard
+	// what gen was built from, for tests that build another generator on the same stages
+	tok    *shard.Tokenizer
+	router pipeline.Router
 }
 
 func (b generatorBackend) Models(context.Context) ([]pipeline.ModelCard, error) {
@@ -49,8 +52,9 @@ func realServerFor(t *testing.T, path string, ranges ...shard.Range) *generatorB
 		t.Fatal(err)
 	}
 	stages, tok := testkit.LoadStages(t, path, ranges, shard.WithMaxContext(realContext), shard.WithMaxSessions(2))
-	gen := pipeline.NewGenerator(tok, pipeline.LocalRouter{Stages: stages, Codec: quant.CodecF32}, pipeline.WithMaxContext(realContext))
-	return &generatorBackend{gen: gen, card: pipeline.ModelCard{
+	router := pipeline.LocalRouter{Stages: stages, Codec: quant.CodecF32}
+	gen := pipeline.NewGenerator(tok, router, pipeline.WithMaxContext(realContext))
+	return &generatorBackend{gen: gen, tok: tok, router: router, card: pipeline.ModelCard{
 		ID: "tiny", ContextLength: gen.MaxContext(), ChatTemplate: info.ChatTemplate, BOS: tok.BOS, EOS: tok.EOS, Vocab: info.Vocab, Ready: true,
 	}}
 }
@@ -322,4 +326,8 @@ func TestRealTokenPromptsAndLogprobs(t *testing.T) {
 	// A token id outside the vocabulary is the client's mistake.
 	_, err = c.Completions.New(ctx, openai.CompletionNewParams{Model: "tiny", Prompt: openai.CompletionNewParamsPromptUnion{OfArrayOfTokens: []int64{1, 1 << 30}}})
 	assertAPIError(t, err, 400, "")
+}
+
+func (b generatorBackend) Embed(ctx context.Context, req pipeline.EmbedRequest) (pipeline.EmbedResult, error) {
+	return b.gen.Embed(ctx, req)
 }

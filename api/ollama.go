@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/strata-llm/strata/api/toolcall"
 	"github.com/strata-llm/strata/pipeline"
 	"github.com/strata-llm/strata/pipeline/grammar"
 	"github.com/strata-llm/strata/pipeline/sample"
@@ -33,8 +34,10 @@ func (s *Server) mountOllama() {
 	s.apiMux.Handle("/api/show", s.ollamaMethod(http.MethodPost, s.handleOllamaShow))
 	s.apiMux.Handle("/api/chat", s.ollamaMethod(http.MethodPost, s.handleOllamaChat))
 	s.apiMux.Handle("/api/generate", s.ollamaMethod(http.MethodPost, s.handleOllamaGenerate))
+	s.apiMux.Handle("/api/embed", s.ollamaMethod(http.MethodPost, s.handleOllamaEmbed))
+	s.apiMux.Handle("/api/embeddings", s.ollamaMethod(http.MethodPost, s.handleOllamaEmbeddings))
 	s.apiMux.Handle("/api/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ollamaError(w, http.StatusNotFound, fmt.Sprintf("unknown endpoint %s %s: this server offers Ollama's version, tags, ps, show, chat and generate", r.Method, r.URL.Path))
+		ollamaError(w, http.StatusNotFound, fmt.Sprintf("unknown endpoint %s %s: this server offers Ollama's version, tags, ps, show, chat, generate, embed and embeddings", r.Method, r.URL.Path))
 	}))
 }
 
@@ -151,6 +154,12 @@ func (s *Server) handleOllamaShow(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	caps := []string{"completion"}
+	if card.ChatTemplate != "" {
+		caps = append(caps, "tools") // rendered through the template, or described in the system prompt
+	}
+	if _, ok := s.backend.(Embedder); ok {
+		caps = append(caps, "embedding")
+	}
 	writeJSON(w, http.StatusOK, map[string]any{
 		"modelfile":  fmt.Sprintf("# served by a Strata swarm\nFROM %s\n", card.ID),
 		"parameters": "",
@@ -318,14 +327,16 @@ type ollamaCommon struct {
 	Tools     json.RawMessage `json:"tools"`
 }
 
-func (c *ollamaCommon) unsupported() *apiError {
+// unsupported refuses what this server does not do; tools are for chat only (generate has
+// no messages to answer a call in).
+func (c *ollamaCommon) unsupported(tools bool) *apiError {
 	set := func(raw json.RawMessage) bool {
 		t := bytes.TrimSpace(raw)
 		return len(t) > 0 && string(t) != "null" && string(t) != `""`
 	}
 	switch {
-	case set(c.Tools) && string(bytes.TrimSpace(c.Tools)) != "[]":
-		return invalidRequest("tools", "tools are not supported yet")
+	case !tools && set(c.Tools) && string(bytes.TrimSpace(c.Tools)) != "[]":
+		return invalidRequest("tools", "tools are not supported by /api/generate; send them to /api/chat")
 	case set(c.Think) && string(bytes.TrimSpace(c.Think)) != "false":
 		return invalidRequest("think", "think is not supported: the swarm's models are served without a thinking mode")
 	}
@@ -349,12 +360,64 @@ func (c *ollamaCommon) unloads() bool {
 }
 
 type ollamaMessage struct {
-	Role      string          `json:"role"`
-	Content   string          `json:"content"`
-	Images    json.RawMessage `json:"images,omitempty"`
-	ToolCalls json.RawMessage `json:"tool_calls,omitempty"`
-	ToolName  string          `json:"tool_name,omitempty"`
-	Thinking  string          `json:"thinking,omitempty"`
+	Role       string          `json:"role"`
+	Content    string          `json:"content"`
+	Images     json.RawMessage `json:"images,omitempty"`
+	ToolCalls  json.RawMessage `json:"tool_calls,omitempty"`
+	ToolName   string          `json:"tool_name,omitempty"`
+	ToolCallID string          `json:"tool_call_id,omitempty"`
+	Thinking   string          `json:"thinking,omitempty"`
+}
+
+// ollamaToolCall is a tool call in Ollama's shape: arguments as an object, not JSON text.
+type ollamaToolCall struct {
+	ID       string `json:"id,omitempty"`
+	Function struct {
+		Index     int             `json:"index"`
+		Name      string          `json:"name"`
+		Arguments json.RawMessage `json:"arguments"`
+	} `json:"function"`
+}
+
+// ollamaCalls reads an assistant message's earlier tool calls.
+func ollamaCalls(i int, raw json.RawMessage) ([]callIn, *apiError) {
+	var calls []struct {
+		ID       string `json:"id"`
+		Function struct {
+			Name      string `json:"name"`
+			Arguments any    `json:"arguments"`
+		} `json:"function"`
+	}
+	if err := json.Unmarshal(raw, &calls); err != nil {
+		return nil, invalidRequest(fmt.Sprintf("messages[%d].tool_calls", i),
+			fmt.Sprintf("messages[%d].tool_calls must be an array of {function: {name, arguments: {...}}}: %v", i, err))
+	}
+	out := make([]callIn, len(calls))
+	for j, c := range calls {
+		if c.Function.Name == "" {
+			return nil, invalidRequest(fmt.Sprintf("messages[%d].tool_calls", i), fmt.Sprintf("messages[%d].tool_calls[%d].function.name is empty", i, j))
+		}
+		args := c.Function.Arguments
+		if s, ok := args.(string); ok { // some clients send OpenAI's JSON text
+			if err := json.Unmarshal([]byte(s), &args); err != nil {
+				return nil, invalidRequest(fmt.Sprintf("messages[%d].tool_calls", i), fmt.Sprintf("messages[%d].tool_calls[%d].function.arguments is not a JSON object", i, j))
+			}
+		}
+		out[j] = callIn{ID: c.ID, Name: c.Function.Name, Args: args}
+	}
+	return out, nil
+}
+
+// toOllama turns parsed calls into Ollama's shape.
+func toOllama(calls []toolcall.Call) []ollamaToolCall {
+	out := make([]ollamaToolCall, len(calls))
+	for i, c := range calls {
+		out[i].ID = "call_" + randomID()[:8]
+		out[i].Function.Index = i
+		out[i].Function.Name = c.Name
+		out[i].Function.Arguments = json.RawMessage(c.Arguments)
+	}
+	return out
 }
 
 var ollamaChatKeys = []string{"model", "messages", "tools", "format", "options", "stream", "keep_alive", "think"}
@@ -368,7 +431,7 @@ func (s *Server) handleOllamaChat(w http.ResponseWriter, r *http.Request) {
 		ollamaAPIError(w, e)
 		return
 	}
-	if e := req.unsupported(); e != nil {
+	if e := req.unsupported(true); e != nil {
 		ollamaAPIError(w, e)
 		return
 	}
@@ -397,13 +460,20 @@ func (s *Server) handleOllamaChat(w http.ResponseWriter, r *http.Request) {
 			ollamaError(w, http.StatusBadRequest, fmt.Sprintf("messages[%d].images: images are not supported: this server takes text only", i))
 			return
 		}
-		if t := bytes.TrimSpace(m.ToolCalls); len(t) > 0 && string(t) != "null" && string(t) != "[]" {
-			ollamaError(w, http.StatusBadRequest, fmt.Sprintf("messages[%d].tool_calls: tool calls are not supported yet", i))
-			return
-		}
 		msg := map[string]any{"role": m.Role, "content": m.Content}
+		if t := bytes.TrimSpace(m.ToolCalls); len(t) > 0 && string(t) != "null" && string(t) != "[]" {
+			calls, e := ollamaCalls(i, t)
+			if e != nil {
+				ollamaAPIError(w, e)
+				return
+			}
+			msg["tool_calls"] = templateCalls(calls)
+		}
 		if m.ToolName != "" {
 			msg["name"] = m.ToolName
+		}
+		if m.ToolCallID != "" {
+			msg["tool_call_id"] = m.ToolCallID
 		}
 		msgs[i] = msg
 	}
@@ -420,14 +490,25 @@ func (s *Server) handleOllamaChat(w http.ResponseWriter, r *http.Request) {
 		ollamaAPIError(w, notReady(card))
 		return
 	}
-	prompt, e := s.renderChat(card, msgs)
+	// Ollama has no tool_choice: the model decides, and format (when set) still constrains.
+	tools, e := parseTools(req.Tools, nil, card.ChatTemplate)
+	if e != nil {
+		ollamaAPIError(w, e)
+		return
+	}
+	preq.KeepControl = tools != nil
+	prompt, e := s.renderChatTools(card, msgs, tools)
 	if e != nil {
 		ollamaAPIError(w, e)
 		return
 	}
 	preq.Prompt = prompt
-	s.ollamaGenerate(w, r, preq, req.Stream == nil || *req.Stream, func(text string) map[string]any {
-		return map[string]any{"message": map[string]string{"role": "assistant", "content": text}}
+	s.ollamaGenerate(w, r, preq, req.Stream == nil || *req.Stream, tools, func(text string, calls []toolcall.Call) map[string]any {
+		msg := map[string]any{"role": "assistant", "content": text}
+		if len(calls) > 0 {
+			msg["tool_calls"] = toOllama(calls)
+		}
+		return map[string]any{"message": msg}
 	})
 }
 
@@ -449,7 +530,7 @@ func (s *Server) handleOllamaGenerate(w http.ResponseWriter, r *http.Request) {
 		ollamaAPIError(w, e)
 		return
 	}
-	if e := req.unsupported(); e != nil {
+	if e := req.unsupported(false); e != nil {
 		ollamaAPIError(w, e)
 		return
 	}
@@ -519,15 +600,17 @@ func (s *Server) handleOllamaGenerate(w http.ResponseWriter, r *http.Request) {
 			preq.Prompt = prompt
 		}
 	}
-	s.ollamaGenerate(w, r, preq, req.Stream == nil || *req.Stream, func(text string) map[string]any {
+	s.ollamaGenerate(w, r, preq, req.Stream == nil || *req.Stream, nil, func(text string, _ []toolcall.Call) map[string]any {
 		return map[string]any{"response": text}
 	})
 }
 
 // ollamaGenerate runs req and answers as Ollama does: NDJSON lines of pieces then a final line
 // with done, done_reason and timings (nanoseconds), or that final line alone with the whole
-// text when not streaming.
-func (s *Server) ollamaGenerate(w http.ResponseWriter, r *http.Request, req pipeline.Request, stream bool, piece func(string) map[string]any) {
+// text when not streaming. With tools, the model's calls are parsed out of the text: streamed,
+// text that may start a call is held and the calls go out in a line of their own before the
+// final one, as Ollama sends them.
+func (s *Server) ollamaGenerate(w http.ResponseWriter, r *http.Request, req pipeline.Request, stream bool, tools *toolSet, piece func(string, []toolcall.Call) map[string]any) {
 	ctx := r.Context()
 	start := time.Now()
 	var (
@@ -546,8 +629,12 @@ func (s *Server) ollamaGenerate(w http.ResponseWriter, r *http.Request, req pipe
 		}
 	)
 	enc.SetEscapeHTML(false)
-	line := func(t string) map[string]any {
-		m := piece(t)
+	var held *toolStream
+	if tools != nil {
+		held = &toolStream{ts: tools}
+	}
+	line := func(t string, calls []toolcall.Call) map[string]any {
+		m := piece(t, calls)
 		m["model"] = req.Model
 		m["created_at"] = s.now().UTC()
 		m["done"] = false
@@ -573,8 +660,14 @@ func (s *Server) ollamaGenerate(w http.ResponseWriter, r *http.Request, req pipe
 		if !stream || d.Text == "" {
 			return ctx.Err()
 		}
+		t := d.Text
+		if held != nil {
+			if t = held.push(t); t == "" {
+				return ctx.Err() // held back: a tool call may be starting
+			}
+		}
 		begin()
-		return writeLine(line(d.Text))
+		return writeLine(line(t, nil))
 	})
 	mu.Lock()
 	defer mu.Unlock()
@@ -599,9 +692,23 @@ func (s *Server) ollamaGenerate(w http.ResponseWriter, r *http.Request, req pipe
 	if out == "" || stream {
 		out = text.String()
 	}
-	final := line("")
-	if !stream {
-		final = line(out)
+	final := line("", nil)
+	switch {
+	case stream && held != nil:
+		if content, calls := held.finish(); content != "" || len(calls) > 0 {
+			begin()
+			if err := writeLine(line(content, calls)); err != nil {
+				return
+			}
+		}
+	case !stream && tools != nil:
+		content, calls := tools.parse(out)
+		if len(calls) == 0 {
+			content = out
+		}
+		final = line(content, calls)
+	case !stream:
+		final = line(out, nil)
 	}
 	end := time.Now()
 	final["done"] = true

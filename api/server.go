@@ -111,6 +111,7 @@ func NewServer(backend Backend, opts ...Option) *Server {
 	s.apiMux.Handle("/v1/completions", s.method(http.MethodPost, s.handleCompletion))
 	s.apiMux.Handle("/v1/models", s.method(http.MethodGet, s.handleModels))
 	s.apiMux.Handle("/v1/models/{id...}", s.method(http.MethodGet, s.handleModel))
+	s.apiMux.Handle("/v1/embeddings", s.method(http.MethodPost, s.handleEmbeddings))
 	s.mountOllama()
 	s.mountAnthropic()
 	s.apiMux.Handle("/v1/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

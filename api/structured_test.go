@@ -32,7 +32,7 @@ func structuredServer(t *testing.T) *generatorBackend {
 	stages, tok := testkit.LoadStages(t, path, []shard.Range{{Start: 0, End: 3}, {Start: 3, End: 6}}, shard.WithMaxContext(1024), shard.WithMaxSessions(2))
 	gen := pipeline.NewGenerator(tok, pipeline.LocalRouter{Stages: stages, Codec: quant.CodecF16}, pipeline.WithMaxContext(1024))
 	return &generatorBackend{gen: gen, card: pipeline.ModelCard{
-		ID: "tiny", ContextLength: gen.MaxContext(), ChatTemplate: info.ChatTemplate, BOS: tok.BOS, EOS: tok.EOS, Ready: true,
+		ID: "tiny", ContextLength: gen.MaxContext(), ChatTemplate: info.ChatTemplate, BOS: tok.BOS, EOS: tok.EOS, Vocab: info.Vocab, Ready: true,
 	}}
 }
 
@@ -228,8 +228,7 @@ func TestToolTemplates(t *testing.T) {
 		"meta-llama-Llama-3.1-8B-Instruct.jinja", "meta-llama-Llama-3.3-70B-Instruct.jinja",
 		"Qwen-Qwen2.5-7B-Instruct.jinja", "Qwen-Qwen3-0.6B.jinja", "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja",
 		"mistralai-Mistral-Nemo-Instruct-2407.jinja", "Mistral-Small-3.2-24B-Instruct-2506.jinja", "deepseek-ai-DeepSeek-V3.1.jinja",
-		// gpt-oss's template does not parse in gonja (an unbalanced-parenthesis error at line
-		// 298) with or without tools; its harmony output is covered by toolcall's parser tests.
+		"openai-gpt-oss-120b.jinja", // parses once template_fix.go rewrites its parenthesized conditional
 	} {
 		t.Run(file, func(t *testing.T) {
 			src, err := os.ReadFile(filepath.Join(dir, file))

@@ -102,11 +102,23 @@ func (t *templates) parse(source string) (*exec.Template, error) {
 	cfg := config.New()
 	cfg.TrimBlocks = true
 	cfg.LeftStripBlocks = true
-	loader, err := loaders.NewShiftedLoader("chat_template", strings.NewReader(source), noFiles{})
-	if err != nil {
-		return nil, err
+	compile := func(src string) (*exec.Template, error) {
+		loader, err := loaders.NewShiftedLoader("chat_template", strings.NewReader(src), noFiles{})
+		if err != nil {
+			return nil, err
+		}
+		return exec.NewTemplate("chat_template", cfg, loader, gonja.DefaultEnvironment)
 	}
-	tpl, err := exec.NewTemplate("chat_template", cfg, loader, gonja.DefaultEnvironment)
+	tpl, err := compile(source)
+	if err != nil {
+		// A template gonja cannot parse as written may parse once its parenthesized
+		// conditionals are rewritten (template_fix.go); one that parses is never touched.
+		if fixed := rewriteParenConditionals(source); fixed != source {
+			if tpl2, err2 := compile(fixed); err2 == nil {
+				tpl, err = tpl2, nil
+			}
+		}
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -144,3 +144,68 @@ func TestStrftime(t *testing.T) {
 		}
 	}
 }
+
+// gpt-oss's real chat template parses and renders as Python's Jinja2 renders it (goldens
+// made by running the same template through jinja2 the way apply_chat_template does), with a
+// plain conversation and with tools, a tool call and its result; the template has a
+// parenthesized conditional that gonja cannot parse as written (see template_fix.go).
+func TestGptOSSTemplate(t *testing.T) {
+	src, err := os.ReadFile("../../shared/conformance/chat-templates/openai-gpt-oss-120b.jinja")
+	if err != nil {
+		t.Skipf("conformance data absent (%v): gpt-oss's template is not tested", err)
+	}
+	raw, err := os.ReadFile("testdata/gpt-oss-golden.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cases []struct {
+		Name     string           `json:"name"`
+		Messages []map[string]any `json:"messages"`
+		Tools    []any            `json:"tools"`
+		Output   string           `json:"output"`
+	}
+	if err := json.Unmarshal(raw, &cases); err != nil {
+		t.Fatal(err)
+	}
+	tpl := newTemplates(fixedNow)
+	for _, c := range cases {
+		var vars map[string]any
+		if c.Tools != nil {
+			vars = map[string]any{"tools": c.Tools}
+		}
+		out, err := tpl.renderWith(string(src), "<|startoftext|>", "<|return|>", c.Messages, vars)
+		if err != nil {
+			t.Fatalf("%s: %v", c.Name, err)
+		}
+		// A known difference, not gpt-oss's: gonja's tojson writes compact JSON where
+		// Python's json.dumps puts a space after ':' and ','.
+		want := strings.ReplaceAll(c.Output, `{"city": "Oslo", "days": 2}`, `{"city":"Oslo","days":2}`)
+		if out != want {
+			t.Errorf("%s:\n got %q\nwant %q", c.Name, out, want)
+		}
+	}
+}
+
+// The rewrite of parenthesized conditionals renders what Jinja renders, whitespace control
+// included, and leaves other tags alone.
+func TestRewriteParenConditionals(t *testing.T) {
+	tpl := newTemplates(fixedNow)
+	msgs := []map[string]any{{"role": "user", "content": "hi"}}
+	for _, tc := range []struct{ src, want string }{
+		{"{{ (1 if true else 2) }}\nz", "1\nz"},
+		{"a\n  {{ ('a' if false else \"b\") + \"c\" }}\n  {{- 'x' -}}\n y", "a\n  bcxy"},
+		{"{{- (messages[0].role if messages[0].role is defined else \"json\") + \"x\" -}}\n y", "userxy"},
+		{"{{ (messages[0].role if messages[0].nope is defined else ('j' if true else 'k')) + 'x' }}\n y", "jx\n y"},
+		{"{{ ('(if' if true else ' else ') }}", "(if"},
+	} {
+		out, err := tpl.render(tc.src, "", "", msgs)
+		if err != nil || out != tc.want {
+			t.Errorf("%q: %q %v, want %q (rewritten %q)", tc.src, out, err, tc.want, rewriteParenConditionals(tc.src))
+		}
+	}
+	for _, src := range []string{"{{ (a) + b }}", "{% if (a if b else c) %}{% endif %}", "{{ 'x if y else z' }}", "{{ f(a) if c else d }}"} {
+		if got := rewriteParenConditionals(src); got != src {
+			t.Errorf("%q rewritten to %q", src, got)
+		}
+	}
+}

@@ -188,7 +188,9 @@ func withDescriptions(tools []any) []any {
 // not render tools itself (so the model was asked for bare JSON), as bare JSON too.
 func (ts *toolSet) parse(text string) (string, []toolcall.Call) {
 	content, calls := toolcall.Parse(ts.family, text)
-	if len(calls) == 0 && !ts.native && ts.family != toolcall.Llama3 {
+	// A forced call is bare JSON in every family but Hermes (toolcall.Force), so it is read
+	// as such whatever the template's own syntax.
+	if len(calls) == 0 && (!ts.native || ts.force != nil) && ts.family != toolcall.Llama3 {
 		if c2, calls2 := toolcall.Parse(toolcall.Llama3, text); len(calls2) > 0 {
 			return c2, calls2
 		}
@@ -252,7 +254,7 @@ func toolMessageFields(i int, m chatMessage, msg map[string]any) *apiError {
 	if err := json.Unmarshal(raw, &calls); err != nil {
 		return invalidRequest(param, param+" must be an array of {id, type: function, function: {name, arguments}}: "+err.Error())
 	}
-	var out []any
+	in := make([]callIn, len(calls))
 	for j, c := range calls {
 		var args any = map[string]any{}
 		if strings.TrimSpace(c.Function.Arguments) != "" {
@@ -260,12 +262,33 @@ func toolMessageFields(i int, m chatMessage, msg map[string]any) *apiError {
 				return invalidRequest(param, fmt.Sprintf("%s[%d].function.arguments is not JSON: %v", param, j, err))
 			}
 		}
-		fn := map[string]any{"name": c.Function.Name, "arguments": args}
-		out = append(out, map[string]any{"id": c.ID, "type": "function", "function": fn,
-			"name": c.Function.Name, "arguments": args}) // some templates read the fields flat
+		in[j] = callIn{ID: c.ID, Name: c.Function.Name, Args: args}
 	}
-	msg["tool_calls"] = out
+	msg["tool_calls"] = templateCalls(in)
 	return nil
+}
+
+// callIn is an earlier tool call in a conversation, whichever API sent it: Ollama and
+// Anthropic send arguments as objects, OpenAI as JSON text (decoded before it gets here).
+type callIn struct {
+	ID, Name string
+	Args     any
+}
+
+// templateCalls is how chat templates expect an assistant's tool_calls: OpenAI's shape with
+// arguments as objects (templates write them with tojson), and the fields flat as well,
+// since some templates read them that way.
+func templateCalls(calls []callIn) []any {
+	out := make([]any, 0, len(calls))
+	for _, c := range calls {
+		args := c.Args
+		if args == nil {
+			args = map[string]any{}
+		}
+		fn := map[string]any{"name": c.Name, "arguments": args}
+		out = append(out, map[string]any{"id": c.ID, "type": "function", "function": fn, "name": c.Name, "arguments": args})
+	}
+	return out
 }
 
 // toolCallOut is a tool call in a response: whole in a message, indexed in a stream delta.
@@ -321,6 +344,9 @@ func (s *toolStream) push(text string) string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.text.WriteString(text)
+	if s.ts.force != nil {
+		s.held = true // the grammar makes the whole reply one call: nothing of it is content
+	}
 	if s.held {
 		return ""
 	}

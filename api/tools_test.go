@@ -37,3 +37,20 @@ func TestToolStreamHoldsCalls(t *testing.T) {
 		}
 	}
 }
+
+// A forced call is bare JSON whatever the family's own syntax: it is held whole when
+// streamed and read as a call (gpt-oss's harmony markers are control tokens text cannot spell).
+func TestForcedCallBareJSON(t *testing.T) {
+	for _, fam := range []toolcall.Family{toolcall.GptOSS, toolcall.Mistral, toolcall.DeepSeek} {
+		ts := &toolSet{family: fam, native: true, force: []toolcall.Function{{Name: "f"}}}
+		s := &toolStream{ts: ts}
+		var sent string
+		for _, p := range []string{`{"name": "f", `, `"arguments": {"x": 1}}`} {
+			sent += s.push(p)
+		}
+		content, calls := s.finish()
+		if sent != "" || content != "" || len(calls) != 1 || calls[0].Name != "f" || calls[0].Arguments != `{"x":1}` {
+			t.Errorf("%s: sent %q, content %q, calls %+v", fam, sent, content, calls)
+		}
+	}
+}

@@ -79,6 +79,12 @@ func (n *Node) Generate(ctx context.Context, req pipeline.Request, emit func(pip
 	return n.gen.Generate(ctx, req, emit)
 }
 
+// Embed runs an input through every layer of the swarm and returns its pooled final hidden
+// state (/v1/embeddings, /api/embed).
+func (n *Node) Embed(ctx context.Context, req pipeline.EmbedRequest) (pipeline.EmbedResult, error) {
+	return n.gen.Embed(ctx, req)
+}
+
 // Health is the node's view of the swarm, served at /health.
 type Health struct {
 	Ready       bool         `json:"ready"`

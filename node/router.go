@@ -235,7 +235,7 @@ func (c *remoteChain) Step(ctx context.Context, in pipeline.StepInput) (pipeline
 	sctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	defer context.AfterFunc(c.gone, func() { cancel(context.Cause(c.gone)) })()
-	extras := p2p.StepExtras{Bias: in.Bias, TopLogprobs: in.TopLogprobs}
+	extras := p2p.StepExtras{Bias: in.Bias, TopLogprobs: in.TopLogprobs, Embed: in.Embed}
 	res, err := c.rt.StepWith(sctx, in.Positions, in.Tokens, in.Sampling, in.Recent, in.WantLogits, extras)
 	// A stage with too many bytes in flight refuses the frame and keeps the session: the
 	// step is tried again once the others' frames drained, never counted as a failure.
@@ -257,7 +257,7 @@ func (c *remoteChain) Step(ctx context.Context, in pipeline.StepInput) (pipeline
 		}
 		return pipeline.StepResult{}, c.r.hopError(err, c.first)
 	}
-	out := pipeline.StepResult{Token: res.Token, Logprob: res.Logprob, Top: res.Top}
+	out := pipeline.StepResult{Token: res.Token, Logprob: res.Logprob, Top: res.Top, Embedding: res.Embedding, Pooling: shard.Pooling(res.Pooling)}
 	if in.WantLogits {
 		out.Logits = append([]float32(nil), res.Logits...)
 	}

@@ -82,12 +82,18 @@ type Header struct {
 	BiasTokens []int32       // "bi": logit_bias token ids, paired with BiasValues
 	BiasValues []float32     // "bv"
 	TopN       int           // "tl": how many top logprobs the result should carry (<= sample.MaxTopLogprobs)
+	// Embed ("eb") asks the last stage for the final norm's hidden state pooled over the
+	// step, as the result's payload (f32, shape [hidden]) with its Pooling, instead of a
+	// token. A stage from before embeddings skips the key and samples a token: the entry
+	// sees a result with no payload and says so.
+	Embed bool
 
 	// result
 	Token    int32     // "tk"
 	Logprob  float32   // "lp"
 	TopIDs   []int32   // "ti": the TopN most likely tokens, best first
 	TopProbs []float32 // "tv": their log-probabilities
+	Pooling  uint8     // "pl": how an Embed result's payload was pooled (shard.Pooling)
 
 	// error
 	Code    ErrorCode // "ec"
@@ -424,6 +430,8 @@ func (h *Header) encode(e *msgpack.Encoder) error {
 	count(h.Sampling != sample.Params{})
 	count(len(h.Recent) > 0)
 	count(h.WantLogits)
+	count(h.Embed)
+	count(h.Pooling != 0)
 	count(len(h.BiasTokens) > 0)
 	count(len(h.BiasValues) > 0)
 	count(h.TopN != 0)
@@ -542,6 +550,12 @@ func (h *Header) encode(e *msgpack.Encoder) error {
 	}
 	if h.WantLogits {
 		put("wl", func() error { return e.EncodeBool(true) })
+	}
+	if h.Embed {
+		put("eb", func() error { return e.EncodeBool(true) })
+	}
+	if h.Pooling != 0 {
+		putUint("pl", uint64(h.Pooling))
 	}
 	putFloat32s := func(key string, v []float32) {
 		put(key, func() error {
@@ -736,6 +750,12 @@ func (hd headerDecoder) field(h *Header, key []byte) error {
 		h.Recent, err = hd.int32s(h.Recent)
 	case "wl":
 		h.WantLogits, err = hd.d.DecodeBool()
+	case "eb":
+		h.Embed, err = hd.d.DecodeBool()
+	case "pl":
+		var v uint64
+		v, err = hd.uint(math.MaxUint8)
+		h.Pooling = uint8(v)
 	case "tk":
 		var v int64
 		v, err = hd.int(math.MinInt32, math.MaxInt32)

@@ -30,7 +30,7 @@ func fullHeader() Header {
 		Recent: []int32{5, 6}, WantLogits: true, Token: -3, Logprob: -0.25,
 		BiasTokens: []int32{3, 128000}, BiasValues: []float32{-100, 2.5}, TopN: 20,
 		TopIDs: []int32{9, 1}, TopProbs: []float32{-0.1, -2.75},
-		Code: CodeBusy, Message: "why", Origin: "someone",
+		Code: CodeBusy, Message: "why", Origin: "someone", Embed: true, Pooling: 3,
 	}
 }
 
@@ -286,6 +286,10 @@ func FuzzReadFrame(f *testing.F) {
 	w.WriteFrame(&h, []byte{0, 0x3c, 0, 0x3c})
 	h = Header{Kind: KindResult, Session: 1, Step: 2, Token: 9, Logprob: -1}
 	w.WriteFrame(&h, nil)
+	h = Header{Kind: KindForward, Session: 1, Step: 3, Positions: []int32{0, 1}, Tokens: []int32{4, 5}, Embed: true}
+	w.WriteFrame(&h, nil)
+	h = Header{Kind: KindResult, Session: 1, Step: 3, Codec: quant.CodecF32, Shape: []int{1}, Pooling: 1}
+	w.WriteFrame(&h, []byte{0, 0, 0x80, 0x3f})
 	f.Add(append([]byte(nil), buf.Bytes()...))
 	f.Add([]byte{0, 0, 0, 3, 0x81, 0xa1, 'k'})
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
@@ -313,7 +317,8 @@ func FuzzReadFrame(f *testing.F) {
 				t.Fatalf("re-decode: %v", err)
 			}
 			if !bytes.Equal(p2, payload) || back.Kind != h.Kind || back.Session != h.Session || back.Step != h.Step ||
-				!slicesEqual(back.Positions, h.Positions) || !slicesEqual(back.Tokens, h.Tokens) || back.Model != h.Model {
+				!slicesEqual(back.Positions, h.Positions) || !slicesEqual(back.Tokens, h.Tokens) || back.Model != h.Model ||
+				back.Embed != h.Embed || back.Pooling != h.Pooling {
 				t.Fatalf("re-decoded frame differs:\n%+v\n%+v", back, h)
 			}
 		}

@@ -36,6 +36,9 @@ type Result struct {
 	Logprob float32
 	Top     []sample.TokenLogprob // the StepExtras.TopLogprobs most likely tokens, best first
 	Logits  []float32             // when asked for; valid until the next Step
+	// Embedding and Pooling answer a step with StepExtras.Embed (see shard.Output).
+	Embedding []float32
+	Pooling   uint8
 }
 
 // StepExtras are a step's optional requests beyond sampling settings: a logit bias (at most
@@ -44,6 +47,8 @@ type Result struct {
 type StepExtras struct {
 	Bias        []sample.Bias
 	TopLogprobs int
+	// Embed asks for the pooled final hidden state instead of a token (Result.Embedding).
+	Embed bool
 }
 
 // RouteOption configures OpenRoute.
@@ -160,7 +165,7 @@ func (r *Route) StepWith(ctx context.Context, positions, tokens []int32, samplin
 	req := &nx.fwd
 	*req = Header{
 		Kind: KindForward, Session: r.id, Step: r.step, Positions: positions, Tokens: tokens,
-		Sampling: sampling, Recent: recent, WantLogits: wantLogits, TopN: ex.TopLogprobs,
+		Sampling: sampling, Recent: recent, WantLogits: wantLogits, TopN: ex.TopLogprobs, Embed: ex.Embed,
 	}
 	for _, b := range ex.Bias {
 		req.BiasTokens = append(req.BiasTokens, b.Token)
@@ -198,6 +203,21 @@ func (r *Route) StepWith(ctx context.Context, positions, tokens []int32, samplin
 		return Result{}, r.broken(ctx, fmt.Errorf("step answered with %s", rep.Kind))
 	}
 	res := Result{Token: rep.Token, Logprob: rep.Logprob}
+	if ex.Embed {
+		if rep.Codec != quant.CodecF32 || len(rep.Shape) != 1 || rep.Shape[0]*4 != len(payload) || rep.Shape[0] == 0 {
+			if len(payload) == 0 {
+				// The last stage predates embeddings: it sampled a token instead.
+				return res, errors.New("the last stage returned no embedding (a node too old for embeddings?)")
+			}
+			return Result{}, r.broken(ctx, fmt.Errorf("embedding in %s with shape %v and %d bytes", rep.Codec, rep.Shape, len(payload)))
+		}
+		res.Embedding = make([]float32, rep.Shape[0])
+		if err := quant.CodecF32.Decode(res.Embedding, payload); err != nil {
+			return Result{}, r.broken(ctx, fmt.Errorf("embedding: %w", err))
+		}
+		res.Pooling = rep.Pooling
+		return res, nil
+	}
 	if ex.TopLogprobs > 0 {
 		if len(rep.TopIDs) == 0 {
 			// The last stage predates top logprobs: say so rather than answer without them.

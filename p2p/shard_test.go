@@ -183,6 +183,43 @@ func TestRealStagesChain(t *testing.T) {
 	}
 }
 
+// TestEmbeddingThroughRealStages: an Embed step through three ggml stages over libp2p
+// returns the whole model's pooled final hidden state (f32 wire: identical), and the route
+// stays usable for the next step.
+func TestEmbeddingThroughRealStages(t *testing.T) {
+	m := newTinyModel(t)
+	whole := m.load(shard.Range{Start: 0, End: m.layers})
+	if err := whole.OpenSession(1); err != nil {
+		t.Fatal(err)
+	}
+	pos := make([]int32, len(tinyPrompt))
+	for i := range pos {
+		pos[i] = int32(i)
+	}
+	want, err := whole.Forward(context.Background(), shard.Step{Session: 1, Positions: pos, Tokens: tinyPrompt, Embed: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, hops := m.serve(nil, m.thirds()...)
+	entry := newTestHost(t)
+	ctx := context.Background()
+	r, err := entry.OpenRoute(ctx, 9, hops, WithModel(m.sha), WithCodec(quant.CodecF32))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close(ctx)
+	res, err := r.StepWith(ctx, pos, tinyPrompt, sample.Params{}, nil, false, StepExtras{Embed: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := maxAbsDiff(res.Embedding, want.Embedding); d != 0 || shard.Pooling(res.Pooling) != want.Pooling {
+		t.Fatalf("embedding through the swarm differs from the whole model by %g (pooling %d vs %v)", d, res.Pooling, want.Pooling)
+	}
+	if _, err := r.StepWith(ctx, []int32{int32(len(pos))}, tinyPrompt[:1], sample.Params{}, nil, false, StepExtras{Embed: true}); err != nil {
+		t.Fatalf("next step on the same route: %v", err)
+	}
+}
+
 // TestHostilePeerRealStages: while an entry generates greedily through three ggml stages, a
 // peer floods the middle stage with garbage. Every garbage frame is refused and counted, and
 // every healthy generation gives exactly the whole model's tokens.

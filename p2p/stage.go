@@ -843,6 +843,23 @@ func (ss *stageSession) result(h *Header, logits []float32) bool {
 	return false
 }
 
+// embedding answers an Embed step with the pooled hidden state as the payload.
+func (ss *stageSession) embedding(h *Header, out shard.Output) bool {
+	if len(out.Embedding) != ss.info.Hidden {
+		return ss.reject(h.Step, CodeInternal, "executor returned an embedding of %d values, hidden size is %d", len(out.Embedding), ss.info.Hidden) != nil
+	}
+	ss.srv.steps.Add(1)
+	r := &ss.reply
+	*r = Header{Kind: KindResult, Session: ss.id, Step: h.Step, Codec: quant.CodecF32, Shape: append(r.Shape[:0], len(out.Embedding)),
+		Pooling: uint8(out.Pooling)}
+	payload, _ := quant.CodecF32.Append(ss.out.get(&ss.srv.bytes, 4*len(out.Embedding))[:0], out.Embedding)
+	if err := ss.w.WriteFrame(r, payload); err != nil {
+		ss.log.Debug("write embedding", "err", err)
+		return true
+	}
+	return false
+}
+
 // relay sends the step's activations downstream and passes the answer back upstream.
 func (ss *stageSession) relay(h *Header, acts []byte) bool {
 	nx := ss.next
@@ -851,6 +868,7 @@ func (ss *stageSession) relay(h *Header, acts []byte) bool {
 		Kind: KindForward, Session: ss.id, Step: h.Step, Positions: h.Positions, Codec: ss.codec,
 		Shape: append(fwd.Shape[:0], len(h.Positions), ss.info.Hidden), Sampling: h.Sampling,
 		Recent: h.Recent, WantLogits: h.WantLogits, BiasTokens: h.BiasTokens, BiasValues: h.BiasValues, TopN: h.TopN,
+		Embed: h.Embed,
 	}
 	// An abort while waiting downstream resets the next stream, which ends the wait.
 	stop := context.AfterFunc(ss.ctx, func() { nx.st.Reset() })
@@ -871,7 +889,9 @@ func (ss *stageSession) relay(h *Header, acts []byte) bool {
 	// outside the frame's reservation. (So a stage that does not know the vocabulary
 	// relays no logits.)
 	if n := int(rep.PayloadLen); n > 0 {
-		if rep.Kind != KindResult || !h.WantLogits || n != 4*ss.info.Vocab {
+		logits := h.WantLogits && n == 4*ss.info.Vocab
+		embedding := h.Embed && n == 4*ss.info.Hidden
+		if rep.Kind != KindResult || !(logits || embedding) {
 			return ss.downstreamFailed(h.Step, fmt.Errorf("answered step %d with a %s carrying %d payload bytes (logits asked: %v, vocabulary %d)",
 				h.Step, rep.Kind, n, h.WantLogits, ss.info.Vocab))
 		}

@@ -130,7 +130,11 @@ func (ss *stageSession) check(h *Header) refusal {
 // its payload, the decoded activations, the activations encoded for the next hop, and the
 // logits if they were asked for (encoded here, or relayed from downstream).
 func (ss *stageSession) frameCost(h *Header) int64 {
-	return frameCost(ss.info, ss.codec, len(h.Positions), int(h.PayloadLen), h.WantLogits)
+	cost := frameCost(ss.info, ss.codec, len(h.Positions), int(h.PayloadLen), h.WantLogits)
+	if h.Embed {
+		cost += heldBytes(4 * ss.info.Hidden) // the pooled embedding, encoded or relayed
+	}
+	return cost
 }
 
 func frameCost(info shard.StageInfo, codec quant.Codec, positions, payload int, logits bool) int64 {

@@ -21,7 +21,7 @@ type ErrorCode uint16
 func (ss *stageSession) forward(h *Header, payload []byte) bool {
 	n := len(h.Positions)
 	hidden := ss.info.Hidden
-	step := shard.Step{Session: ss.local, Positions: h.Positions}
+	step := shard.Step{Session: ss.local, Positions: h.Positions, Embed: h.Embed}
 	if ss.info.First() {
 		step.Tokens = h.Tokens
 	} else {
@@ -40,6 +40,9 @@ func (ss *stageSession) forward(h *Header, payload []byte) bool {
 			return true
 		}
 		return ss.reject(h.Step, execCode(err), "%v", err) != nil
+	}
+	if ss.info.Last() && h.Embed {
+		return ss.embedding(h, out)
 	}
 	if ss.info.Last() {
 		return ss.result(h, out.Logits)

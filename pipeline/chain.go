@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"github.com/strata-llm/strata/pipeline/sample"
+	"github.com/strata-llm/strata/shard"
 )
 
 // Chain carries one session's steps through stages that together hold every layer, and
@@ -26,6 +27,9 @@ type StepInput struct {
 	// (at most sample.MaxTopLogprobs) with the sampled token.
 	Bias        []sample.Bias
 	TopLogprobs int
+	// Embed asks for the final hidden state pooled over the step (StepResult.Embedding)
+	// instead of a sampled token.
+	Embed bool
 }
 
 // StepResult is the token sampled after the step's last position.
@@ -34,6 +38,9 @@ type StepResult struct {
 	Logprob float32
 	Top     []sample.TokenLogprob // the TopLogprobs most likely tokens, best first
 	Logits  []float32
+	// Embedding and Pooling answer an Embed step: see shard.Output.
+	Embedding []float32
+	Pooling   shard.Pooling
 }
 
 // Router opens chains over the stages that are alive now. A generation asks again after a

@@ -63,11 +63,14 @@ func checkCoverage(stages []*shard.Stage) error {
 
 // Step runs the input through every stage and samples the next token.
 func (c *LocalChain) Step(ctx context.Context, in StepInput) (StepResult, error) {
-	step := shard.Step{Session: c.session, Positions: in.Positions, Tokens: in.Tokens}
+	step := shard.Step{Session: c.session, Positions: in.Positions, Tokens: in.Tokens, Embed: in.Embed}
 	for i, st := range c.stages {
 		out, err := st.Forward(ctx, step)
 		if err != nil {
 			return StepResult{}, fmt.Errorf("stage %s: %w", st.Info().Range, err)
+		}
+		if i == len(c.stages)-1 && in.Embed {
+			return StepResult{Embedding: out.Embedding, Pooling: out.Pooling}, nil
 		}
 		if i == len(c.stages)-1 {
 			ch := c.sampler.Choose(out.Logits, in.Sampling, sample.Step{Recent: in.Recent, Position: in.Positions[len(in.Positions)-1],
@@ -91,7 +94,7 @@ func (c *LocalChain) Step(ctx context.Context, in StepInput) (StepResult, error)
 		if err := c.codec.Decode(c.act, c.wire); err != nil {
 			return StepResult{}, fmt.Errorf("decode activations: %w", err)
 		}
-		step = shard.Step{Session: c.session, Positions: in.Positions, Hidden: c.act}
+		step = shard.Step{Session: c.session, Positions: in.Positions, Hidden: c.act, Embed: in.Embed}
 	}
 	panic("unreachable")
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/ollama/ollama/tokenizer"
 )
@@ -82,12 +83,24 @@ func (b promptBounds) minTokens(prompt string) int {
 // whose ctx ends gets its answer at once (the bounded work already started finishes on its
 // own, holding its slot, so abandoned requests still count against the cap).
 func (g *Generator) encode(ctx context.Context, prompt string) ([]int32, error) {
+	return g.encodeWith(ctx, prompt, false)
+}
+
+// encodeWith is encode; truncating, a prompt too long is cut to what may fit instead of
+// refused (the caller cuts its tokens to the context).
+func (g *Generator) encodeWith(ctx context.Context, prompt string, truncating bool) ([]int32, error) {
 	g.boundsOnce.Do(func() { g.bounds = newPromptBounds(g.tok.Vocabulary()) })
 	if limit := g.MaxPromptBytes(); len(prompt) > limit {
-		return nil, fmt.Errorf("%w: the rendered prompt is %d bytes; a context of %d tokens holds at most %d bytes of this model's text",
-			ErrPromptTooLarge, len(prompt), g.maxContext, limit)
+		if !truncating {
+			return nil, fmt.Errorf("%w: the rendered prompt is %d bytes; a context of %d tokens holds at most %d bytes of this model's text",
+				ErrPromptTooLarge, len(prompt), g.maxContext, limit)
+		}
+		for limit > 0 && !utf8.RuneStart(prompt[limit]) {
+			limit--
+		}
+		prompt = prompt[:limit]
 	}
-	if n := g.bounds.minTokens(prompt); n >= g.maxContext {
+	if n := g.bounds.minTokens(prompt); n >= g.maxContext && !truncating {
 		return nil, fmt.Errorf("%w: the prompt is at least %d tokens, the context %d, which leaves no room to generate", ErrContextLength, n, g.maxContext)
 	}
 	select {

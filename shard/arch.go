@@ -38,6 +38,9 @@ type family interface {
 	layer(p *pass, l int, h, outputs ml.Tensor) ml.Tensor
 	// head turns the last block's output into logits.
 	head(ctx ml.Context, h ml.Tensor) ml.Tensor
+	// finalNorm is the final norm alone, what head applies before the LM head: the hidden state
+	// embeddings are pooled from.
+	finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor
 	// shift re-rotates layer l's cached keys when the cache moves positions.
 	shift(ctx ml.Context, l int, key, shift ml.Tensor) (ml.Tensor, error)
 }

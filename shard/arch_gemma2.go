@@ -128,3 +128,7 @@ func (f *gemma2) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
 	logits := f.output.Mulmat(ctx, h.RMSNorm(ctx, f.norm, f.eps))
 	return softcap(ctx, logits, f.finalSoftcap)
 }
+
+func (f *gemma2) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor {
+	return h.RMSNorm(ctx, f.norm, f.eps)
+}

@@ -169,3 +169,7 @@ func (f *gemma3) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
 	}
 	return logits
 }
+
+func (f *gemma3) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor {
+	return h.RMSNorm(ctx, f.norm, f.eps)
+}

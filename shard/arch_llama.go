@@ -100,3 +100,7 @@ func (f *llama) layer(p *pass, l int, h, outputs ml.Tensor) ml.Tensor {
 func (f *llama) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
 	return f.output.Mulmat(ctx, h.RMSNorm(ctx, f.norm, f.eps))
 }
+
+func (f *llama) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor {
+	return h.RMSNorm(ctx, f.norm, f.eps)
+}

@@ -111,3 +111,5 @@ func (f *olmo) layer(p *pass, l int, h, outputs ml.Tensor) ml.Tensor {
 func (f *olmo) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
 	return f.output.Mulmat(ctx, h.RMSNorm(ctx, f.norm, f.eps))
 }
+
+func (f *olmo) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor { return h.RMSNorm(ctx, f.norm, f.eps) }

@@ -102,3 +102,7 @@ func (f *qwen3) layer(p *pass, l int, h, outputs ml.Tensor) ml.Tensor {
 func (f *qwen3) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
 	return f.output.Mulmat(ctx, h.RMSNorm(ctx, f.norm, f.eps))
 }
+
+func (f *qwen3) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor {
+	return h.RMSNorm(ctx, f.norm, f.eps)
+}

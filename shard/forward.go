@@ -178,7 +178,8 @@ func (s *Stage) compute(positions []int32, seqs []int, tokens []int32, hidden []
 	// Logits only for each step's last position: the engine prunes to those rows inside the
 	// model's last block, after attention, and the LM head is the largest matmul there is.
 	var outputs ml.Tensor
-	if s.info.Last() {
+	embed := s.info.Last() && len(reqs) == 1 && reqs[0].step.Embed // run alone: see run
+	if s.info.Last() && !embed {
 		last := make([]int32, len(reqs))
 		off := 0
 		for i, r := range reqs {
@@ -208,6 +209,12 @@ func (s *Stage) compute(positions []int32, seqs []int, tokens []int32, hidden []
 		}
 		return outs, nil
 	}
+	if embed {
+		h = s.fam.finalNorm(ctx, h)
+		ctx.Forward(h).Compute(h)
+		outs[0].Embedding, outs[0].Pooling = pool(h.Floats(), s.info.Hidden, s.model.Pooling), s.model.Pooling
+		return outs, nil
+	}
 	logits := s.fam.head(ctx, h)
 	ctx.Forward(logits).Compute(logits)
 	data := logits.Floats()
@@ -219,4 +226,28 @@ func (s *Stage) compute(positions []int32, seqs []int, tokens []int32, hidden []
 		outs[i].Logits = data[i*rows : i*rows+v : i*rows+v]
 	}
 	return outs, nil
+}
+
+// pool reduces a step's rows (token-major, hidden wide) to one embedding: their mean, the
+// first or the last, summed in float64.
+func pool(rows []float32, hidden int, p Pooling) []float32 {
+	n := len(rows) / hidden
+	out := make([]float32, hidden)
+	switch p {
+	case PoolMean:
+		sum := make([]float64, hidden)
+		for i := range n {
+			for j, v := range rows[i*hidden : (i+1)*hidden] {
+				sum[j] += float64(v)
+			}
+		}
+		for j := range out {
+			out[j] = float32(sum[j] / float64(n))
+		}
+	case PoolCLS:
+		copy(out, rows[:hidden])
+	default:
+		copy(out, rows[(n-1)*hidden:])
+	}
+	return out
 }

@@ -40,6 +40,11 @@ type ModelInfo struct {
 	Vocab         int
 	ContextLength int
 	ChatTemplate  string
+	// Pooling is how embeddings pool the final hidden states: the file's
+	// <arch>.pooling_type when it names one, else the last token's (a decoder model's
+	// causal attention sums up the sequence there; it is what Ollama's llama.cpp runner
+	// returned for such models).
+	Pooling       Pooling
 	TiedEmbedding bool   // no output.weight: the LM head reuses token_embd
 	SliceOf       string // for a slice file: the sha256 of the whole model it was cut from
 
@@ -131,6 +136,10 @@ func modelInfo(path string, size int64, meta *fsggml.GGML) (*ModelInfo, error) {
 		ChatTemplate:  kv.ChatTemplate(),
 		FileSize:      size,
 		SliceOf:       kv.String(sliceOfKey),
+		Pooling:       PoolLast,
+	}
+	if p := Pooling(kv.Uint("pooling_type")); p >= PoolMean && p <= PoolLast {
+		m.Pooling = p
 	}
 	if ffn := kv.FFNLength(); len(ffn) > 0 {
 		m.FFN = int(ffn[0])

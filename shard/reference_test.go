@@ -170,6 +170,12 @@ func (m *refModel) headNorm(x []float64, name string) {
 
 // step runs one token at position len(cache) and returns its logits.
 func (m *refModel) step(token int32, pos int) []float64 {
+	return matvec(m.w["output.weight"], m.final(token, pos))
+}
+
+// final runs one token at position len(cache) and returns the final norm's output: the
+// hidden state embeddings are pooled from.
+func (m *refModel) final(token int32, pos int) []float64 {
 	x := append([]float64(nil), m.w["token_embd.weight"][int(token)*m.hidden:(int(token)+1)*m.hidden]...)
 	for l := range m.layers {
 		if m.boundary != nil {
@@ -236,7 +242,7 @@ func (m *refModel) step(token int32, pos int) []float64 {
 			x[i] += d[i]
 		}
 	}
-	return matvec(m.w["output.weight"], m.rmsnorm(x, m.w["output_norm.weight"]))
+	return m.rmsnorm(x, m.w["output_norm.weight"])
 }
 
 // moe is the mixture-of-experts MLP written from its definition: softmax over every
@@ -348,5 +354,71 @@ func testWholeMatchesFloat64Reference(t *testing.T, path string) {
 	t.Logf("max |logit - float64 reference| over 16 positions x %d vocab: %.3g", ref.vocab, worst)
 	if worst > 1e-4 {
 		t.Fatalf("engine disagrees with the float64 reference: max abs diff %.3g > 1e-4", worst)
+	}
+}
+
+// TestEmbeddingMatchesFloat64Reference: an Embed step over a whole prompt returns the final
+// norm's hidden state of its last token (the tiny model names no pooling_type, so a decoder
+// pools by its last token), as the float64 forward computes it, to 1e-4; split over two
+// stages it is the same.
+func TestEmbeddingMatchesFloat64Reference(t *testing.T) {
+	path := testkit.TinyModel(t)
+	ref := loadRef(t, path)
+	tok, err := shard.LoadTokenizer(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids, err := tok.Encode("Embeddings pool the last hidden state.", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []float64
+	for pos, id := range ids {
+		want = ref.final(id, pos)
+	}
+	pos := make([]int32, len(ids))
+	for i := range pos {
+		pos[i] = int32(i)
+	}
+	embed := func(ranges ...shard.Range) []float32 {
+		var hidden []float32
+		var out shard.Output
+		for i, r := range ranges {
+			st, err := shard.LoadStage(context.Background(), path, r, shard.WithSliceDir(t.TempDir()), shard.WithCacheType("f32"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer st.Close()
+			if err := st.OpenSession(1); err != nil {
+				t.Fatal(err)
+			}
+			step := shard.Step{Session: 1, Positions: pos, Hidden: hidden, Embed: true}
+			if i == 0 {
+				step.Tokens = ids
+			}
+			if out, err = st.Forward(context.Background(), step); err != nil {
+				t.Fatal(err)
+			}
+			hidden = out.Hidden
+		}
+		if out.Pooling != shard.PoolLast || len(out.Logits) != 0 {
+			t.Fatalf("pooling %v, %d logits", out.Pooling, len(out.Logits))
+		}
+		return out.Embedding
+	}
+	whole := embed(shard.Range{Start: 0, End: ref.layers})
+	var worst float64
+	for i, w := range want {
+		worst = math.Max(worst, math.Abs(float64(whole[i])-w))
+	}
+	t.Logf("max |embedding - float64 reference| over %d values: %.3g", len(want), worst)
+	if len(whole) != len(want) || worst > 1e-4 {
+		t.Fatalf("%d values (want %d), max abs diff %.3g > 1e-4", len(whole), len(want), worst)
+	}
+	split := embed(shard.Range{Start: 0, End: 2}, shard.Range{Start: 2, End: ref.layers})
+	for i := range whole {
+		if split[i] != whole[i] {
+			t.Fatalf("split differs from whole at %d: %g vs %g", i, split[i], whole[i])
+		}
 	}
 }

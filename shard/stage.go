@@ -413,7 +413,10 @@ func (s *Stage) run() {
 				r.reply <- response{err: r.ctx.Err()}
 				continue
 			}
-			if seen[r.step.Session] || (len(batch) > 0 && (s.unbatched || tokens+n > s.info.MaxBatch)) {
+			// An embedding step keeps every row of the last block, so it runs alone.
+			embeds := s.info.Last() && (r.step.Embed || (len(batch) == 1 && batch[0].step.Embed))
+			alone := s.unbatched || embeds
+			if seen[r.step.Session] || (len(batch) > 0 && (alone || tokens+n > s.info.MaxBatch)) {
 				rest = append(rest, r)
 				continue
 			}

@@ -57,12 +57,43 @@ type Step struct {
 	Positions []int32   // absolute positions in the session, contiguous with what came before
 	Tokens    []int32   // the first stage's input: one id per position
 	Hidden    []float32 // any other stage's input: len(Positions)*Hidden, token-major
+	// Embed asks the last stage for the final norm's hidden state, pooled over the step's
+	// positions as the model says (Output.Embedding), instead of logits. It runs alone,
+	// never batched: every position's row is kept, not only the last.
+	Embed bool
 }
 
 // Output is a stage's answer to one Step.
 type Output struct {
 	Hidden []float32 // a non-last stage: len(Positions)*Hidden, token-major
 	Logits []float32 // the last stage: logits of the step's last position, len Vocab
+	// Embedding is the last stage's answer to an Embed step: len Hidden, pooled by Pooling
+	// over the step's positions (a mean is over this step's only; see Pooling).
+	Embedding []float32
+	Pooling   Pooling
+}
+
+// Pooling is how a sequence's final hidden states become one embedding, with GGUF's
+// pooling_type numbers.
+type Pooling uint8
+
+const (
+	PoolNone Pooling = iota // GGUF: no pooling; Strata pools a decoder model by its last token
+	PoolMean
+	PoolCLS  // the first token's
+	PoolLast // the last token's
+)
+
+func (p Pooling) String() string {
+	switch p {
+	case PoolMean:
+		return "mean"
+	case PoolCLS:
+		return "cls"
+	case PoolLast:
+		return "last"
+	}
+	return fmt.Sprintf("pooling(%d)", uint8(p))
 }
 
 // Errors a stage returns; callers match them with errors.Is.
