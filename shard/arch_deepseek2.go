@@ -303,5 +303,9 @@ func sumExpertOutputs(ctx ml.Context, e ml.Tensor, used int) ml.Tensor {
 }
 
 func (f *deepseek2) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
-	return f.output.Mulmat(ctx, h.RMSNorm(ctx, f.norm, f.eps))
+	return f.output.Mulmat(ctx, f.finalNorm(ctx, h))
+}
+
+func (f *deepseek2) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor {
+	return h.RMSNorm(ctx, f.norm, f.eps)
 }

@@ -192,5 +192,9 @@ func (l linear) forwardID(ctx ml.Context, x, idx ml.Tensor) ml.Tensor {
 }
 
 func (f *gptoss) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
-	return f.output.Mulmat(ctx, h.RMSNorm(ctx, f.norm, f.eps))
+	return f.output.Mulmat(ctx, f.finalNorm(ctx, h))
+}
+
+func (f *gptoss) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor {
+	return h.RMSNorm(ctx, f.norm, f.eps)
 }
