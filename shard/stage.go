@@ -113,8 +113,14 @@ type Stage struct {
 	quit  chan struct{}
 	done  chan struct{}
 
-	mu       sync.Mutex // guards everything below, and the cache
-	cache    *stageCache
+	mu    sync.Mutex // guards everything below, and the caches
+	cache *stageCache
+	// ownCaches, indexed by a session's seq, replaces the shared cache with one cache per
+	// session (WithUnbatched). In a shared cache the sessions' cells interleave, and cells a
+	// closed session freed are reused out of order, so a step attends over a range whose
+	// length and order depend on the other sessions: ggml then sums in another order than it
+	// does for the session alone, and near-ties between tokens flip.
+	ownCaches []*stageCache
 	sessions map[uint64]*session
 	freeSeqs []int
 	closed   bool
@@ -230,11 +236,25 @@ func LoadStage(ctx context.Context, path string, r Range, opts ...StageOption) (
 		done:      make(chan struct{}),
 		sessions:  make(map[uint64]*session),
 	}
-	s.cache = newStageCache(fam, r)
-	if c, ok := fam.(cacheConfigurer); ok {
-		s.cache.SetConfig(c.cacheConfig())
+	newCache := func() *stageCache {
+		c := newStageCache(fam, r)
+		if cc, ok := fam.(cacheConfigurer); ok {
+			c.SetConfig(cc.cacheConfig())
+		}
+		return c
 	}
-	s.cache.Init(backend, cfg.cacheType, cfg.maxSessions, cfg.maxContext, cfg.maxBatch)
+	if cfg.unbatched {
+		// Each cache allocates its tensors at its session's first step, so the memory is
+		// what the shared cache would take with every session open.
+		for range cfg.maxSessions {
+			c := newCache()
+			c.initAlone(backend, cfg.cacheType, cfg.maxContext, cfg.maxBatch)
+			s.ownCaches = append(s.ownCaches, c)
+		}
+	} else {
+		s.cache = newCache()
+		s.cache.Init(backend, cfg.cacheType, cfg.maxSessions, cfg.maxContext, cfg.maxBatch)
+	}
 	for i := cfg.maxSessions - 1; i >= 0; i-- {
 		s.freeSeqs = append(s.freeSeqs, i)
 	}
@@ -316,12 +336,20 @@ func (s *Stage) CloseSession(id uint64) error {
 	}
 	delete(s.sessions, id)
 	if !s.closed {
-		if err := s.cache.Remove(sess.seq, 0, math.MaxInt32); err != nil {
+		if err := s.forget(sess, 0); err != nil {
 			s.log.Warn("free session cache", "session", id, "err", err)
 		}
 	}
 	s.freeSeqs = append(s.freeSeqs, sess.seq)
 	return nil
+}
+
+// forget drops a session's cached positions from `from` on. Callers hold s.mu.
+func (s *Stage) forget(sess *session, from int32) error {
+	if s.ownCaches != nil {
+		return s.ownCaches[sess.seq].Remove(0, from, math.MaxInt32)
+	}
+	return s.cache.Remove(sess.seq, from, math.MaxInt32)
 }
 
 // Sessions is the number of open sessions.
@@ -364,7 +392,12 @@ func (s *Stage) Close() error {
 	s.mu.Unlock()
 	close(s.quit)
 	<-s.done
-	s.cache.Close()
+	if s.cache != nil {
+		s.cache.Close()
+	}
+	for _, c := range s.ownCaches {
+		c.Close()
+	}
 	s.backend.Close()
 	return nil
 }
