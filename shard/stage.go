@@ -121,9 +121,9 @@ type Stage struct {
 	// length and order depend on the other sessions: ggml then sums in another order than it
 	// does for the session alone, and near-ties between tokens flip.
 	ownCaches []*stageCache
-	sessions map[uint64]*session
-	freeSeqs []int
-	closed   bool
+	sessions  map[uint64]*session
+	freeSeqs  []int
+	closed    bool
 }
 
 type session struct {
