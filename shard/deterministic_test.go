@@ -3,6 +3,8 @@ package shard_test
 import (
 	"context"
 	"math"
+	"slices"
+	"sync"
 	"testing"
 
 	"github.com/strata-llm/strata/internal/testkit"
@@ -133,4 +135,61 @@ func stepsDiff(a, b [][]float32) float64 {
 		}
 	}
 	return d
+}
+
+// BenchmarkConcurrentDivergence counts how many of 16 concurrent greedy streams of 64 tokens
+// differ from the same stream alone, per weight type, on a default stage (steps batched, one
+// shared KV cache) and on an unbatched one (--deterministic: a cache per session). Not a
+// speed: each run reports the diverged streams, for the README's table.
+//
+//	go test -run XXX -bench ConcurrentDivergence -benchtime 1x ./shard/
+func BenchmarkConcurrentDivergence(b *testing.B) {
+	const streams, tokens = 16, 64
+	prompts := make([][]int32, streams)
+	for i := range prompts {
+		prompts[i] = []int32{2048 - 1 - int32(i), int32(10 + 7*i), int32(20 + 3*i)}
+	}
+	for _, typ := range []string{"f32", "f16", "q8_0", "q4_0"} {
+		for _, mode := range []string{"batched", "unbatched"} {
+			b.Run(typ+"/"+mode, func(b *testing.B) {
+				path := testkit.Model(b, testkit.SynthOptions{Preset: "tiny", Seed: 1, Type: typ})
+				opts := []shard.StageOption{shard.WithSliceDir(b.TempDir()), shard.WithThreads(1), shard.WithMaxSessions(streams), shard.WithMaxContext(256)}
+				if mode == "unbatched" {
+					opts = append(opts, shard.WithUnbatched())
+				}
+				st, err := shard.LoadStage(context.Background(), path, shard.Range{Start: 0, End: 6}, opts...)
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer st.Close()
+				alone := make([][]int32, streams)
+				for i, p := range prompts {
+					if err := st.OpenSession(uint64(i)); err != nil {
+						b.Fatal(err)
+					}
+					alone[i] = greedyOn(b, st, uint64(i), p, tokens)
+					_ = st.CloseSession(uint64(i))
+				}
+				diverged := 0
+				for range b.N {
+					got := make([][]int32, streams)
+					var wg sync.WaitGroup
+					for i, p := range prompts {
+						if err := st.OpenSession(uint64(i)); err != nil {
+							b.Fatal(err)
+						}
+						wg.Go(func() { got[i] = greedyOn(b, st, uint64(i), p, tokens) })
+					}
+					wg.Wait()
+					for i := range prompts {
+						_ = st.CloseSession(uint64(i))
+						if !slices.Equal(got[i], alone[i]) {
+							diverged++
+						}
+					}
+				}
+				b.ReportMetric(float64(diverged)/float64(b.N), "diverged/16")
+			})
+		}
+	}
 }
