@@ -40,10 +40,13 @@ type stageConfig struct {
 // other; with one thread each instead, a single stream runs on one core.
 func WithCPULock(l sync.Locker) StageOption { return func(c *stageConfig) { c.cpu = l } }
 
-// WithUnbatched runs every step alone, never batched with other sessions' steps. ggml's
-// reductions depend on a graph's shape, so a batched step can differ from the same step alone
-// in low-order bits, which flips near-ties between tokens; alone, a session's tokens are the
-// ones `strata run` gives, whatever else the stage serves, at the cost of throughput under load.
+// WithUnbatched runs every step alone, never batched with other sessions' steps, and gives
+// each session a KV cache of its own. ggml's reductions depend on a graph's shape, so a
+// batched step can differ from the same step alone in low-order bits, and in a shared cache a
+// step attends over cells laid out by the other sessions; either flips near-ties between
+// tokens. Alone and in its own cache, a session's logits are bit-identical to what it gets
+// with the stage to itself, whatever else the stage serves, at the cost of throughput under
+// load.
 func WithUnbatched() StageOption { return func(c *stageConfig) { c.unbatched = true } }
 
 // WithFlashAttention chooses ggml's fused attention kernel (default on). Without it every
