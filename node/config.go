@@ -38,8 +38,8 @@ type Config struct {
 	MaxSessions int // sessions a stage holds at once (default 8)
 	MaxContext  int // tokens per session (default 2048)
 	// Deterministic runs each step alone, in a KV cache of its session's own, on this node's
-	// stages, so a session's tokens do not
-	// depend on what else the swarm serves (see shard.WithUnbatched).
+	// stages, so a session's tokens do not depend on what else the swarm serves (see
+	// shard.WithUnbatched).
 	Deterministic bool
 	Codec         quant.Codec
 	Logger        *slog.Logger
