@@ -62,8 +62,8 @@ type LoadLevel struct {
 	TTFTP50        float64        `json:"ttft_p50_s"`
 	TTFTP99        float64        `json:"ttft_p99_s"`
 	Queued         uint64         `json:"queued"`              // requests that waited in the entry's queue and started
-	QueueWaitP50   float64        `json:"queue_wait_p50_s"`    // over every OK request, 0 for those that never queued
-	QueueWaitP99   float64        `json:"queue_wait_p99_s"`    // an upper bound: the histogram bucket's
+	QueueWaitP50   float64        `json:"queue_wait_p50_s"`    // over every OK request, 0 for those that never queued; an upper bound: the histogram bucket's
+	QueueWaitP99   float64        `json:"queue_wait_p99_s"`    // likewise
 	QueueWaitMean  float64        `json:"queue_wait_mean_s"`   // exact, over every OK request
 	CompletionToks int            `json:"completion_tokens"`   // tokens of the OK requests
 	LoadAvg        float64        `json:"load_average_1m_end"` // of the machine, at the end of the level
@@ -462,7 +462,7 @@ func (r *LoadReport) Markdown(w io.Writer) {
 	c := r.Config
 	fmt.Fprintf(w, "Model %s; %d nodes, --max-sessions %d, --queue %d; requests of %d prompt + %d new tokens; %d cores, load average %.1f at the start.\n\n",
 		filepath.Base(r.Model), c.Nodes, c.MaxSessions, c.Queue, c.PromptTokens, c.Tokens, r.Machine.CPUs, r.Machine.LoadAvg)
-	fmt.Fprintln(w, "| clients | seconds | OK | errors | OK requests/min | tokens/s | TTFT p50 s | TTFT p99 s | queued | queue wait p50 s | queue wait p99 s (bucket) | mean wait s | load avg |")
+	fmt.Fprintln(w, "| clients | seconds | OK | errors | OK requests/min | tokens/s | TTFT p50 s | TTFT p99 s | queued | queue wait p50 s | queue wait p99 s | mean wait s | load avg |")
 	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 	rows := r.Levels
 	if r.Soak != nil {
@@ -482,8 +482,8 @@ func (r *LoadReport) Markdown(w io.Writer) {
 			slices.Sort(parts)
 			errs = strings.Join(parts, ", ")
 		}
-		fmt.Fprintf(w, "| %s | %.0f | %d | %s | %.0f | %.1f | %.3f | %.3f | %d | %.3f | %s | %.3f | %.1f |\n", name, l.Seconds, l.OK, errs, l.PerMinute,
-			float64(l.CompletionToks)/max(l.Seconds, 1e-9), l.TTFTP50, l.TTFTP99, l.Queued, l.QueueWaitP50, fmtBound(l.QueueWaitP99), l.QueueWaitMean, l.LoadAvg)
+		fmt.Fprintf(w, "| %s | %.0f | %d | %s | %.0f | %.1f | %.3f | %.3f | %d | %s | %s | %.3f | %.1f |\n", name, l.Seconds, l.OK, errs, l.PerMinute,
+			float64(l.CompletionToks)/max(l.Seconds, 1e-9), l.TTFTP50, l.TTFTP99, l.Queued, fmtBound(l.QueueWaitP50), fmtBound(l.QueueWaitP99), l.QueueWaitMean, l.LoadAvg)
 	}
 	if len(r.RSS) > 0 {
 		fmt.Fprintln(w)
