@@ -119,5 +119,6 @@ of layers needs, so the planner forms exactly one K-stage chain.`,
 	f.StringVar(&out, "json", "", "write every measurement to this JSON file")
 	f.StringVar(&cpuProfile, "cpuprofile", "", "write this process's CPU profile (the whole-model run and the client) to a file")
 	cmd.Flags().SortFlags = false
+	cmd.AddCommand(newBenchLoadCommand())
 	return cmd
 }

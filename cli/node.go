@@ -110,7 +110,7 @@ they compete for the cores.`,
 	f.StringVar(&cfg.CPULock, "cpu-lock", "", "nodes sharing one machine's cores name the same file: one computes at a time, with all its threads")
 	f.IntVar(&cfg.MaxSessions, "max-sessions", 8, "sessions a stage holds at once")
 	f.IntVar(&cfg.MaxContext, "context", 2048, "tokens per session")
-	f.BoolVar(&cfg.Deterministic, "deterministic", false, "run each step alone, never batched: greedy text equals `strata run` under any load, at a cost in throughput")
+	f.BoolVar(&cfg.Deterministic, "deterministic", false, "run each step alone, never batched, in a KV cache of its session's own: greedy text equals `strata run` under any load (with --codec f32), at a cost in throughput")
 	f.StringVar(&codec, "codec", "f16", "activation codec on the wire: f32, f16, q8")
 	f.DurationVar(&cfg.RecoverFor, "recover-for", 30*time.Second, "how long a generation whose stage died waits for a new route before it fails")
 	f.IntVar(&cfg.Queue, "queue", 64, "requests this entry holds while every route is full (429 beyond; -1: none)")

@@ -37,8 +37,9 @@ type Config struct {
 	CPULock     string
 	MaxSessions int // sessions a stage holds at once (default 8)
 	MaxContext  int // tokens per session (default 2048)
-	// Deterministic runs each step alone on this node's stages, so a session's tokens do not
-	// depend on what else the swarm serves (see shard.WithUnbatched).
+	// Deterministic runs each step alone, in a KV cache of its session's own, on this node's
+	// stages, so a session's tokens do not depend on what else the swarm serves (see
+	// shard.WithUnbatched).
 	Deterministic bool
 	Codec         quant.Codec
 	Logger        *slog.Logger

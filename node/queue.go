@@ -2,6 +2,8 @@ package node
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/strata-llm/strata/pipeline"
 )
 
 // QueueHealth is the admission queue as /health shows it: requests waiting for a session
@@ -27,8 +29,8 @@ func (n *Node) queueHealth() (QueueHealth, bool) {
 
 // queueCollector exports the admission queue at scrape time.
 type queueCollector struct {
-	n                                *Node
-	waiting, oldest, waitSum, leaves *prometheus.Desc
+	n                                      *Node
+	waiting, oldest, waitSum, leaves, wait *prometheus.Desc
 }
 
 func newQueueCollector(n *Node) *queueCollector {
@@ -42,11 +44,13 @@ func newQueueCollector(n *Node) *queueCollector {
 			"Total time requests that left the admission queue spent in it.", nil, nil),
 		leaves: prometheus.NewDesc("strata_queue_requests_total",
 			"Requests that had to queue, by how they left: started, full (429 at once), timeout (429), cancelled.", []string{"outcome"}, nil),
+		wait: prometheus.NewDesc("strata_queue_wait_seconds",
+			"How long the queued requests that started waited for a session (requests that found room at once are not counted).", nil, nil),
 	}
 }
 
 func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.waiting, c.oldest, c.waitSum, c.leaves} {
+	for _, d := range []*prometheus.Desc{c.waiting, c.oldest, c.waitSum, c.leaves, c.wait} {
 		ch <- d
 	}
 }
@@ -59,6 +63,13 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.waiting, prometheus.GaugeValue, float64(st.Waiting))
 	ch <- prometheus.MustNewConstMetric(c.oldest, prometheus.GaugeValue, st.Oldest.Seconds())
 	ch <- prometheus.MustNewConstMetric(c.waitSum, prometheus.CounterValue, st.WaitSum.Seconds())
+	buckets := map[float64]uint64{}
+	var cum uint64
+	for i, le := range pipeline.WaitBuckets() {
+		cum += st.StartedWaits[i]
+		buckets[le] = cum
+	}
+	ch <- prometheus.MustNewConstHistogram(c.wait, st.Started, st.StartedWait.Seconds(), buckets)
 	for outcome, v := range map[string]uint64{"started": st.Started, "full": st.Full, "timeout": st.TimedOut, "cancelled": st.Cancelled} {
 		ch <- prometheus.MustNewConstMetric(c.leaves, prometheus.CounterValue, float64(v), outcome)
 	}

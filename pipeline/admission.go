@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 )
@@ -95,7 +96,18 @@ type AdmissionStats struct {
 	Cancelled uint64        // left: the client went away
 	WaitSum   time.Duration // total wait of queued requests that left the queue
 	Oldest    time.Duration // how long the head has waited
+	// StartedWait is the total wait of the queued requests that started, and StartedWaits
+	// how many of them waited at most each of WaitBuckets' bounds (not cumulative; the last
+	// count is the waits beyond every bound): a histogram, for percentiles of the wait.
+	StartedWait  time.Duration
+	StartedWaits [len(waitBounds) + 1]uint64
 }
+
+// waitBounds are the upper bounds, in seconds, of AdmissionStats.StartedWaits.
+var waitBounds = [...]float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300}
+
+// WaitBuckets returns the upper bounds, in seconds, of AdmissionStats.StartedWaits.
+func WaitBuckets() []float64 { return slices.Clone(waitBounds[:]) }
 
 // NewAdmission makes a queue holding up to depth requests, each for at most timeout
 // (0: until its context ends). depth 0 queues nothing: a busy swarm is answered at once.
@@ -191,6 +203,12 @@ func (a *Admission) Do(ctx context.Context, client string, try func(context.Cont
 			a.stats.Started++
 			wait := time.Since(w.since)
 			a.avgWait = (3*a.avgWait + wait) / 4
+			a.stats.StartedWait += wait
+			i := 0
+			for i < len(waitBounds) && wait.Seconds() > waitBounds[i] {
+				i++
+			}
+			a.stats.StartedWaits[i]++
 			// The client that just started goes behind the others.
 			a.rotateLocked(w.client)
 		}

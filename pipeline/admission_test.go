@@ -74,8 +74,16 @@ func TestAdmissionFairAndFIFO(t *testing.T) {
 	if got, want := strings.Join(s.order, ","), "a1,b1,c1,a2,b2,a3"; got != want {
 		t.Fatalf("started %s, want %s", got, want)
 	}
-	if st := a.Stats(); st.Waiting != 0 || st.Queued != 6 {
+	st := a.Stats()
+	if st.Waiting != 0 || st.Queued != 6 {
 		t.Fatalf("stats %+v", st)
+	}
+	var inBuckets uint64
+	for _, n := range st.StartedWaits {
+		inBuckets += n
+	}
+	if inBuckets != 6 || st.StartedWait <= 0 || len(pipeline.WaitBuckets())+1 != len(st.StartedWaits) {
+		t.Fatalf("wait histogram: %d waits in %d buckets (total %s), want 6", inBuckets, len(st.StartedWaits), st.StartedWait)
 	}
 }
 

@@ -108,9 +108,11 @@ func peakRSS() int64 {
 // model, so neither the embeddings nor the LM head are in it), q4_0 and q8_0 weights. This
 // bounds what concurrent streams can gain on a machine: tok/s at 8 sessions over tok/s at 1.
 // The "-plain" variants keep the weights in plain CPU buffers (STRATA_CPU_REPACK=0): the
-// patched engine's repacked q4_0 against the unpatched engine's layout, in one run.
+// patched engine's repacked q4_0 against the unpatched engine's layout, in one run. The
+// "-unbatched" variant is --deterministic (WithUnbatched): each session's step runs alone, in
+// its own KV cache, so its tok/s at 8 sessions against the batched one is what the flag costs.
 func BenchmarkStageBatch(b *testing.B) {
-	for _, c := range []struct{ typ, variant string }{{"q4_0", ""}, {"q4_0", "-plain"}, {"q8_0", ""}} {
+	for _, c := range []struct{ typ, variant string }{{"q4_0", ""}, {"q4_0", "-plain"}, {"q8_0", ""}, {"q4_0", "-unbatched"}} {
 		for _, n := range []int{1, 4, 8} {
 			b.Run(fmt.Sprintf("70b-%s%s/sessions-%d", c.typ, c.variant, n), func(b *testing.B) {
 				if c.variant == "-plain" {
@@ -125,8 +127,11 @@ func BenchmarkStageBatch(b *testing.B) {
 				for i := range hidden {
 					hidden[i] = float32(i%7) / 7
 				}
-				st, err := shard.LoadStage(context.Background(), path, shard.Range{Start: 1, End: 2},
-					shard.WithThreads(runtime.GOMAXPROCS(0)), shard.WithMaxContext(512), shard.WithMaxSessions(n))
+				opts := []shard.StageOption{shard.WithThreads(runtime.GOMAXPROCS(0)), shard.WithMaxContext(512), shard.WithMaxSessions(n)}
+				if c.variant == "-unbatched" {
+					opts = append(opts, shard.WithUnbatched())
+				}
+				st, err := shard.LoadStage(context.Background(), path, shard.Range{Start: 1, End: 2}, opts...)
 				if err != nil {
 					b.Fatal(err)
 				}

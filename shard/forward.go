@@ -18,6 +18,8 @@ type stageCache struct {
 	kvcache.Cache
 	wrapper *kvcache.WrapperCache
 	kind    map[int]int // layer -> index of its cache in the wrapper
+	parts   []kvcache.Cache
+	windows []int32 // parts[i]'s attention window, 0 for global attention
 }
 
 func newStageCache(f family, r Range) *stageCache {
@@ -39,14 +41,29 @@ func newStageCache(f family, r Range) *stageCache {
 		return kvcache.NewCausalCache(f.shift)
 	}
 	if len(windows) == 1 && windows[0] == 0 {
-		return &stageCache{Cache: one(0)}
+		c := one(0)
+		return &stageCache{Cache: c, parts: []kvcache.Cache{c}, windows: windows}
 	}
 	caches := make([]kvcache.Cache, len(windows))
 	for i, w := range windows {
 		caches[i] = one(w)
 	}
 	wc := kvcache.NewWrapperCache(caches...)
-	return &stageCache{Cache: wc, wrapper: wc, kind: kind}
+	return &stageCache{Cache: wc, wrapper: wc, kind: kind, parts: caches, windows: windows}
+}
+
+// initAlone sizes the cache for one session. A sliding-window part is told two sequences
+// because the engine keeps one more token of each sequence's window when a cache holds more
+// than one (and the shared cache `strata run` uses does): with the same tokens kept, the
+// session's cells are laid out exactly as they are in a shared cache when it runs alone.
+func (c *stageCache) initAlone(b ml.Backend, dtype ml.DType, capacity, maxBatch int) {
+	for i, p := range c.parts {
+		seqs := 1
+		if c.windows[i] > 0 {
+			seqs = 2
+		}
+		p.Init(b, dtype, seqs, capacity, maxBatch)
+	}
 }
 
 // setLayer points the cache at layer l's storage and kind.
@@ -137,11 +154,18 @@ func (s *Stage) forwardBatch(reqs []*request) {
 	if len(good) == 0 {
 		return
 	}
-	outs, err := s.compute(positions, seqs, tokens, hidden, good)
+	// A stage with a cache per session (WithUnbatched) runs one session a step, in its own
+	// cache, where it is the cache's sequence 0.
+	cache := s.cache
+	if s.ownCaches != nil {
+		cache = s.ownCaches[sessions[0].seq]
+		seqs = make([]int, len(positions))
+	}
+	outs, err := s.compute(cache, positions, seqs, tokens, hidden, good)
 	if err != nil {
 		// Drop whatever the failed pass put in the cache so each session can retry cleanly.
 		for i, r := range good {
-			_ = s.cache.Remove(sessions[i].seq, sessions[i].next, math.MaxInt32)
+			s.forget(sessions[i], sessions[i].next)
 			r.reply <- response{err: err}
 		}
 		return
@@ -152,7 +176,7 @@ func (s *Stage) forwardBatch(reqs []*request) {
 	}
 }
 
-func (s *Stage) compute(positions []int32, seqs []int, tokens []int32, hidden []float32, reqs []*request) (outs []Output, err error) {
+func (s *Stage) compute(cache *stageCache, positions []int32, seqs []int, tokens []int32, hidden []float32, reqs []*request) (outs []Output, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			err = fmt.Errorf("stage %s forward failed: %v", s.info.Range, p)
@@ -162,13 +186,13 @@ func (s *Stage) compute(positions []int32, seqs []int, tokens []int32, hidden []
 	defer ctx.Close()
 	n := len(positions)
 
-	if err := s.cache.StartForward(ctx, input.Batch{Positions: positions, Sequences: seqs}, false); err != nil {
+	if err := cache.StartForward(ctx, input.Batch{Positions: positions, Sequences: seqs}, false); err != nil {
 		if errors.Is(err, kvcache.ErrKvCacheFull) {
 			return nil, fmt.Errorf("%w: %v", ErrContextFull, err)
 		}
 		return nil, fmt.Errorf("stage %s: %w", s.info.Range, err)
 	}
-	p := &pass{ctx: ctx, positions: ctx.Input().FromInts(positions, n), raw: positions, cache: s.cache}
+	p := &pass{ctx: ctx, positions: ctx.Input().FromInts(positions, n), raw: positions, cache: cache}
 	var h ml.Tensor
 	if s.info.First() {
 		h = s.fam.embed(ctx, ctx.Input().FromInts(tokens, n))
@@ -189,7 +213,7 @@ func (s *Stage) compute(positions []int32, seqs []int, tokens []int32, hidden []
 		outputs = ctx.Input().FromInts(last, len(last))
 	}
 	for l := s.info.Range.Start; l < s.info.Range.End; l++ {
-		s.cache.setLayer(l)
+		cache.setLayer(l)
 		var out ml.Tensor
 		if l == s.info.Layers-1 {
 			out = outputs

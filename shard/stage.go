@@ -40,10 +40,13 @@ type stageConfig struct {
 // other; with one thread each instead, a single stream runs on one core.
 func WithCPULock(l sync.Locker) StageOption { return func(c *stageConfig) { c.cpu = l } }
 
-// WithUnbatched runs every step alone, never batched with other sessions' steps. ggml's
-// reductions depend on a graph's shape, so a batched step can differ from the same step alone
-// in low-order bits, which flips near-ties between tokens; alone, a session's tokens are the
-// ones `strata run` gives, whatever else the stage serves, at the cost of throughput under load.
+// WithUnbatched runs every step alone, never batched with other sessions' steps, and gives
+// each session a KV cache of its own. ggml's reductions depend on a graph's shape, so a
+// batched step can differ from the same step alone in low-order bits, and in a shared cache a
+// step attends over cells laid out by the other sessions; either flips near-ties between
+// tokens. Alone and in its own cache, a session's logits are bit-identical to what it gets
+// with the stage to itself, whatever else the stage serves, at the cost of throughput under
+// load.
 func WithUnbatched() StageOption { return func(c *stageConfig) { c.unbatched = true } }
 
 // WithFlashAttention chooses ggml's fused attention kernel (default on). Without it every
@@ -113,11 +116,17 @@ type Stage struct {
 	quit  chan struct{}
 	done  chan struct{}
 
-	mu       sync.Mutex // guards everything below, and the cache
-	cache    *stageCache
-	sessions map[uint64]*session
-	freeSeqs []int
-	closed   bool
+	mu    sync.Mutex // guards everything below, and the caches
+	cache *stageCache
+	// ownCaches, indexed by a session's seq, replaces the shared cache with one cache per
+	// session (WithUnbatched). In a shared cache the sessions' cells interleave, and cells a
+	// closed session freed are reused out of order, so a step attends over a range whose
+	// length and order depend on the other sessions: ggml then sums in another order than it
+	// does for the session alone, and near-ties between tokens flip.
+	ownCaches []*stageCache
+	sessions  map[uint64]*session
+	freeSeqs  []int
+	closed    bool
 }
 
 type session struct {
@@ -230,11 +239,25 @@ func LoadStage(ctx context.Context, path string, r Range, opts ...StageOption) (
 		done:      make(chan struct{}),
 		sessions:  make(map[uint64]*session),
 	}
-	s.cache = newStageCache(fam, r)
-	if c, ok := fam.(cacheConfigurer); ok {
-		s.cache.SetConfig(c.cacheConfig())
+	newCache := func() *stageCache {
+		c := newStageCache(fam, r)
+		if cc, ok := fam.(cacheConfigurer); ok {
+			c.SetConfig(cc.cacheConfig())
+		}
+		return c
 	}
-	s.cache.Init(backend, cfg.cacheType, cfg.maxSessions, cfg.maxContext, cfg.maxBatch)
+	if cfg.unbatched {
+		// Each cache allocates its tensors at its session's first step, so the memory is
+		// what the shared cache would take with every session open.
+		for range cfg.maxSessions {
+			c := newCache()
+			c.initAlone(backend, cfg.cacheType, cfg.maxContext, cfg.maxBatch)
+			s.ownCaches = append(s.ownCaches, c)
+		}
+	} else {
+		s.cache = newCache()
+		s.cache.Init(backend, cfg.cacheType, cfg.maxSessions, cfg.maxContext, cfg.maxBatch)
+	}
 	for i := cfg.maxSessions - 1; i >= 0; i-- {
 		s.freeSeqs = append(s.freeSeqs, i)
 	}
@@ -316,12 +339,20 @@ func (s *Stage) CloseSession(id uint64) error {
 	}
 	delete(s.sessions, id)
 	if !s.closed {
-		if err := s.cache.Remove(sess.seq, 0, math.MaxInt32); err != nil {
+		if err := s.forget(sess, 0); err != nil {
 			s.log.Warn("free session cache", "session", id, "err", err)
 		}
 	}
 	s.freeSeqs = append(s.freeSeqs, sess.seq)
 	return nil
+}
+
+// forget drops a session's cached positions from `from` on. Callers hold s.mu.
+func (s *Stage) forget(sess *session, from int32) error {
+	if s.ownCaches != nil {
+		return s.ownCaches[sess.seq].Remove(0, from, math.MaxInt32)
+	}
+	return s.cache.Remove(sess.seq, from, math.MaxInt32)
 }
 
 // Sessions is the number of open sessions.
@@ -364,7 +395,12 @@ func (s *Stage) Close() error {
 	s.mu.Unlock()
 	close(s.quit)
 	<-s.done
-	s.cache.Close()
+	if s.cache != nil {
+		s.cache.Close()
+	}
+	for _, c := range s.ownCaches {
+		c.Close()
+	}
 	s.backend.Close()
 	return nil
 }

@@ -48,7 +48,7 @@ func argmax(v []float32) int32 {
 }
 
 // greedyOn decodes n greedy tokens of one session on a whole-model stage.
-func greedyOn(t *testing.T, st *shard.Stage, session uint64, prompt []int32, n int) []int32 {
+func greedyOn(t testing.TB, st *shard.Stage, session uint64, prompt []int32, n int) []int32 {
 	t.Helper()
 	ctx := context.Background()
 	out, err := st.Forward(ctx, shard.Step{Session: session, Positions: positions(0, len(prompt)), Tokens: prompt})
