@@ -75,6 +75,18 @@ func (f *gemma2) window(l int) int32 {
 // adding an F32 mask, as the engine configures its cache.
 func (f *gemma2) cacheConfig() ml.CacheConfig { return ml.CacheConfig{} }
 
+// queryScale is what queries are multiplied by before attention: 1/sqrt(key length), but
+// 1/sqrt(hidden/heads) in Gemma 2 27B (its query_pre_attn_scalar is 144 = 4608/32, not the
+// key length 128). The engine, like llama.cpp, knows the 27B model by its 46 blocks and
+// decides in Model.Forward; block_count is the whole model's in every slice, so each stage
+// decides the same from its own file.
+func (f *gemma2) queryScale() float64 {
+	if f.largeModelScaling {
+		return 1.0 / math.Sqrt(float64(f.hidden/f.heads))
+	}
+	return 1.0 / math.Sqrt(float64(f.keyLen))
+}
+
 func (f *gemma2) rope(ctx ml.Context, x, positions ml.Tensor) ml.Tensor {
 	return nn.RoPE(ctx, x, positions, f.keyLen, f.ropeBase, 1/f.ropeScale, rope.WithTypeNeoX())
 }
@@ -94,11 +106,7 @@ func (f *gemma2) layer(p *pass, l int, h, outputs ml.Tensor) ml.Tensor {
 
 	q := w.q.forward(ctx, x).Reshape(ctx, f.keyLen, f.heads, n)
 	q = f.rope(ctx, q, p.positions)
-	if f.largeModelScaling {
-		q = q.Scale(ctx, 1.0/math.Sqrt(float64(f.hidden/f.heads)))
-	} else {
-		q = q.Scale(ctx, 1.0/math.Sqrt(float64(f.keyLen)))
-	}
+	q = q.Scale(ctx, f.queryScale())
 	k := w.k.forward(ctx, x).Reshape(ctx, f.keyLen, f.kvHeads, n)
 	k = f.rope(ctx, k, p.positions)
 	v := w.v.forward(ctx, x).Reshape(ctx, f.valLen, f.kvHeads, n)
