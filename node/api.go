@@ -90,6 +90,8 @@ type Health struct {
 	Busy  bool         `json:"busy"`
 	Queue *QueueHealth `json:"queue,omitempty"`
 	Fetch *FetchStatus `json:"fetch,omitempty"` // the slice fetch from peers in progress, or the last one (weights.go)
+	// RangeMemory is the weights and KV cache of each layer this node serves (layers.go).
+	RangeMemory *RangeMemory `json:"range_memory,omitempty"`
 }
 
 // PeerHealth is one member of the swarm as this node sees it.
@@ -125,6 +127,7 @@ func (n *Node) Health() Health {
 	if n.stage != nil {
 		r := n.stage.Info().Range
 		h.Range = &r
+		h.RangeMemory = rangeMemory(n.model, r, n.cfg.MaxContext, n.cfg.MaxSessions, 2) // as shape()
 	}
 	planErr := n.planErr
 	n.mu.Unlock()

@@ -125,6 +125,12 @@ func testArchSwarm(t *testing.T, bin, arch string) {
 	t.Logf("%s: swarm settled at %.1fs: %d stages; entry node %d, victim node %d",
 		arch, time.Since(start).Seconds(), len(byRange)-1, entry.Index, victim.Index)
 
+	// /health lists what the node's own layers cost, as the planner budgets them.
+	if h, err := nodeHealth(entry); err != nil || h.Range == nil || h.RangeMemory == nil || h.RangeMemory.Range != *h.Range ||
+		len(h.RangeMemory.PerLayer) != h.Range.Len() || h.RangeMemory.WeightBytes+h.RangeMemory.KVBytes != shape.RangeBytes(*h.Range) {
+		t.Errorf("entry's /health range %v, range memory %+v (%v)", h.Range, h.RangeMemory, err)
+	}
+
 	p := chatParams(user, maxTokens)
 	p.Model = strings.TrimSuffix(filepath.Base(model), ".gguf")
 	got, err := stream(context.Background(), client(entry), p, nil)
