@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -46,15 +47,18 @@ const archContext, archSessions = 2048, 8
 // then kills the middle stage, or the last one when the planner left a node spare.
 func TestArchSwarm(t *testing.T) {
 	bin := testkit.BuildStrata(t)
+	// The rows run in parallel, but their in-process generations take turns: two stages
+	// loading at once in one process gave a token id of -1 (NaN logits) beside two busy loops.
+	var inProcess sync.Mutex
 	for _, arch := range archSwarmFamilies {
 		t.Run(arch, func(t *testing.T) {
 			t.Parallel()
-			testArchSwarm(t, bin, arch)
+			testArchSwarm(t, bin, arch, &inProcess)
 		})
 	}
 }
 
-func testArchSwarm(t *testing.T, bin, arch string) {
+func testArchSwarm(t *testing.T, bin, arch string, inProcess *sync.Mutex) {
 	const maxTokens, killAt = 40, 12
 	start := time.Now()
 	model := testkit.Model(t, testkit.SynthOptions{Arch: arch, Preset: "tiny", Seed: 1, Type: "f32"})
@@ -82,24 +86,29 @@ func testArchSwarm(t *testing.T, bin, arch string) {
 	}
 
 	// The stream must outlast the kill: take the first prompt the random model does not end early.
-	st, err := shard.LoadStage(context.Background(), model, shard.Range{Start: 0, End: info.Layers},
-		shard.WithSliceDir(t.TempDir()), shard.WithThreads(1), shard.WithMaxContext(archContext))
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := pipeline.NewGenerator(tok, pipeline.LocalRouter{Stages: []*shard.Stage{st}, Codec: quant.CodecF32})
-	var user string
-	var local pipeline.Result
-	for i := range 20 {
-		user = fmt.Sprintf("tell me a story, part %d", i)
-		if local, err = g.Generate(context.Background(), pipeline.Request{Prompt: render(user), MaxTokens: maxTokens}, nil); err != nil {
+	user, local := func() (string, pipeline.Result) {
+		inProcess.Lock()
+		defer inProcess.Unlock() // t.Fatal and t.Skip run it too
+		st, err := shard.LoadStage(context.Background(), model, shard.Range{Start: 0, End: info.Layers},
+			shard.WithSliceDir(t.TempDir()), shard.WithThreads(1), shard.WithMaxContext(archContext))
+		if err != nil {
 			t.Fatal(err)
 		}
-		if local.CompletionTokens == maxTokens {
-			break
+		defer st.Close()
+		g := pipeline.NewGenerator(tok, pipeline.LocalRouter{Stages: []*shard.Stage{st}, Codec: quant.CodecF32})
+		var user string
+		var local pipeline.Result
+		for i := range 20 {
+			user = fmt.Sprintf("tell me a story, part %d", i)
+			if local, err = g.Generate(context.Background(), pipeline.Request{Prompt: render(user), MaxTokens: maxTokens}, nil); err != nil {
+				t.Fatal(err)
+			}
+			if local.CompletionTokens == maxTokens {
+				break
+			}
 		}
-	}
-	st.Close()
+		return user, local
+	}()
 	if local.CompletionTokens < maxTokens {
 		t.Fatalf("no prompt ran %d tokens", maxTokens)
 	}
