@@ -19,6 +19,7 @@ import (
 	"github.com/strata-llm/strata/node"
 	"github.com/strata-llm/strata/p2p"
 	"github.com/strata-llm/strata/quant"
+	"github.com/strata-llm/strata/shard"
 )
 
 func newNodeCommand() *cobra.Command {
@@ -250,6 +251,39 @@ func printStatus(w io.Writer, h node.Health) {
 			fmt.Fprintf(tw, "%s\t", g)
 		}
 		fmt.Fprintf(tw, "%.2f\t%d\t%s\n", p.MsPerLayer, p.Sessions, p.API)
+	}
+	tw.Flush()
+	printRangeMemory(w, h.RangeMemory)
+}
+
+// printRangeMemory shows what this node's layers cost, per layer: runs of layers that cost
+// the same (most of a dense model) share one row.
+func printRangeMemory(w io.Writer, m *node.RangeMemory) {
+	if m == nil {
+		return
+	}
+	fmt.Fprintf(w, "\nlayers %s on this node: weights %s, KV cache %s (%d sessions x %d tokens, %d bytes per value)\n",
+		m.Range, humanBytes(m.WeightBytes), humanBytes(m.KVBytes), m.Sessions, m.Context, m.KVElemBytes)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "LAYERS\tWEIGHTS EACH\tKV EACH\tATTENTION")
+	if m.EmbedBytes > 0 {
+		fmt.Fprintf(tw, "embeddings\t%s\t-\t-\n", humanBytes(m.EmbedBytes))
+	}
+	for i := 0; i < len(m.PerLayer); {
+		l := m.PerLayer[i]
+		j := i + 1
+		for j < len(m.PerLayer) && m.PerLayer[j].WeightBytes == l.WeightBytes && m.PerLayer[j].KVBytes == l.KVBytes && m.PerLayer[j].Window == l.Window {
+			j++
+		}
+		attn := "global"
+		if l.Window > 0 {
+			attn = fmt.Sprintf("window %d", l.Window)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", shard.Range{Start: l.Layer, End: m.PerLayer[j-1].Layer + 1}, humanBytes(l.WeightBytes), humanBytes(l.KVBytes), attn)
+		i = j
+	}
+	if m.HeadBytes > 0 {
+		fmt.Fprintf(tw, "head\t%s\t-\t-\n", humanBytes(m.HeadBytes))
 	}
 	tw.Flush()
 }

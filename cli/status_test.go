@@ -67,6 +67,11 @@ func TestStatusAgainstSwarm(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("strata status:\n%s", table)
+	// Below the peers: what this node's own layers cost (TestStatusLayerMemory checks its form).
+	table, mem, ok := strings.Cut(table, "\n\nlayers ")
+	if !ok || !strings.Contains(mem, "on this node: weights") {
+		t.Errorf("no layer memory below the peers:\n%s", mem)
+	}
 	lines := strings.Split(strings.TrimRight(table, "\n"), "\n")
 	if len(lines) != 3+1+1+3 {
 		t.Fatalf("want 3 summary lines, a blank, a header and 3 peers; got %d lines:\n%s", len(lines), table)

@@ -105,6 +105,8 @@ type Health struct {
 	// and is not moving. A membership change flips it until the node has re-planned, so a
 	// swarm whose nodes are all ready and at plan has settled (tests and scripts wait for it).
 	AtPlan bool `json:"at_plan"`
+	// RangeMemory is the weights and KV cache of each layer this node serves (layers.go).
+	RangeMemory *RangeMemory `json:"range_memory,omitempty"`
 }
 
 // PeerHealth is one member of the swarm as this node sees it.
@@ -140,6 +142,7 @@ func (n *Node) Health() Health {
 	if n.stage != nil {
 		r := n.stage.Info().Range
 		h.Range = &r
+		h.RangeMemory = rangeMemory(n.model, r, n.cfg.MaxContext, n.cfg.MaxSessions, 2) // as shape()
 	}
 	planErr := n.planErr
 	n.mu.Unlock()

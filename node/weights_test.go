@@ -2,8 +2,6 @@ package node_test
 
 import (
 	"context"
-	"encoding/json"
-	"net/http"
 	"os"
 	"os/exec"
 	"regexp"
@@ -66,7 +64,7 @@ func TestSlicesFetchedFromPeers(t *testing.T) {
 	}
 
 	t.Logf("chat checked %s after start", time.Since(t0).Round(time.Millisecond))
-	holder := nodeHealth(t, s.Nodes[0]).PeerID
+	holder := mustHealth(t, s.Nodes[0]).PeerID
 	for _, n := range s.Nodes[1:] {
 		log, err := os.ReadFile(n.LogPath)
 		if err != nil {
@@ -87,7 +85,7 @@ func TestSlicesFetchedFromPeers(t *testing.T) {
 		if strings.Contains(string(log), "dropping weights source") {
 			t.Fatalf("node %d dropped an honest source:%s", n.Index, n.Tail(30))
 		}
-		h := nodeHealth(t, n)
+		h := mustHealth(t, n)
 		if len(h.Fetches) == 0 {
 			t.Fatalf("node %d /health lists no fetch", n.Index)
 		}
@@ -119,15 +117,11 @@ func TestSlicesFetchedFromPeers(t *testing.T) {
 	}
 }
 
-func nodeHealth(t *testing.T, n *testkit.Node) node.Health {
+// mustHealth is nodeHealth (arch_test.go) or the test's end.
+func mustHealth(t *testing.T, n *testkit.Node) node.Health {
 	t.Helper()
-	resp, err := http.Get("http://" + n.API + "/health")
+	h, err := nodeHealth(n)
 	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	var h node.Health
-	if err := json.NewDecoder(resp.Body).Decode(&h); err != nil {
 		t.Fatalf("node %d /health: %v", n.Index, err)
 	}
 	return h
@@ -232,7 +226,7 @@ func TestSlicesFromHub(t *testing.T) {
 		waitLog(t, n, "slice read from the hub matches the swarm's manifest")
 	}
 	t.Logf("a holder joined and the hub nodes checked their header and slices against its manifest in %s", time.Since(t1).Round(time.Millisecond))
-	for _, f := range nodeHealth(t, s.Nodes[0]).Fetches {
+	for _, f := range mustHealth(t, s.Nodes[0]).Fetches {
 		if f.From == "hub" && (!f.Verified || f.Error != "") {
 			t.Fatalf("node 0's hub fetch after the check: %+v", f)
 		}

@@ -15,21 +15,15 @@ import (
 // engine's model/models/gemma3, including its corrections for older files and the 62-layer
 // 27B model's query scaling; the vision tower never travels with a slice.
 type gemma3 struct {
-	layers                 int
-	hidden, heads, kvHeads int
-	keyLen, valLen         int
-	eps                    float32
-	ropeLocalBase          float32
-	ropeBase, ropeScale    float32
-	yarn                   bool
-	ropeOrigContext        int
-	ropeExtrapolation      float32
-	ropeBetaFast           float32
-	ropeBetaSlow           float32
-	slidingWindow          int32
-	slidingWindowPattern   []bool
-	finalSoftcap           float32
-	largeModelScaling      bool
+	dims
+	ropeKeys
+	gemmaKeys
+	ropeLocalBase        float32
+	ropeExtrapolation    float32
+	ropeBetaFast         float32
+	ropeBetaSlow         float32
+	slidingWindowPattern []bool
+	largeModelScaling    bool
 
 	ends
 	blocks
@@ -45,28 +39,19 @@ const (
 )
 
 func newGemma3(c fs.Config) (family, error) {
+	d, err := readDims(c, 1e-06)
+	if err != nil {
+		return nil, err
+	}
 	f := &gemma3{
-		layers:               int(c.Uint("block_count")),
-		hidden:               int(c.Uint("embedding_length")),
-		heads:                int(c.Uint("attention.head_count")),
-		kvHeads:              int(c.Uint("attention.head_count_kv")),
-		keyLen:               int(c.Uint("attention.key_length", 256)),
-		valLen:               int(c.Uint("attention.value_length", 256)),
-		eps:                  c.Float("attention.layer_norm_rms_epsilon", 1e-06),
+		dims:                 d,
+		ropeKeys:             readRope(c, 1000000.0),
+		gemmaKeys:            readGemma(c, 256),
 		ropeLocalBase:        c.Float("rope.local.freq_base", 10000.0),
-		ropeBase:             c.Float("rope.freq_base", 1000000.0),
-		ropeScale:            c.Float("rope.scaling.factor", 1.0),
-		yarn:                 c.String("rope.scaling.type") == "yarn",
-		ropeOrigContext:      int(c.Uint("rope.scaling.original_context_length")),
 		ropeExtrapolation:    c.Float("rope.scaling.extrapolation_factor", 1.0),
 		ropeBetaFast:         c.Float("rope.scaling.beta_fast", 64.0),
 		ropeBetaSlow:         c.Float("rope.scaling.beta_slow", 1.0),
-		slidingWindow:        int32(c.Uint("attention.sliding_window")),
 		slidingWindowPattern: c.Bools("attention.sliding_window_pattern"),
-		finalSoftcap:         c.Float("final_logit_softcapping", 0.0),
-	}
-	if f.heads == 0 {
-		return nil, configError(c, "head_count is 0")
 	}
 	if f.slidingWindowPattern != nil && len(f.slidingWindowPattern) != f.layers {
 		return nil, configError(c, "sliding_window_pattern has %d entries for %d layers", len(f.slidingWindowPattern), f.layers)
@@ -113,7 +98,7 @@ func (f *gemma3) rope(ctx ml.Context, x, positions ml.Tensor, l int) ml.Tensor {
 	opts := []func(*rope.Options){rope.WithTypeNeoX()}
 	if f.yarn {
 		opts = append(opts,
-			rope.WithOriginalContextLength(f.ropeOrigContext),
+			rope.WithOriginalContextLength(f.origContext),
 			rope.WithExtrapolationFactor(f.ropeExtrapolation),
 			rope.WithAttentionFactor(float32(1.0/(1.0+0.1*math.Log(float64(scale))))),
 			rope.WithBetaFast(f.ropeBetaFast),
@@ -128,7 +113,7 @@ func (f *gemma3) shift(ctx ml.Context, l int, key, shift ml.Tensor) (ml.Tensor, 
 }
 
 func (f *gemma3) embed(ctx ml.Context, tokens ml.Tensor) ml.Tensor {
-	return f.embd.Rows(ctx, tokens).Scale(ctx, math.Sqrt(float64(f.hidden)))
+	return gemmaEmbed(ctx, &f.ends, f.hidden, tokens)
 }
 
 func (f *gemma3) layer(p *pass, l int, h, outputs ml.Tensor) ml.Tensor {
@@ -150,24 +135,11 @@ func (f *gemma3) layer(p *pass, l int, h, outputs ml.Tensor) ml.Tensor {
 	v := w.v.forward(ctx, x).Reshape(ctx, f.valLen, f.kvHeads, n)
 	a := nn.Attention(ctx, q, k, v, 1.0, p.cache)
 	x = w.o.forward(ctx, a.Reshape(ctx, f.valLen*f.heads, n))
-	x = x.RMSNorm(ctx, w.postAttnNorm, f.eps)
-
-	x, residual = prune(ctx, x, residual, outputs)
-	h = x.Add(ctx, residual)
-
-	x = h.RMSNorm(ctx, w.ffnNorm, f.eps)
-	x = w.gate.forward(ctx, x).GELU(ctx, w.up.forward(ctx, x))
-	x = w.down.forward(ctx, x)
-	x = x.RMSNorm(ctx, w.postFFNNorm, f.eps)
-	return x.Add(ctx, h)
+	return gemmaMLP(ctx, w, f.eps, x, residual, outputs)
 }
 
 func (f *gemma3) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
-	logits := f.output.Mulmat(ctx, h.RMSNorm(ctx, f.norm, f.eps))
-	if f.finalSoftcap > 0 {
-		logits = softcap(ctx, logits, f.finalSoftcap)
-	}
-	return logits
+	return gemmaHead(ctx, &f.ends, f.eps, f.finalSoftcap, h)
 }
 
 func (f *gemma3) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor {

@@ -15,12 +15,10 @@ import (
 // rope.scaling.original_context_length. As the engine's model/models/mistral3, whose scale
 // comes from an unexported function; positionScale recomputes it from the same keys.
 type mistral3 struct {
-	layers                                int
-	hidden, heads, kvHeads, headDim, rdim int
-	eps, ropeBase, ropeScale              float32
+	dims
+	ropeKeys
+	headDim, rdim int
 
-	yarn                 bool
-	origContext          int
 	scalingBeta          float32
 	extrapolation        float32
 	betaFast, betaSlow   float32
@@ -31,25 +29,19 @@ type mistral3 struct {
 }
 
 func newMistral3(c fs.Config) (family, error) {
+	d, err := readDims(c)
+	if err != nil {
+		return nil, err
+	}
 	f := &mistral3{
-		layers:        int(c.Uint("block_count")),
-		hidden:        int(c.Uint("embedding_length")),
-		heads:         int(c.Uint("attention.head_count")),
-		kvHeads:       int(c.Uint("attention.head_count_kv")),
-		eps:           c.Float("attention.layer_norm_rms_epsilon"),
-		ropeBase:      c.Float("rope.freq_base"),
-		ropeScale:     c.Float("rope.scaling.factor", 1),
-		yarn:          c.String("rope.scaling.type") == "yarn",
-		origContext:   int(c.Uint("rope.scaling.original_context_length")),
+		dims:          d,
+		ropeKeys:      readRope(c),
 		scalingBeta:   c.Float("rope.scaling_beta", 0.1),
 		extrapolation: c.Float("rope.scaling.extrapolation_factor", 1),
 		betaFast:      c.Float("rope.scaling.beta_fast", 32),
 		betaSlow:      c.Float("rope.scaling.beta_slow", 1),
 		mscale:        c.Float("rope.scaling.mscale"),
 		mscaleAllDim:  c.Float("rope.scaling.mscale_all_dim"),
-	}
-	if f.heads == 0 {
-		return nil, configError(c, "head_count is 0")
 	}
 	f.headDim = cmp.Or(int(c.Uint("attention.key_length")), f.hidden/f.heads)
 	f.rdim = cmp.Or(int(c.Uint("rope.dimension_count")), f.headDim)
@@ -112,16 +104,11 @@ func (f *mistral3) layer(p *pass, l int, h, outputs ml.Tensor) ml.Tensor {
 	}
 	a := nn.Attention(ctx, q, k, v, 1/math.Sqrt(float64(f.headDim)), p.cache)
 	x = w.o.forward(ctx, a.Reshape(ctx, f.headDim*f.heads, n))
-	x, residual = prune(ctx, x, residual, outputs)
-	h = x.Add(ctx, residual)
-
-	x = h.RMSNorm(ctx, w.ffnNorm, f.eps)
-	x = w.gate.forward(ctx, x).SILU(ctx, w.up.forward(ctx, x))
-	return w.down.forward(ctx, x).Add(ctx, h)
+	return swigluMLP(ctx, w, f.eps, x, residual, outputs)
 }
 
 func (f *mistral3) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
-	return f.output.Mulmat(ctx, h.RMSNorm(ctx, f.norm, f.eps))
+	return f.logits(ctx, f.eps, h)
 }
 
 func (f *mistral3) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor {

@@ -14,32 +14,21 @@ import (
 // and K before RoPE (NeoX order, YaRN when the file asks). As the engine's model/models/qwen3.
 // Its mixture-of-experts sibling qwen3moe differs only in the MLP.
 type qwen3 struct {
-	layers                          int
-	hidden, heads, kvHeads, headDim int
-	eps, ropeBase, ropeScale        float32
-	yarn                            bool
-	origContext                     int
-	route                           routing // qwen3moe's experts (arch_qwen3moe.go); count 0 for dense
+	dims
+	ropeKeys
+	headDim int
+	route   routing // qwen3moe's experts (arch_qwen3moe.go); count 0 for dense
 
 	ends
 	blocks
 }
 
 func newQwen3(c fs.Config) (family, error) {
-	f := &qwen3{
-		layers:      int(c.Uint("block_count")),
-		hidden:      int(c.Uint("embedding_length")),
-		heads:       int(c.Uint("attention.head_count")),
-		kvHeads:     int(c.Uint("attention.head_count_kv")),
-		eps:         c.Float("attention.layer_norm_rms_epsilon"),
-		ropeBase:    c.Float("rope.freq_base"),
-		ropeScale:   c.Float("rope.scaling.factor", 1),
-		yarn:        c.String("rope.scaling.type") == "yarn",
-		origContext: int(c.Uint("rope.scaling.original_context_length")),
+	d, err := readDims(c)
+	if err != nil {
+		return nil, err
 	}
-	if f.heads == 0 {
-		return nil, configError(c, "head_count is 0")
-	}
+	f := &qwen3{dims: d, ropeKeys: readRope(c)}
 	f.headDim = cmp.Or(int(c.Uint("attention.key_length")), int(c.Uint("attention.value_length")), f.hidden/f.heads)
 	return f, nil
 }
@@ -88,19 +77,16 @@ func (f *qwen3) layer(p *pass, l int, h, outputs ml.Tensor) ml.Tensor {
 	k = f.rope(ctx, k, p.positions)
 	a := nn.Attention(ctx, q, k, v, 1/math.Sqrt(float64(f.headDim)), p.cache)
 	x = w.o.forward(ctx, a.Reshape(ctx, a.Dim(0)*a.Dim(1), n))
-	x, residual = prune(ctx, x, residual, outputs)
-	h = x.Add(ctx, residual)
-
-	x = h.RMSNorm(ctx, w.ffnNorm, f.eps)
 	if f.route.count > 0 {
-		return w.moe.forward(ctx, x, f.route).Add(ctx, h)
+		x, residual = prune(ctx, x, residual, outputs)
+		h = x.Add(ctx, residual)
+		return w.moe.forward(ctx, h.RMSNorm(ctx, w.ffnNorm, f.eps), f.route).Add(ctx, h)
 	}
-	x = w.gate.forward(ctx, x).SILU(ctx, w.up.forward(ctx, x))
-	return w.down.forward(ctx, x).Add(ctx, h)
+	return swigluMLP(ctx, w, f.eps, x, residual, outputs)
 }
 
 func (f *qwen3) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
-	return f.output.Mulmat(ctx, h.RMSNorm(ctx, f.norm, f.eps))
+	return f.logits(ctx, f.eps, h)
 }
 
 func (f *qwen3) finalNorm(ctx ml.Context, h ml.Tensor) ml.Tensor {

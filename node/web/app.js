@@ -180,6 +180,15 @@
 
   // ---------- layer map ----------
 
+  // memoryNote is what this node's own layers cost (/health's range_memory), for its
+  // segment's tooltip: the sums and each layer, as strata status prints them.
+  function memoryNote(p, m) {
+    if (!p.self || !m || m.range.start !== p.range.start || m.range.end !== p.range.end) return "";
+    const rows = (m.layers || []).map((l) =>
+      `\n  layer ${l.layer}: weights ${bytes(l.weight_bytes)}, KV ${bytes(l.kv_bytes)}${l.window ? `, window ${l.window}` : ""}`);
+    return `\nweights ${bytes(m.weight_bytes)}, KV cache ${bytes(m.kv_bytes)} (${m.sessions} sessions x ${m.context} tokens)` + rows.join("");
+  }
+
   function renderMap(h) {
     const L = h.layers;
     const peers = h.peers || [];
@@ -212,7 +221,7 @@
         s.style.background = color(p.peer_id);
         if (p.self) s.classList.add("self");
         if (p.state !== "serving") s.classList.add("loading");
-        s.title = `node ${p.peer_id}\nlayers ${layers(p.range)} of ${L}\nstate ${p.state}`;
+        s.title = `node ${p.peer_id}\nlayers ${layers(p.range)} of ${L}\nstate ${p.state}` + memoryNote(p, h.range_memory);
         s.append(el("span", "", `node ${short(p.peer_id)}${p.self ? " (this)" : ""}`), el("span", "", `layers ${layers(p.range)}`));
         bar.append(s);
         covered = Math.max(covered, p.range.end);
