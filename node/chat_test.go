@@ -117,6 +117,7 @@ func stream(ctx context.Context, c openai.Client, p openai.ChatCompletionNewPara
 // node: plain and streamed chat at temperature 0 give exactly `strata run`'s text, and eight
 // concurrent streams each get their own correct text.
 func TestChatThroughSwarm(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := swarmModel(t)
 	bin := testkit.BuildStrata(t)
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: 3, Model: model, Args: exactArgs})
@@ -260,6 +261,7 @@ func sessionHolderNow(s *testkit.Swarm, skip *testkit.Node) *testkit.Node {
 // survivors must load them. And once the node is frozen instead (SIGSTOP): its streams stay
 // open and never reset, so only membership declaring it dead can fail the step.
 func TestStreamSurvivesKill(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := swarmModel(t)
 	// The stream must outlast the kill: take the first prompt the random model does not end early.
 	var user string
@@ -308,6 +310,7 @@ func TestStreamSurvivesKill(t *testing.T) {
 // TestDisconnectFreesEveryStage: a client that goes away mid-stream cancels its session on
 // every stage, so no stage keeps KV cache for an answer nobody reads.
 func TestDisconnectFreesEveryStage(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := swarmModel(t)
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", twoLayers}})
 	s.MustReady(t, 3, 30*time.Second)
@@ -352,6 +355,7 @@ func TestDisconnectFreesEveryStage(t *testing.T) {
 // serves (before the fix it stepped a nil chain and the stream just stopped), and it still
 // answers /health afterwards.
 func TestStreamEndsWhenLayersAreLost(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := swarmModel(t)
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", twoLayers}})
 	s.MustReady(t, 3, 60*time.Second)

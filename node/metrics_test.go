@@ -185,6 +185,7 @@ func fetchJSON(t *testing.T, url string, v any) {
 // is one step on each of the three stages and one hop sample per hop, bytes sent are bytes
 // received, and /strata/swarm reports the same totals.
 func TestMetricsThreeNodeSwarm(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	mpath := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1, Type: "f32"})
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: mpath, Args: []string{"--max-memory", "5MiB"}})
 	s.MustReady(t, 3, 30*time.Second)
@@ -312,6 +313,7 @@ func shortPeer(id string) string { return id[max(0, len(id)-6):] }
 // TestMetricsCountReroutes: kill -9 the stage serving a stream, on a swarm with a replica of
 // every layer; the entry re-routes, and counts it against the peer that died.
 func TestMetricsCountReroutes(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	if testing.Short() {
 		t.Skip("-short: skipping the kill test")
 	}

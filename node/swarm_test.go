@@ -85,6 +85,7 @@ func span(ranges []string) int {
 // so that every layer is served; a fourth joining takes layers without a gap in coverage;
 // after kill -9 of one, the others re-plan within 5 s and are ready again.
 func TestSwarmPlansHealsAndGrows(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1})
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", twoLayers}})
 	s.MustReady(t, 3, 30*time.Second)
@@ -164,6 +165,7 @@ func TestSwarmPlansHealsAndGrows(t *testing.T) {
 // TestSwarmSaysWhatIsMissing: when the survivors cannot hold the model, /health says how much
 // memory is missing instead of pretending.
 func TestSwarmSaysWhatIsMissing(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1})
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", twoLayers}})
 	s.MustReady(t, 3, 30*time.Second)
@@ -235,6 +237,7 @@ func gossipedSessions(t *testing.T, s *testkit.Swarm, ids []string, ok func(int)
 // opening a session changes no state), and shows them go back to 0 once the stream is done.
 // The injected latency (10 ms per frame) keeps the stream open for seconds.
 func TestSessionsGossiped(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := swarmModel(t)
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", twoLayers, "--inject-latency", "10ms"}})
 	s.MustReady(t, 3, 30*time.Second)
@@ -283,6 +286,7 @@ func TestSessionsGossiped(t *testing.T) {
 // completes, the others drop the node from their view within 3 s of its exit without
 // suspecting it first (failure detection would), take over its layers and keep serving.
 func TestDrainAndLeave(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1})
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", threeLayers, "--inject-latency", "10ms"}})
 	s.MustReady(t, 3, 30*time.Second)

@@ -24,6 +24,9 @@ type SwarmOptions struct {
 	Dir     string   // where the nodes' data dirs and logs go
 	Threads int      // ggml threads per node (default: the cores shared out, at least 1)
 	Args    []string // extra flags for every node
+	// Env adds KEY=value variables to every node's environment (t.Setenv would do it for the
+	// whole test process, and so forbid t.Parallel).
+	Env []string
 }
 
 // Swarm is a set of local node processes. The first one is every other's bootstrap peer.
@@ -87,6 +90,9 @@ func (s *Swarm) Add(ctx context.Context, extra ...string) (*Node, error) {
 	}
 	n.cmd = exec.Command(s.opts.Binary, args...)
 	n.cmd.Stdout, n.cmd.Stderr = logf, logf
+	if len(s.opts.Env) > 0 {
+		n.cmd.Env = append(os.Environ(), s.opts.Env...)
+	}
 	// Pdeathsig: nodes die with the process that started them, even when it cannot clean up
 	// (a test binary killed at its timeout, a demo killed with -9).
 	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

@@ -2,25 +2,71 @@ package testkit
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 )
 
-// BuildStrata builds the strata binary for tests into a temp dir (the go build cache makes
-// this a link step once the packages are compiled). It inherits CGO_CFLAGS, so `make test`
-// gets the fast ggml build.
+// BuildStrata builds the strata binary for tests. It inherits CGO_CFLAGS, so `make test` gets
+// the fast ggml build. In a package whose TestMain runs through Main, the binary is built once
+// for the whole test process and shared: a build is a cgo link of ggml, ~10 s of CPU each, and
+// the node package used to pay it in every swarm test. Elsewhere it is built into the test's
+// temp dir.
 func BuildStrata(tb testing.TB) string {
 	tb.Helper()
-	bin := filepath.Join(tb.TempDir(), "strata")
+	if sharedBuild.dir == "" {
+		return buildStrata(tb, filepath.Join(tb.TempDir(), "strata"))
+	}
+	sharedBuild.once.Do(func() {
+		sharedBuild.bin = filepath.Join(sharedBuild.dir, "strata")
+		sharedBuild.err = build(sharedBuild.bin)
+	})
+	if sharedBuild.err != nil {
+		tb.Fatal(sharedBuild.err)
+	}
+	return sharedBuild.bin
+}
+
+// sharedBuild is the binary shared by a test process's tests; Main sets dir.
+var sharedBuild struct {
+	dir  string
+	once sync.Once
+	bin  string
+	err  error
+}
+
+// Main runs a package's tests with one shared strata build (see BuildStrata) and removes it
+// afterwards. Use it from TestMain: os.Exit(testkit.Main(m)).
+func Main(m *testing.M) int {
+	dir, err := os.MkdirTemp("", "strata-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "testkit:", err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	sharedBuild.dir = dir
+	return m.Run()
+}
+
+func buildStrata(tb testing.TB, bin string) string {
+	tb.Helper()
+	if err := build(bin); err != nil {
+		tb.Fatal(err)
+	}
+	return bin
+}
+
+func build(bin string) error {
 	cmd := exec.Command("go", "build", "-o", bin, "github.com/strata-llm/strata/cmd/strata")
 	cmd.Env = os.Environ()
 	if out, err := cmd.CombinedOutput(); err != nil {
-		tb.Fatalf("build strata: %v\n%s", err, out)
+		return fmt.Errorf("build strata: %v\n%s", err, out)
 	}
-	return bin
+	return nil
 }
 
 // NewSwarm starts a local swarm for a test, builds the binary if opts.Binary is empty, and
