@@ -46,7 +46,9 @@ type Node struct {
 	exited    chan struct{}
 }
 
-// StartSwarm starts opts.Nodes nodes and waits until each has written its addresses.
+// StartSwarm starts opts.Nodes nodes and waits until each has written its addresses. The
+// first starts alone (it is everyone's bootstrap peer); the others start together, as they
+// would on separate machines, instead of each waiting for the one before to come up.
 func StartSwarm(ctx context.Context, opts SwarmOptions) (*Swarm, error) {
 	if opts.Threads <= 0 {
 		// ggml's worker threads spin while they wait: nodes sharing a machine must share its
@@ -54,8 +56,21 @@ func StartSwarm(ctx context.Context, opts SwarmOptions) (*Swarm, error) {
 		opts.Threads = max(1, runtime.NumCPU()/max(1, opts.Nodes))
 	}
 	s := &Swarm{opts: opts}
-	for range opts.Nodes {
-		if _, err := s.Add(ctx); err != nil {
+	if opts.Nodes <= 0 {
+		return s, nil
+	}
+	if _, err := s.Add(ctx); err != nil {
+		s.Close()
+		return nil, err
+	}
+	for range opts.Nodes - 1 {
+		if _, err := s.launch(); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
+	for _, n := range s.Nodes[1:] {
+		if err := n.waitAddrs(ctx, 60*time.Second); err != nil {
 			s.Close()
 			return nil, err
 		}
@@ -65,6 +80,18 @@ func StartSwarm(ctx context.Context, opts SwarmOptions) (*Swarm, error) {
 
 // Add starts one more node that joins through the first one.
 func (s *Swarm) Add(ctx context.Context, extra ...string) (*Node, error) {
+	n, err := s.launch(extra...)
+	if err != nil {
+		return nil, err
+	}
+	if err := n.waitAddrs(ctx, 60*time.Second); err != nil {
+		return n, err
+	}
+	return n, nil
+}
+
+// launch starts a node process and adds it to s.Nodes without waiting for it to come up.
+func (s *Swarm) launch(extra ...string) (*Node, error) {
 	i := len(s.Nodes)
 	n := &Node{Index: i, DataDir: filepath.Join(s.opts.Dir, fmt.Sprintf("node%d", i)), exited: make(chan struct{})}
 	if err := os.MkdirAll(n.DataDir, 0o755); err != nil {
@@ -106,9 +133,6 @@ func (s *Swarm) Add(ctx context.Context, extra ...string) (*Node, error) {
 		close(n.exited)
 	}()
 	s.Nodes = append(s.Nodes, n)
-	if err := n.waitAddrs(ctx, 60*time.Second); err != nil {
-		return n, err
-	}
 	return n, nil
 }
 
