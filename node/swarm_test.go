@@ -162,28 +162,6 @@ func TestSwarmPlansHealsAndGrows(t *testing.T) {
 	}
 }
 
-// TestSwarmSaysWhatIsMissing: when the survivors cannot hold the model, /health says how much
-// memory is missing instead of pretending.
-func TestSwarmSaysWhatIsMissing(t *testing.T) {
-	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
-	model := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1})
-	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", twoLayers}})
-	s.MustReady(t, 3, 30*time.Second)
-	s.Nodes[1].Kill()
-	deadline := time.Now().Add(60 * time.Second) // a hang guard
-	for {
-		h, err := s.Nodes[0].Health(context.Background())
-		if err == nil && !h.Ready && strings.Contains(h.Missing, "memory") {
-			t.Logf("after kill -9: %s", h.Missing)
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("60 s after kill -9: ready=%v missing=%q err=%v", h.Ready, h.Missing, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
 // lists reports whether a node's /health lists the peer.
 func lists(h testkit.Health, id string) bool {
 	for _, p := range h.Peers {
