@@ -369,11 +369,19 @@ func TestStreamEndsWhenLayersAreLost(t *testing.T) {
 	if log := entry.Tail(100000); strings.Contains(log, "panic") {
 		t.Fatalf("the entry node panicked:%s", entry.Tail(60))
 	}
-	// The survivors cannot hold the model: /health says how much memory is missing instead
-	// of pretending (this was TestSwarmSaysWhatIsMissing, on a swarm of its own).
+	// The survivors cannot hold the model: a survivor's /health says how much memory is
+	// missing instead of pretending (this was TestSwarmSaysWhatIsMissing, on a swarm of its
+	// own; the API-only entry names the layers nobody serves instead).
+	var survivor *testkit.Node
+	for _, n := range s.Nodes {
+		if n != entry && !n.Exited() {
+			survivor = n
+			break
+		}
+	}
 	deadline := time.Now().Add(60 * time.Second) // a hang guard
 	for {
-		h, err := entry.Health(context.Background())
+		h, err := survivor.Health(context.Background())
 		if err == nil && !h.Ready && strings.Contains(h.Missing, "memory") {
 			t.Logf("after kill -9: %s", h.Missing)
 			return

@@ -82,8 +82,9 @@ func span(ranges []string) int {
 }
 
 // TestSwarmPlansHealsAndGrows: three node processes join through --join and split the model
-// so that every layer is served; a fourth joining takes layers without a gap in coverage;
-// after kill -9 of one, the others re-plan within 5 s and are ready again.
+// so that every layer is served; a fourth joins without a gap in coverage (whether it takes a
+// share or stays idle is the planner's call on measured speeds: shard's plan tests cover it);
+// after kill -9 of one, the others re-plan and are ready again.
 func TestSwarmPlansHealsAndGrows(t *testing.T) {
 	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1})
@@ -111,17 +112,26 @@ func TestSwarmPlansHealsAndGrows(t *testing.T) {
 	if _, err := s.Add(context.Background(), "--max-memory", twoLayers); err != nil {
 		t.Fatal(err)
 	}
-	s.MustReady(t, 4, 30*time.Second)
-	// Wait for the newcomer to serve its share (it used to sleep 1 s, too short on a loaded
-	// machine); the deadline is a hang guard.
+	// Every node offers two layers, so a plan that leaves the newcomer idle is as balanced as
+	// one that gives it a share, and which one the planner picks turns on the speeds the
+	// nodes measured at start, i.e. on the machine's load: wait for the swarm to take the
+	// newcomer in and settle (ranges that partition the layers, nothing loading), whichever
+	// plan it is. The deadline is a hang guard.
+	var newcomer string
 	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-		h, err := s.Nodes[3].Health(context.Background())
-		serving := false
-		for _, p := range h.Peers {
-			serving = serving || err == nil && p.Self && p.State == "serving" && p.Range.End > p.Range.Start
+		rs, h := coverage(t, s.Nodes[0])
+		h4, err := s.Nodes[3].Health(context.Background())
+		newcomer = ""
+		for _, p := range h4.Peers {
+			if err == nil && p.Self {
+				newcomer = p.State
+			}
 		}
-		if serving || time.Now().After(deadline) {
-			break // past the deadline, the checks below say what is wrong
+		if len(h.Peers) == 4 && h.Ready && covers(rs, 6) && span(rs) == 6 && (newcomer == "serving" || newcomer == "idle") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("60 s after a fourth node joined: node 0 sees %d peers serving %v (ready %v); the newcomer is %q", len(h.Peers), rs, h.Ready, newcomer)
 		}
 	}
 	close(stop)
@@ -129,20 +139,7 @@ func TestSwarmPlansHealsAndGrows(t *testing.T) {
 		t.Errorf("coverage gap while a node joined: %s", g)
 	}
 	rs, _ = coverage(t, s.Nodes[0])
-	t.Logf("4 nodes: %v", rs)
-	if !covers(rs, 6) {
-		t.Fatalf("after a join: %v", rs)
-	}
-	// The newcomer must have taken a share, not joined as a spare.
-	h4, err := s.Nodes[3].Health(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, p := range h4.Peers {
-		if p.Self && (p.State != "serving" || p.Range.End <= p.Range.Start) {
-			t.Fatalf("the fourth node is %s with range [%d,%d), want a non-empty served range", p.State, p.Range.Start, p.Range.End)
-		}
-	}
+	t.Logf("4 nodes: %v; the newcomer is %s", rs, newcomer)
 
 	// kill -9 one node: the other three re-plan and serve everything again.
 	victim := s.Nodes[2]
