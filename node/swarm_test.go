@@ -268,12 +268,12 @@ func TestDrainAndLeave(t *testing.T) {
 	ids := peerIDs(t, s)
 	victim, victimID := s.Nodes[2], ids[2]
 	settled(t, s.Nodes[0], 3, 6) // the victim must hold layers
+	// The stream must finish within the drain's 10 s cap after the SIGTERM at chunk 5: 100
+	// tokens did not at load average 35 (the victim cut the session at step 95); 60 leave
+	// that margin while the 10 ms per frame still keeps it open past the signal.
 	params := openai.ChatCompletionNewParams{
 		Model:       "tiny-L0-f16-s1",
 		Messages:    []openai.ChatCompletionMessageParamUnion{openai.UserMessage("tell me everything")},
-		// The stream must finish within the drain's 10 s cap after the SIGTERM at chunk 5:
-		// 100 tokens did not at load average 35 (the victim cut the session at step 95), 60
-		// leave that margin while the 10 ms per frame still keeps it open past the signal.
 		MaxTokens:   openai.Int(60),
 		Temperature: openai.Float(0),
 	}
