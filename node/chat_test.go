@@ -284,13 +284,20 @@ func TestStreamSurvivesKill(t *testing.T) {
 	}{{"replica present", 6, false}, {"layers reloaded", 4, false}, {"frozen, replica present", 6, true}} {
 		t.Run(c.name, func(t *testing.T) {
 			s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: c.nodes, Model: model, Args: exactArgs})
-			s.MustReady(t, c.nodes, 60*time.Second)
+			// Nodes of two layers: six make two chains that need all six, but of four the plan
+			// may leave one idle (it takes over after the kill), as speeds measured under load
+			// decide: ready means three serving there (seen: 3/4 for a minute).
+			serving := c.nodes
+			if c.nodes == 4 {
+				serving = 3
+			}
+			s.MustReady(t, serving, 60*time.Second)
 			// The client talks to an API-only node, so the stage killed is never the entry.
 			entry, err := s.Add(context.Background(), "--client-only")
 			if err != nil {
 				t.Fatal(err)
 			}
-			s.MustReady(t, c.nodes, 30*time.Second)
+			s.MustReady(t, serving, 30*time.Second)
 			var victimID string // read before the node goes down
 			down := func(n *testkit.Node) {
 				if h, err := n.Health(context.Background()); err == nil {

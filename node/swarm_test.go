@@ -258,8 +258,8 @@ func TestSessionsGossiped(t *testing.T) {
 
 // TestDrainAndLeave: SIGTERM to a stage in the middle of a stream. The node stops taking new
 // sessions but lets the running one finish, then leaves memberlist gracefully: the stream
-// completes, the others drop the node from their view within 3 s of its exit without
-// suspecting it first (failure detection would), take over its layers and keep serving.
+// completes, the others drop the node from their view without declaring it failed first
+// (failure detection would), take over its layers and keep serving.
 func TestDrainAndLeave(t *testing.T) {
 	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1})
@@ -278,11 +278,12 @@ func TestDrainAndLeave(t *testing.T) {
 		Temperature: openai.Float(0),
 	}
 	stopped := make(chan error, 1)
-	var exitedAt time.Time
+	var exitedAt, termAt time.Time
 	chunks := 0
 	_, err := stream(context.Background(), client(s.Nodes[0]), params, func(n int) {
 		chunks = n
 		if n == 5 {
+			termAt = time.Now()
 			go func() {
 				err := victim.Stop(30 * time.Second)
 				exitedAt = time.Now()
@@ -335,7 +336,13 @@ func TestDrainAndLeave(t *testing.T) {
 			t.Fatal(err)
 		}
 		for _, line := range strings.Split(string(b), "\n") {
-			if strings.Contains(line, "Suspect "+victimID) || strings.Contains(line, "Marking "+victimID+" as failed") {
+			// Only what followed the SIGTERM: on a loaded machine a node can be suspected, or
+			// even declared failed and then refute it, at any time before (seen at load
+			// average 35); a lone suspicion is refuted and says nothing about how it left.
+			if at, ok := logTime(line); !ok || at.Before(termAt) {
+				continue
+			}
+			if strings.Contains(line, "Marking "+victimID+" as failed") {
 				t.Errorf("node %d detected the leaver as failed instead of seeing it leave: %s", n.Index, line)
 			}
 			if strings.Contains(line, `msg="member gone"`) && strings.Contains(line, victimID) && !strings.Contains(line, "last_state=draining") {
@@ -352,4 +359,15 @@ func TestDrainAndLeave(t *testing.T) {
 	if err != nil || len(res.Choices) == 0 {
 		t.Fatalf("the two survivors do not serve: %v", err)
 	}
+}
+
+// logTime reads the time= field a node's log line starts with.
+func logTime(line string) (time.Time, bool) {
+	v, ok := strings.CutPrefix(line, "time=")
+	if !ok {
+		return time.Time{}, false
+	}
+	v, _, _ = strings.Cut(v, " ")
+	t, err := time.Parse(time.RFC3339Nano, v)
+	return t, err == nil
 }
