@@ -11,19 +11,22 @@ import (
 	"time"
 )
 
-// BuildStrata builds the strata binary for tests. It inherits CGO_CFLAGS, so `make test` gets
-// the fast ggml build. In a package whose TestMain runs through Main, the binary is built once
-// for the whole test process and shared: a build is a cgo link of ggml, ~10 s of CPU each, and
-// the node package used to pay it in every swarm test. Elsewhere it is built into the test's
-// temp dir.
+// BuildStrata returns a strata binary for tests. In a package whose TestMain runs through Main
+// with the CLI, that is the test binary itself, which runs as strata when started with
+// asStrataEnv set: no build at all. With Main alone, strata is built once for the whole test
+// process and shared: a build is a cgo link of ggml, ~10 s of CPU each, and the node package
+// used to pay it in every swarm test. Elsewhere it is built into the test's temp dir. A build
+// inherits CGO_CFLAGS, so `make test` gets the fast ggml build.
 func BuildStrata(tb testing.TB) string {
 	tb.Helper()
 	if sharedBuild.dir == "" {
 		return buildStrata(tb, filepath.Join(tb.TempDir(), "strata"))
 	}
 	sharedBuild.once.Do(func() {
-		sharedBuild.bin = filepath.Join(sharedBuild.dir, "strata")
-		sharedBuild.err = build(sharedBuild.bin)
+		if sharedBuild.bin == "" {
+			sharedBuild.bin = filepath.Join(sharedBuild.dir, "strata")
+			sharedBuild.err = build(sharedBuild.bin)
+		}
 	})
 	if sharedBuild.err != nil {
 		tb.Fatal(sharedBuild.err)
@@ -31,7 +34,8 @@ func BuildStrata(tb testing.TB) string {
 	return sharedBuild.bin
 }
 
-// sharedBuild is the binary shared by a test process's tests; Main sets dir.
+// sharedBuild is the binary shared by a test process's tests; Main sets dir, and bin when the
+// test binary itself serves as strata.
 var sharedBuild struct {
 	dir  string
 	once sync.Once
@@ -39,9 +43,20 @@ var sharedBuild struct {
 	err  error
 }
 
-// Main runs a package's tests with one shared strata build (see BuildStrata) and removes it
-// afterwards. Use it from TestMain: os.Exit(testkit.Main(m)).
-func Main(m *testing.M) int {
+// asStrataEnv, set to 1 in a test binary's environment, makes Main run the CLI instead of the
+// tests. Main sets it for every process the tests start: those that are the test binary are
+// the strata nodes and commands; the others ignore it.
+const asStrataEnv = "STRATA_TESTKIT_AS_STRATA"
+
+// Main runs a package's tests with one strata binary for all of them (see BuildStrata) and
+// removes what it built afterwards. Use it from TestMain: os.Exit(testkit.Main(m, nil)), or,
+// where the test package can import the CLI, os.Exit(testkit.Main(m, strataMain)) with
+// strataMain running `strata` with its arguments (cmd/strata's main): the test binary then
+// is the strata binary, as a `go build` of the same packages with the same flags would be.
+func Main(m *testing.M, strata func(args []string) int) int {
+	if strata != nil && os.Getenv(asStrataEnv) == "1" {
+		return strata(os.Args[1:])
+	}
 	dir, err := os.MkdirTemp("", "strata-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "testkit:", err)
@@ -49,6 +64,11 @@ func Main(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	sharedBuild.dir = dir
+	if strata != nil {
+		if exe, err := os.Executable(); err == nil && os.Setenv(asStrataEnv, "1") == nil {
+			sharedBuild.bin = exe
+		}
+	}
 	return m.Run()
 }
 
