@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -54,7 +55,7 @@ const asStrataEnv = "STRATA_TESTKIT_AS_STRATA"
 // strataMain running `strata` with its arguments (cmd/strata's main): the test binary then
 // is the strata binary, as a `go build` of the same packages with the same flags would be.
 func Main(m *testing.M, strata func(args []string) int) int {
-	if strata != nil && os.Getenv(asStrataEnv) == "1" {
+	if strata != nil && os.Getenv(asStrataEnv) == "1" && !testInvocation(os.Args[1:]) {
 		return strata(os.Args[1:])
 	}
 	dir, err := os.MkdirTemp("", "strata-bin-")
@@ -70,6 +71,18 @@ func Main(m *testing.M, strata func(args []string) int) int {
 		}
 	}
 	return m.Run()
+}
+
+// testInvocation reports whether args are the testing package's own (-test.*), as when
+// the fuzzing engine starts this binary as a worker: those must run the tests even with
+// asStrataEnv inherited. strata's flags never start with -test.
+func testInvocation(args []string) bool {
+	for _, a := range args {
+		if strings.HasPrefix(a, "-test.") {
+			return true
+		}
+	}
+	return false
 }
 
 func buildStrata(tb testing.TB, bin string) string {
