@@ -298,6 +298,10 @@ func TestStreamSurvivesKill(t *testing.T) {
 				t.Fatal(err)
 			}
 			s.MustReady(t, serving, 30*time.Second)
+			// Ready can come while nodes that planned from different early views serve
+			// overlapping ranges and are still moving to the settled plan (seen: [2,4) twice,
+			// then a 503 for the stream): wait for ranges that partition the layers.
+			partitioned(t, entry, 6)
 			var victimID string // read before the node goes down
 			down := func(n *testkit.Node) {
 				if h, err := n.Health(context.Background()); err == nil {
@@ -331,6 +335,21 @@ func TestStreamSurvivesKill(t *testing.T) {
 				t.Errorf("%v requests failed", n)
 			}
 		})
+	}
+}
+
+// partitioned waits until n sees serving ranges that cover the layers without overlapping,
+// however many nodes serve them (settled wants a count). The deadline is a hang guard.
+func partitioned(t *testing.T, n *testkit.Node, layers int) []string {
+	t.Helper()
+	var rs []string
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if rs, _ = coverage(t, n); covers(rs, layers) && span(rs) == layers {
+			return rs
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nodes serve %v, want ranges that partition %d layers", rs, layers)
+		}
 	}
 }
 
