@@ -1,12 +1,23 @@
-package bench
+package bench_test
 
 import (
+	"context"
 	"os"
+	"os/signal"
+	"syscall"
 	"testing"
 
+	"github.com/strata-llm/strata/cli"
 	"github.com/strata-llm/strata/internal/testkit"
 )
 
-// TestMain shares one strata build among the package's tests (the CLI imports this package,
-// so its test binary cannot serve as strata).
-func TestMain(m *testing.M) { os.Exit(testkit.Main(m, nil)) }
+// TestMain: the test binary is also the strata binary the process tests start (testkit.Main).
+// It sits in the external test package because the CLI imports bench.
+func TestMain(m *testing.M) { os.Exit(testkit.Main(m, strataMain)) }
+
+// strataMain is cmd/strata's main.
+func strataMain(args []string) int {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return cli.Execute(ctx, args)
+}
