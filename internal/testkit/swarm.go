@@ -46,9 +46,7 @@ type Node struct {
 	exited    chan struct{}
 }
 
-// StartSwarm starts opts.Nodes nodes and waits until each has written its addresses. The
-// first starts alone (it is everyone's bootstrap peer); the others start together, as they
-// would on separate machines, instead of each waiting for the one before to come up.
+// StartSwarm starts opts.Nodes nodes and waits until each has written its addresses.
 func StartSwarm(ctx context.Context, opts SwarmOptions) (*Swarm, error) {
 	if opts.Threads <= 0 {
 		// ggml's worker threads spin while they wait: nodes sharing a machine must share its
@@ -56,21 +54,8 @@ func StartSwarm(ctx context.Context, opts SwarmOptions) (*Swarm, error) {
 		opts.Threads = max(1, runtime.NumCPU()/max(1, opts.Nodes))
 	}
 	s := &Swarm{opts: opts}
-	if opts.Nodes <= 0 {
-		return s, nil
-	}
-	if _, err := s.Add(ctx); err != nil {
-		s.Close()
-		return nil, err
-	}
-	for range opts.Nodes - 1 {
-		if _, err := s.launch(); err != nil {
-			s.Close()
-			return nil, err
-		}
-	}
-	for _, n := range s.Nodes[1:] {
-		if err := n.waitAddrs(ctx, 60*time.Second); err != nil {
+	for range opts.Nodes {
+		if _, err := s.Add(ctx); err != nil {
 			s.Close()
 			return nil, err
 		}
@@ -80,18 +65,6 @@ func StartSwarm(ctx context.Context, opts SwarmOptions) (*Swarm, error) {
 
 // Add starts one more node that joins through the first one.
 func (s *Swarm) Add(ctx context.Context, extra ...string) (*Node, error) {
-	n, err := s.launch(extra...)
-	if err != nil {
-		return nil, err
-	}
-	if err := n.waitAddrs(ctx, 60*time.Second); err != nil {
-		return n, err
-	}
-	return n, nil
-}
-
-// launch starts a node process and adds it to s.Nodes without waiting for it to come up.
-func (s *Swarm) launch(extra ...string) (*Node, error) {
 	i := len(s.Nodes)
 	n := &Node{Index: i, DataDir: filepath.Join(s.opts.Dir, fmt.Sprintf("node%d", i)), exited: make(chan struct{})}
 	if err := os.MkdirAll(n.DataDir, 0o755); err != nil {
@@ -133,6 +106,9 @@ func (s *Swarm) launch(extra ...string) (*Node, error) {
 		close(n.exited)
 	}()
 	s.Nodes = append(s.Nodes, n)
+	if err := n.waitAddrs(ctx, 60*time.Second); err != nil {
+		return n, err
+	}
 	return n, nil
 }
 
