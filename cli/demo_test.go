@@ -91,6 +91,7 @@ var curlLine = regexp.MustCompile(`curl -N (http://[^ ]+)/v1/chat/completions`)
 // the second chats through stdin and must print an answer. Then SIGINT: the demo must exit
 // and no node process it started may be left.
 func TestDemoServesAndStopsCleanly(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	if testing.Short() {
 		t.Skip("starts three node processes")
 	}

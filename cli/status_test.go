@@ -32,6 +32,7 @@ func runStatus(t *testing.T, args ...string) (string, error) {
 // every node with the layers it serves, its memory offer and measured speed, and --json is
 // the node's /health as it is.
 func TestStatusAgainstSwarm(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1})
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", "5MiB"}})
 	s.MustReady(t, 3, 30*time.Second)

@@ -29,6 +29,8 @@ var archSwarmFamilies = []string{
 	"gemma2",
 	"gemma3",
 	"olmo3",
+	"qwen3moe",
+	"deepseek2",
 }
 
 // The node defaults the test's memory arithmetic assumes (--context, --max-sessions, an F16
@@ -46,6 +48,7 @@ const archContext, archSessions = 2048, 8
 // planner's fixed point (every node serves what PlanLayers gives for the swarm it reports),
 // then kills the middle stage, or the last one when the planner left a node spare.
 func TestArchSwarm(t *testing.T) {
+	t.Parallel()
 	bin := testkit.BuildStrata(t)
 	// The rows run in parallel, but their in-process generations take turns: two stages
 	// loading at once in one process gave a token id of -1 (NaN logits) beside two busy loops.

@@ -117,6 +117,7 @@ func stream(ctx context.Context, c openai.Client, p openai.ChatCompletionNewPara
 // node: plain and streamed chat at temperature 0 give exactly `strata run`'s text, and eight
 // concurrent streams each get their own correct text.
 func TestChatThroughSwarm(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := swarmModel(t)
 	bin := testkit.BuildStrata(t)
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: 3, Model: model, Args: exactArgs})
@@ -258,8 +259,10 @@ func sessionHolderNow(s *testkit.Swarm, skip *testkit.Node) *testkit.Node {
 // the entry node replays the session on a new route, and the client gets exactly the text of
 // an undisturbed run: once with a replica of the dead node's layers present, once when the
 // survivors must load them. And once the node is frozen instead (SIGSTOP): its streams stay
-// open and never reset, so only membership declaring it dead can fail the step.
+// open and never reset, so only membership declaring it dead can fail the step. With the
+// replica, the entry's /metrics count the re-route against the peer that died.
 func TestStreamSurvivesKill(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := swarmModel(t)
 	// The stream must outlast the kill: take the first prompt the random model does not end early.
 	var user string
@@ -281,16 +284,37 @@ func TestStreamSurvivesKill(t *testing.T) {
 	}{{"replica present", 6, false}, {"layers reloaded", 4, false}, {"frozen, replica present", 6, true}} {
 		t.Run(c.name, func(t *testing.T) {
 			s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: c.nodes, Model: model, Args: exactArgs})
-			s.MustReady(t, c.nodes, 60*time.Second)
+			// Nodes of two layers: six make two chains that need all six, but of four the plan
+			// may leave one idle (it takes over after the kill), as speeds measured under load
+			// decide: ready means three serving there (seen: 3/4 for a minute).
+			serving := c.nodes
+			if c.nodes == 4 {
+				serving = 3
+			}
+			s.MustReady(t, serving, 60*time.Second)
 			// The client talks to an API-only node, so the stage killed is never the entry.
 			entry, err := s.Add(context.Background(), "--client-only")
 			if err != nil {
 				t.Fatal(err)
 			}
-			s.MustReady(t, c.nodes, 30*time.Second)
-			down := (*testkit.Node).Kill
-			if c.freeze {
-				down = (*testkit.Node).Freeze
+			s.MustReady(t, serving, 30*time.Second)
+			// Ready can come while nodes that planned from different early views serve
+			// overlapping ranges and are still moving to the settled plan (seen: [2,4) twice,
+			// then a 503 for the stream): with one chain, wait for ranges that partition the
+			// layers (six nodes make two chains, each range served twice).
+			if c.nodes == 4 {
+				partitioned(t, entry, 6)
+			}
+			var victimID string // read before the node goes down
+			down := func(n *testkit.Node) {
+				if h, err := n.Health(context.Background()); err == nil {
+					victimID = h.PeerID
+				}
+				if c.freeze {
+					n.Freeze()
+				} else {
+					n.Kill()
+				}
 			}
 			kill, victim := disruptHolderAt(t, s, entry, 30, down)
 			got, err := stream(context.Background(), client(entry), chatParams(user, 300), kill)
@@ -301,48 +325,34 @@ func TestStreamSurvivesKill(t *testing.T) {
 			if got != jsonText(want.Text) {
 				t.Fatalf("stream after kill -9:\n got %q\nwant %q", got, want.Text)
 			}
+			if c.name != "replica present" {
+				return
+			}
+			// The entry counts the re-route against the peer that died (this was
+			// TestMetricsCountReroutes, on a swarm of its own).
+			f := scrapeMetrics(t, entry.API)
+			if n := metricValue(f, "strata_reroutes_total", "peer", victimID); victimID == "" || n < 1 {
+				t.Fatalf("re-routes counted against the killed node %q: %v (all: %v)", victimID, n, f["strata_reroutes_total"])
+			}
+			if n := metricValue(f, "strata_requests_total", "outcome", "error"); n != 0 {
+				t.Errorf("%v requests failed", n)
+			}
 		})
 	}
 }
 
-// TestDisconnectFreesEveryStage: a client that goes away mid-stream cancels its session on
-// every stage, so no stage keeps KV cache for an answer nobody reads.
-func TestDisconnectFreesEveryStage(t *testing.T) {
-	model := swarmModel(t)
-	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", twoLayers}})
-	s.MustReady(t, 3, 30*time.Second)
-	live := func() int {
-		total := 0
-		for _, n := range s.Nodes {
-			h, err := n.Health(context.Background())
-			if err != nil {
-				t.Fatal(err)
-			}
-			for _, p := range h.Peers {
-				if p.Self {
-					total += p.Sessions
-				}
-			}
+// partitioned waits until n sees serving ranges that cover the layers without overlapping,
+// however many nodes serve them (settled wants a count). The deadline is a hang guard.
+func partitioned(t *testing.T, n *testkit.Node, layers int) []string {
+	t.Helper()
+	var rs []string
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if rs, _ = coverage(t, n); covers(rs, layers) && span(rs) == layers {
+			return rs
 		}
-		return total
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	sawLive := 0
-	_, _ = stream(ctx, client(s.Nodes[0]), chatParams("tell me everything", 1500), func(n int) {
-		if n == 20 {
-			sawLive = live()
-			cancel()
-		}
-	})
-	if sawLive != 3 {
-		t.Fatalf("mid-stream, the stages held %d sessions, want 3", sawLive)
-	}
-	deadline := time.Now().Add(30 * time.Second) // a hang guard
-	for live() != 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("30 s after the client left, the stages still hold %d sessions", live())
+			t.Fatalf("nodes serve %v, want ranges that partition %d layers", rs, layers)
 		}
-		time.Sleep(50 * time.Millisecond)
 	}
 }
 
@@ -350,8 +360,9 @@ func TestDisconnectFreesEveryStage(t *testing.T) {
 // survivor has the memory to take its layers. The entry node keeps looking for a route for
 // its recovery time, then ends the stream with an error event naming the layers nobody
 // serves (before the fix it stepped a nil chain and the stream just stopped), and it still
-// answers /health afterwards.
+// answers /health afterwards, where it says how much memory is missing.
 func TestStreamEndsWhenLayersAreLost(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := swarmModel(t)
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model, Args: []string{"--max-memory", twoLayers}})
 	s.MustReady(t, 3, 60*time.Second)
@@ -386,6 +397,28 @@ func TestStreamEndsWhenLayersAreLost(t *testing.T) {
 	}
 	if log := entry.Tail(100000); strings.Contains(log, "panic") {
 		t.Fatalf("the entry node panicked:%s", entry.Tail(60))
+	}
+	// The survivors cannot hold the model: a survivor's /health says how much memory is
+	// missing instead of pretending (this was TestSwarmSaysWhatIsMissing, on a swarm of its
+	// own; the API-only entry names the layers nobody serves instead).
+	var survivor *testkit.Node
+	for _, n := range s.Nodes {
+		if n != entry && !n.Exited() {
+			survivor = n
+			break
+		}
+	}
+	deadline := time.Now().Add(60 * time.Second) // a hang guard
+	for {
+		h, err := survivor.Health(context.Background())
+		if err == nil && !h.Ready && strings.Contains(h.Missing, "memory") {
+			t.Logf("after kill -9: %s", h.Missing)
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("60 s after kill -9: ready=%v missing=%q err=%v", h.Ready, h.Missing, err)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 

@@ -92,6 +92,7 @@ func findChromium() string {
 // the layer map must show every node, and a chat message typed into the page must get a
 // streamed answer, the same one the API gives for the same request.
 func TestDashboardInChromium(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	bin := findChromium()
 	if bin == "" {
 		t.Skip("no chromium binary found (Debian: apt-get install chromium, or scripts/install-deps.sh; or set STRATA_CHROMIUM): skipping the dashboard browser test")

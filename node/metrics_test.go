@@ -183,8 +183,10 @@ func fetchJSON(t *testing.T, url string, v any) {
 // TestMetricsThreeNodeSwarm: a chat through a three-node swarm moves every counter it should,
 // on the entry and on each stage, by amounts that agree with each other: each route step
 // is one step on each of the three stages and one hop sample per hop, bytes sent are bytes
-// received, and /strata/swarm reports the same totals.
+// received, and /strata/swarm reports the same totals. Then a client leaving mid-stream frees
+// its session on every stage.
 func TestMetricsThreeNodeSwarm(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	mpath := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1, Type: "f32"})
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: mpath, Args: []string{"--max-memory", "5MiB"}})
 	s.MustReady(t, 3, 30*time.Second)
@@ -286,10 +288,19 @@ func TestMetricsThreeNodeSwarm(t *testing.T) {
 	}
 
 	// The dashboard's JSON agrees with /metrics and reaches every node.
+	// The entry fetches each peer's counters with a short timeout, which a loaded machine can
+	// miss (seen at load average 40): the peer is then listed unreachable for that view, so
+	// ask again until a view reaches all three; the deadline is a hang guard.
 	var v node.SwarmView
-	fetchJSON(t, "http://"+entry.API+"/strata/swarm", &v)
-	if len(v.Nodes) != 3 || len(v.Unreachable) != 0 || len(v.Health.Peers) != 3 {
-		t.Fatalf("/strata/swarm: %d nodes with counters, unreachable %v, %d peers", len(v.Nodes), v.Unreachable, len(v.Health.Peers))
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		v = node.SwarmView{}
+		fetchJSON(t, "http://"+entry.API+"/strata/swarm", &v)
+		if len(v.Nodes) == 3 && len(v.Unreachable) == 0 && len(v.Health.Peers) == 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/strata/swarm: %d nodes with counters, unreachable %v, %d peers", len(v.Nodes), v.Unreachable, len(v.Health.Peers))
+		}
 	}
 	if es := v.Nodes[h.PeerID]; es == nil || es.Tokens != float64(usage.CompletionTokens) || es.TTFTCount != 1 {
 		t.Errorf("/strata/swarm entry counters: %+v", es)
@@ -305,64 +316,43 @@ func TestMetricsThreeNodeSwarm(t *testing.T) {
 		1000*decode/float64(max(decodeN, 1)), decodeN)
 	t.Logf("hop step round trips: %v", perHop)
 	t.Logf("stage bytes on the wire: %.0f (%.0f per route step)", wireOut, wireOut/float64(steps))
+
+	// On the same swarm (it was TestDisconnectFreesEveryStage, with a swarm of its own): a
+	// client that goes away mid-stream cancels its session on every stage, so no stage keeps
+	// KV cache for an answer nobody reads.
+	live := func() int {
+		total := 0
+		for _, n := range s.Nodes {
+			h, err := n.Health(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range h.Peers {
+				if p.Self {
+					total += p.Sessions
+				}
+			}
+		}
+		return total
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	sawLive := 0
+	_, _ = stream(ctx, client(entry), chatParams("tell me everything", 1500), func(n int) {
+		if n == 20 {
+			sawLive = live()
+			cancel()
+		}
+	})
+	if sawLive != 3 {
+		t.Fatalf("mid-stream, the stages held %d sessions, want 3", sawLive)
+	}
+	deadline = time.Now().Add(30 * time.Second) // a hang guard
+	for live() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("30 s after the client left, the stages still hold %d sessions", live())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 func shortPeer(id string) string { return id[max(0, len(id)-6):] }
-
-// TestMetricsCountReroutes: kill -9 the stage serving a stream, on a swarm with a replica of
-// every layer; the entry re-routes, and counts it against the peer that died.
-func TestMetricsCountReroutes(t *testing.T) {
-	if testing.Short() {
-		t.Skip("-short: skipping the kill test")
-	}
-	mpath := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1, Type: "f32"})
-	// Two chains of two nodes (three layers each), and an API-only entry that is never killed.
-	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 4, Model: mpath, Args: []string{"--max-memory", "7.5MiB"}})
-	s.MustReady(t, 4, 30*time.Second)
-	entry, err := s.Add(context.Background(), "--client-only")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.MustReady(t, 4, 30*time.Second)
-	var h node.Health
-	fetchJSON(t, "http://"+entry.API+"/health", &h)
-
-	var victim *testkit.Node
-	var victimID string
-	for i := 0; victim == nil && i < 10; i++ {
-		// A random model may end early: kill at the 20th chunk of the first answer that gets there.
-		_, chunks, _, err := sseChatEach(entry.API, h.Model, fmt.Sprintf("tell me a long story, part %d", i), 400, func(n int) {
-			if n != 20 {
-				return
-			}
-			for _, n := range s.Nodes[:4] {
-				f := scrapeMetrics(t, n.API)
-				if metricValue(f, "strata_stage_sessions") > 0 {
-					var nh node.Health
-					fetchJSON(t, "http://"+n.API+"/health", &nh)
-					victim, victimID = n, nh.PeerID
-					n.Kill()
-					return
-				}
-			}
-		})
-		if err != nil {
-			t.Fatalf("stream broke (victim %v): %v", victimID, err)
-		}
-		if victim == nil && chunks >= 20 {
-			t.Fatal("no stage held the session at the 20th chunk")
-		}
-	}
-	if victim == nil {
-		t.Fatal("no answer ran 20 chunks")
-	}
-	f := scrapeMetrics(t, entry.API)
-	if n := metricValue(f, "strata_reroutes_total", "peer", victimID); n < 1 {
-		t.Fatalf("re-routes counted against the killed node %s: %v (all: %v)", victimID, n, f["strata_reroutes_total"])
-	}
-	if n := metricValue(f, "strata_requests_total", "outcome", "error"); n != 0 {
-		t.Errorf("%v requests failed", n)
-	}
-	t.Logf("killed node %d (%s) mid-stream: %v re-route(s), %v requests ok", victim.Index, shortPeer(victimID),
-		metricValue(f, "strata_reroutes_total"), metricValue(f, "strata_requests_total", "outcome", "ok"))
-}

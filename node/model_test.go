@@ -14,9 +14,10 @@ import (
 // server laid out like the Hugging Face hub into their data dirs, split it, and answer a chat
 // under the file's name with what the local file gives.
 func TestNodesServeAHubModel(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := swarmModel(t)
-	t.Setenv("HF_ENDPOINT", testkit.ServeHub(t, map[string]string{"strata/tiny-GGUF/resolve/main/tiny-L0-f32-s1.gguf": model}))
-	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 2, Model: "hf://strata/tiny-GGUF/tiny-L0-f32-s1.gguf",
+	hub := testkit.ServeHub(t, map[string]string{"strata/tiny-GGUF/resolve/main/tiny-L0-f32-s1.gguf": model})
+	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 2, Model: "hf://strata/tiny-GGUF/tiny-L0-f32-s1.gguf", Env: []string{"HF_ENDPOINT=" + hub},
 		Args: []string{"--max-memory", threeLayers, "--codec", "f32"}})
 	s.MustReady(t, 2, 60*time.Second)
 	for _, n := range s.Nodes {

@@ -32,6 +32,7 @@ func TestMemoryOfferRule(t *testing.T) {
 // TestMemoryOfferFixedAtStart: a node without --max-memory offers 80% of the memory free at
 // start, and keeps offering that once its own slice is loaded and free memory has shrunk.
 func TestMemoryOfferFixedAtStart(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1})
 	n, err := Start(context.Background(), Config{
 		Model: model, DataDir: t.TempDir(), Listen: []string{"/ip4/127.0.0.1/tcp/0"}, API: "127.0.0.1:0",

@@ -48,6 +48,7 @@ func chatBody(user string, maxTokens int) map[string]any {
 // with a Retry-After; none gets a 503, and /health stays ready throughout: a full stage is
 // busy, not failed.
 func TestBusySwarmQueues(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := swarmModel(t)
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 3, Model: model,
 		Args: []string{"--max-memory", twoLayers, "--max-sessions", "2", "--queue", "64", "--queue-timeout", "10m"}})
@@ -150,6 +151,7 @@ func TestBusySwarmQueues(t *testing.T) {
 // (--queue -1) a request that finds every route full is answered 429 with a Retry-After at
 // once, never 503.
 func TestRequestLimits(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := swarmModel(t)
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Nodes: 1, Model: model,
 		Args: []string{"--max-sessions", "1", "--queue", "-1"}})

@@ -16,6 +16,7 @@ import (
 // JSON from response_format json_schema and a parsed tool call with tool_choice required,
 // from random weights: the entry masks the logits the last stage sends back over libp2p.
 func TestStructuredThroughSwarm(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := swarmModel(t)
 	bin := testkit.BuildStrata(t)
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: 3, Model: model, Args: exactArgs})

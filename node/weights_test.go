@@ -24,6 +24,7 @@ var fetchedLine = regexp.MustCompile(`msg="fetched slice" layers=(\S+) bytes=(\d
 // fetch on /health, and the swarm answers chat with exactly `strata run`'s text under the
 // same model ID on every node.
 func TestSlicesFetchedFromPeers(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := swarmModel(t)
 	bin := testkit.BuildStrata(t)
 	t0 := time.Now()
@@ -138,11 +139,11 @@ var (
 // a node holding the whole file joins, the others check the hub's header and slices against
 // its manifest.
 func TestSlicesFromHub(t *testing.T) {
+	t.Parallel() // its own processes, ports and temp dirs: it shares nothing with other tests
 	model := swarmModel(t)
 	url, served := testkit.ServeHubCounted(t, map[string]string{"owner/repo/resolve/main/tiny.gguf": model})
-	t.Setenv("HF_ENDPOINT", url)
 	bin := testkit.BuildStrata(t)
-	s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: 3, Model: "hf://owner/repo/tiny.gguf",
+	s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: 3, Model: "hf://owner/repo/tiny.gguf", Env: []string{"HF_ENDPOINT=" + url},
 		Args: append([]string{"--slices-only"}, exactArgs...)})
 	s.MustReady(t, 3, 90*time.Second)
 	settled(t, s.Nodes[0], 3, 6)

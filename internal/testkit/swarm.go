@@ -24,6 +24,9 @@ type SwarmOptions struct {
 	Dir     string   // where the nodes' data dirs and logs go
 	Threads int      // ggml threads per node (default: the cores shared out, at least 1)
 	Args    []string // extra flags for every node
+	// Env adds KEY=value variables to every node's environment (t.Setenv would do it for the
+	// whole test process, and so forbid t.Parallel).
+	Env []string
 }
 
 // Swarm is a set of local node processes. The first one is every other's bootstrap peer.
@@ -115,6 +118,9 @@ func (s *Swarm) start(ctx context.Context, n *Node) error {
 	}
 	cmd := exec.Command(s.opts.Binary, n.args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	if len(s.opts.Env) > 0 {
+		cmd.Env = append(os.Environ(), s.opts.Env...)
+	}
 	// Pdeathsig: nodes die with the process that started them, even when it cannot clean up
 	// (a test binary killed at its timeout, a demo killed with -9).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
