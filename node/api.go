@@ -90,6 +90,8 @@ type Health struct {
 	Busy  bool         `json:"busy"`
 	Queue *QueueHealth `json:"queue,omitempty"`
 	Fetch *FetchStatus `json:"fetch,omitempty"` // the slice fetch from peers in progress, or the last one (weights.go)
+	// Placement is where this node's stage computes: which layers sit on which device.
+	Placement *PlacementHealth `json:"placement,omitempty"`
 }
 
 // PeerHealth is one member of the swarm as this node sees it.
@@ -125,6 +127,7 @@ func (n *Node) Health() Health {
 	if n.stage != nil {
 		r := n.stage.Info().Range
 		h.Range = &r
+		h.Placement = stagePlacement(n.stage)
 	}
 	planErr := n.planErr
 	n.mu.Unlock()

@@ -248,6 +248,8 @@ type NodeStats struct {
 	HopSum          map[string]float64 `json:"hop_seconds_sum,omitempty"`
 	ResidentBytes   float64            `json:"resident_bytes"`
 	ProcessCPUTotal float64            `json:"cpu_seconds"`
+	// Placement is where the node's stage computes, e.g. "CPU [0,4), Vulkan0 [4,8)" (gpu.go).
+	Placement string `json:"placement,omitempty"`
 }
 
 // Stats summarises the node's registry. It reads what /metrics serves, so the two never
@@ -316,5 +318,10 @@ func (n *Node) Stats() (NodeStats, error) {
 			}
 		}
 	}
+	n.mu.Lock()
+	if p := stagePlacement(n.stage); p != nil {
+		s.Placement = p.Summary
+	}
+	n.mu.Unlock()
 	return s, nil
 }
