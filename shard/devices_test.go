@@ -24,12 +24,12 @@ func TestPlaceLayers(t *testing.T) {
 		want string
 	}{
 		{"no GPU", shard.Range{Start: 0, End: 8}, nil, -1, "CPU [0,8)"},
-		{"all fit with the head", shard.Range{Start: 0, End: 8}, []shard.Device{gpu("Vulkan0", 2000 * MiB)}, -1, "Vulkan0 [0,8)+head"},
-		{"last layers and head first", shard.Range{Start: 0, End: 8}, []shard.Device{gpu("Vulkan0", 650 * MiB)}, -1, "CPU [0,5), Vulkan0 [5,8)+head"},
-		{"middle stage, no head", shard.Range{Start: 2, End: 6}, []shard.Device{gpu("Vulkan0", 350 * MiB)}, -1, "CPU [2,3), Vulkan0 [3,6)"},
-		{"two GPUs, contiguous parts", shard.Range{Start: 0, End: 6}, []shard.Device{gpu("CUDA0", 250 * MiB), gpu("CUDA1", 250 * MiB)}, -1, "CPU [0,2), CUDA0 [4,6), CUDA1 [2,4)"},
-		{"--gpu-layers bounds", shard.Range{Start: 0, End: 6}, []shard.Device{gpu("Vulkan0", 2000 * MiB)}, 2, "CPU [0,4), Vulkan0 [4,6)"},
-		{"too small for a layer", shard.Range{Start: 0, End: 4}, []shard.Device{gpu("Vulkan0", 100 * MiB)}, -1, "CPU [0,4)"},
+		{"all fit with the head", shard.Range{Start: 0, End: 8}, []shard.Device{gpu("Vulkan0", 2000*MiB)}, -1, "Vulkan0 [0,8)+head"},
+		{"last layers and head first", shard.Range{Start: 0, End: 8}, []shard.Device{gpu("Vulkan0", 650*MiB)}, -1, "CPU [0,5), Vulkan0 [5,8)+head"},
+		{"middle stage, no head", shard.Range{Start: 2, End: 6}, []shard.Device{gpu("Vulkan0", 350*MiB)}, -1, "CPU [2,3), Vulkan0 [3,6)"},
+		{"two GPUs, contiguous parts", shard.Range{Start: 0, End: 6}, []shard.Device{gpu("CUDA0", 250*MiB), gpu("CUDA1", 250*MiB)}, -1, "CPU [0,2), CUDA0 [4,6), CUDA1 [2,4)"},
+		{"--gpu-layers bounds", shard.Range{Start: 0, End: 6}, []shard.Device{gpu("Vulkan0", 2000*MiB)}, 2, "CPU [0,4), Vulkan0 [4,6)"},
+		{"too small for a layer", shard.Range{Start: 0, End: 4}, []shard.Device{gpu("Vulkan0", 100*MiB)}, -1, "CPU [0,4)"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			o.MaxLayers = tc.max
