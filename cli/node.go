@@ -102,7 +102,7 @@ they compete for the cores.`,
 	f.StringVar(&join, "join", "", "comma-separated multiaddrs of peers to join (…/p2p/ID)")
 	f.StringVar(&cfg.Gossip, "gossip", "", "host:port for membership gossip (default: the libp2p port + 1)")
 	f.StringVar(&cfg.SwarmKey, "swarm-key", "", "pre-shared key file: a private swarm (TCP only)")
-	f.StringVar(&maxMem, "max-memory", "", "memory to offer for weights and KV cache, e.g. 12GiB (default: 80% of the RAM free at start)")
+	f.StringVar(&maxMem, "max-memory", "", "RAM to offer for weights and KV cache, e.g. 12GiB (default: 80% of the RAM free at start; the GPUs' memory is offered beside it)")
 	f.BoolVar(&cfg.SlicesOnly, "slices-only", false, "with an hf:// or URL --model: read only this node's slices with HTTP Range requests, not the whole file")
 	f.StringVar(&fetchBW, "fetch-bandwidth", "", "cap on the weights this node fetches from and serves to peers, e.g. 200Mbit (default: none)")
 	f.BoolVar(&cfg.MDNS, "mdns", true, "find peers on the local network")
