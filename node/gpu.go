@@ -60,6 +60,7 @@ func (n *Node) placement(r shard.Range) shard.Placement {
 // loadStage loads layers r from file with the node's GPU placement, and on the CPU alone if
 // the GPUs cannot take them (out of memory, an operation the backend lacks).
 func (n *Node) loadStage(ctx context.Context, file string, r shard.Range, opts []shard.StageOption) (*shard.Stage, error) {
+	n.askGPUs(file)
 	p := n.placement(r)
 	if p.GPULayerCount() == 0 {
 		return shard.LoadStage(ctx, file, r, opts...)
@@ -74,6 +75,35 @@ func (n *Node) loadStage(ctx context.Context, file string, r shard.Range, opts [
 		return nil, fmt.Errorf("%w (on the GPU: %v)", err2, err)
 	}
 	return st, nil
+}
+
+// askGPUs asks ggml for the GPUs on a node that ran no self-benchmark (its slices come from
+// peers or the hub), before its first stage: ggml may be asked only while no stage exists
+// (shard.GPUDevices). Such a node offered no GPU memory, so its plan is its RAM's; the GPUs
+// still compute what it is given.
+func (n *Node) askGPUs(file string) {
+	if n.gpuAsked || n.cfg.GPULayers < 0 {
+		return
+	}
+	n.mu.Lock()
+	none := n.stage == nil && n.next == nil && len(n.retiring) == 0
+	n.mu.Unlock()
+	if !none {
+		return
+	}
+	n.gpuAsked = true
+	all, err := shard.GPUDevices(file)
+	if err != nil {
+		n.log.Warn("could not ask ggml for its GPUs", "err", err)
+		return
+	}
+	if n.gpus, err = shard.SelectDevices(all, n.cfg.Devices); err != nil {
+		n.log.Warn("--devices", "err", err)
+		n.gpus = nil
+	}
+	if len(n.gpus) > 0 {
+		n.log.Info("GPUs", "devices", deviceNames(n.gpus))
+	}
 }
 
 // PlacementHealth says where this node's stage computes, for /health and `strata status`.

@@ -40,6 +40,7 @@ type Node struct {
 	speed     float32        // ms per layer per token, from the self-benchmark (speed.go)
 	freeGPU   uint64         // bytes free on the GPUs ggml sees, at start
 	gpus      []shard.Device // the GPUs the node's stages compute on (gpu.go)
+	gpuAsked  bool           // ggml was asked for its GPUs (self-benchmark or first stage)
 	offer     int64          // memory offered to the planner, fixed at start (see memoryOffer)
 	host      *p2p.Host
 	members   *discovery.Membership
@@ -146,7 +147,7 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 		if err != nil {
 			return nil, err
 		}
-		n.speed, n.freeGPU, n.gpus = b.MsPerLayer, b.FreeGPU, b.Devices
+		n.speed, n.freeGPU, n.gpus, n.gpuAsked = b.MsPerLayer, b.FreeGPU, b.Devices, true
 		if len(n.gpus) > 0 {
 			gpuBytes := gpuOffer(n.gpus, n.cfg.GPULayers, slices.Max(n.shape().LayerCosts))
 			n.offer += gpuBytes
