@@ -49,7 +49,7 @@ vulkan)
 	need glslc "Debian: apt-get install glslc libvulkan-dev (and mesa-vulkan-drivers for a device)"
 	hdr=$(echo '#include <vulkan/vulkan_core.h>' | c++ -E -dM -x c++ - 2>/dev/null | awk '$2 == "VK_HEADER_VERSION" { print $3 }')
 	[ -n "$hdr" ] || { echo "gpu-backend: Vulkan headers not found. Debian: apt-get install libvulkan-dev" >&2; exit 1; }
-	tools="glslc $(glslc --version | head -1) vulkan-headers $hdr"
+	tools="glslc $(glslc --version | sed -n 1p) vulkan-headers $hdr"
 	# Vulkan only: a machine that also has CUDA or ROCm must not configure those here.
 	cmake_args+=(-DCMAKE_CUDA_COMPILER=CMAKE_CUDA_COMPILER-NOTFOUND -DCMAKE_HIP_COMPILER=CMAKE_HIP_COMPILER-NOTFOUND)
 	target=ggml-vulkan
@@ -74,8 +74,8 @@ fi
 key=$({
 	echo "$mod@$ver $backend $(uname -m)"
 	echo "$tools"
-	c++ --version | head -1
-	cmake --version | head -1
+	c++ --version | sed -n 1p
+	cmake --version | sed -n 1p
 	sha256sum "$0" ${patches[@]+"${patches[@]}"}
 } | sha256sum | cut -c1-16)
 cache=${STRATA_GPU_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/strata/gpu}
