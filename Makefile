@@ -22,7 +22,7 @@ else
 export GOFLAGS := $(filter-out -modfile=%/build/go.patched.mod,$(GOFLAGS))
 endif
 
-.PHONY: build test demo vet fuzz bench clean engine plain
+.PHONY: build test demo vet fuzz bench clean engine plain vulkan cuda
 
 build: $(ENGINE_DEP)
 	$(GO) build -o $(BIN) ./cmd/strata
@@ -33,6 +33,14 @@ plain:
 
 engine:
 	GO=$(GO) bash scripts/patch-engine.sh
+
+# ggml's GPU backends, built from the pinned module's ggml source as ollama's CMakeLists does
+# (scripts/gpu-backend.sh, patches in build/gpu-patches), cached by the hash of their inputs
+# under ~/.cache/strata/gpu and linked into lib/ollama/, where bin/strata loads them from.
+# Vulkan: apt-get install cmake glslc libvulkan-dev (cold: tens of minutes on 2 cores).
+# CUDA: nvcc (CUDA_ARCHITECTURES="86;89" to choose). README, GPUs.
+vulkan cuda:
+	GO=$(GO) bash scripts/gpu-backend.sh $@
 
 test fuzz vet bench: $(ENGINE_DEP)
 

@@ -35,6 +35,7 @@ func newNodeStartCommand() *cobra.Command {
 		codec        string
 		injectBW     string
 		fetchBW      string
+		gpuLayers    string
 	)
 	cmd := &cobra.Command{
 		Use:   "start --model MODEL",
@@ -56,6 +57,9 @@ they compete for the cores.`,
 			var err error
 			if cfg.MaxMemory, err = node.ParseSize(maxMem); err != nil {
 				return fmt.Errorf("--max-memory: %w", err)
+			}
+			if cfg.GPULayers, err = parseGPULayers(gpuLayers); err != nil {
+				return err
 			}
 			if cfg.Codec, err = quant.ParseCodec(codec); err != nil {
 				return err
@@ -100,7 +104,7 @@ they compete for the cores.`,
 	f.StringVar(&join, "join", "", "comma-separated multiaddrs of peers to join (…/p2p/ID)")
 	f.StringVar(&cfg.Gossip, "gossip", "", "host:port for membership gossip (default: the libp2p port + 1)")
 	f.StringVar(&cfg.SwarmKey, "swarm-key", "", "pre-shared key file: a private swarm (TCP only)")
-	f.StringVar(&maxMem, "max-memory", "", "memory to offer for weights and KV cache, e.g. 12GiB (default: 80% of the RAM free at start)")
+	f.StringVar(&maxMem, "max-memory", "", "RAM to offer for weights and KV cache, e.g. 12GiB (default: 80% of the RAM free at start; the GPUs' memory is offered beside it)")
 	f.BoolVar(&cfg.SlicesOnly, "slices-only", false, "with an hf:// or URL --model: read only this node's slices with HTTP Range requests, not the whole file")
 	f.StringVar(&fetchBW, "fetch-bandwidth", "", "cap on the weights this node fetches from and serves to peers, e.g. 200Mbit (default: none)")
 	f.BoolVar(&cfg.MDNS, "mdns", true, "find peers on the local network")
@@ -108,6 +112,8 @@ they compete for the cores.`,
 	f.StringVar(&cfg.APIKey, "api-key", os.Getenv("STRATA_API_KEY"), "bearer token the API requires")
 	f.BoolVar(&cfg.ProtectMonitoring, "protect-monitoring", false, "put /health, /metrics and the dashboard behind the API key too")
 	f.IntVar(&cfg.Threads, "threads", 0, "ggml CPU threads (default: all cores)")
+	f.StringVar(&gpuLayers, "gpu-layers", "auto", "at most this many of the node's layers on its GPUs; auto: as many as their memory holds; 0: CPU only")
+	f.StringVar(&cfg.Devices, "devices", "", "GPUs to compute on, e.g. Vulkan0,CUDA1, CUDA, or 0,1 (default: every GPU ggml sees; cpu: none)")
 	f.StringVar(&cfg.CPULock, "cpu-lock", "", "nodes sharing one machine's cores name the same file: one computes at a time, with all its threads")
 	f.IntVar(&cfg.MaxSessions, "max-sessions", 8, "sessions a stage holds at once")
 	f.IntVar(&cfg.MaxContext, "context", 2048, "tokens per session")
@@ -182,6 +188,9 @@ func printStatus(w io.Writer, h node.Health) {
 		ready += ", BUSY"
 	}
 	fmt.Fprintf(w, "swarm  %s\nmodel  %s (%d layers, sha256 %.12s)\nnode   %s (%s)\n", ready, h.Model, h.Layers, h.ModelSHA256, h.PeerID, h.State)
+	if p := h.Placement; p != nil {
+		fmt.Fprintf(w, "layers %s\n", p.Summary)
+	}
 	if q := h.Queue; q != nil && q.Waiting > 0 {
 		fmt.Fprintf(w, "queue  %d waiting of %d (oldest %d ms, mean wait %.0f ms)\n", q.Waiting, q.Depth, q.OldestWaitMs, q.MeanWaitMs)
 	}
@@ -295,4 +304,19 @@ func shortPeer(id string) string {
 		return "…" + id[len(id)-8:]
 	}
 	return id
+}
+
+// parseGPULayers reads --gpu-layers: "auto" (node.Config's 0), or a count where 0 means none.
+func parseGPULayers(s string) (int, error) {
+	if s == "" || strings.EqualFold(s, "auto") {
+		return 0, nil
+	}
+	n, err := strconv.Atoi(s)
+	if err != nil || n < 0 {
+		return 0, fmt.Errorf("--gpu-layers %q: want auto or a count of layers (0: CPU only)", s)
+	}
+	if n == 0 {
+		return -1, nil
+	}
+	return n, nil
 }

@@ -149,6 +149,28 @@ func TestStatusGPUColumn(t *testing.T) {
 		t.Errorf("a node with 24 GiB of GPU memory free:\n%s", out.String())
 	}
 	t.Logf("\n%s", out.String())
+
+	// The node's own placement: which of its layers sit on which device.
+	h.Placement = &node.PlacementHealth{Summary: "CPU [0,1), Vulkan0 [1,2)+head"}
+	out.Reset()
+	printStatus(&out, h)
+	if !strings.Contains(out.String(), "layers CPU [0,1), Vulkan0 [1,2)+head\n") {
+		t.Errorf("placement line missing:\n%s", out.String())
+	}
+}
+
+// TestParseGPULayers: --gpu-layers is auto (Config's 0), a count, or 0 for none (Config's -1).
+func TestParseGPULayers(t *testing.T) {
+	for in, want := range map[string]int{"auto": 0, "": 0, "AUTO": 0, "0": -1, "12": 12} {
+		if got, err := parseGPULayers(in); err != nil || got != want {
+			t.Errorf("parseGPULayers(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"-1", "all", "1.5"} {
+		if _, err := parseGPULayers(bad); err == nil {
+			t.Errorf("parseGPULayers(%q): no error", bad)
+		}
+	}
 }
 
 // TestStatusMarksRetiring: a node moving to a new plan shows its old range as retiring and

@@ -107,6 +107,8 @@ type Health struct {
 	AtPlan bool `json:"at_plan"`
 	// RangeMemory is the weights and KV cache of each layer this node serves (layers.go).
 	RangeMemory *RangeMemory `json:"range_memory,omitempty"`
+	// Placement is where this node's stage computes: which layers sit on which device.
+	Placement *PlacementHealth `json:"placement,omitempty"`
 }
 
 // PeerHealth is one member of the swarm as this node sees it.
@@ -143,6 +145,7 @@ func (n *Node) Health() Health {
 		r := n.stage.Info().Range
 		h.Range = &r
 		h.RangeMemory = rangeMemory(n.model, r, n.cfg.MaxContext, n.cfg.MaxSessions, 2) // as shape()
+		h.Placement = stagePlacement(n.stage)
 	}
 	planErr := n.planErr
 	n.mu.Unlock()

@@ -32,6 +32,12 @@ type Config struct {
 	// ProtectMonitoring puts /health, /metrics, the dashboard and its JSON behind APIKey too.
 	ProtectMonitoring bool
 	Threads           int // ggml CPU threads (default: all cores)
+	// GPULayers bounds the layers a stage puts on the GPUs: 0 (default) as many as their
+	// memory holds, negative none (CPU only).
+	GPULayers int
+	// Devices picks the GPUs to compute on among those ggml sees (shard.SelectDevices):
+	// "Vulkan0,CUDA1", a library ("CUDA"), indices, or "cpu"; empty: all.
+	Devices string
 	// CPULock, if set, is a file the nodes sharing this machine's cores all name: each
 	// computes with all its threads while it holds the lock (internal/cpulock).
 	CPULock     string

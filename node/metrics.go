@@ -251,6 +251,8 @@ type NodeStats struct {
 	// Fetches are the node's recent slice fetches (weights.go), for the dashboard's view of
 	// weights moving through the swarm.
 	Fetches []FetchStatus `json:"fetches,omitempty"`
+	// Placement is where the node's stage computes, e.g. "CPU [0,4), Vulkan0 [4,8)" (gpu.go).
+	Placement string `json:"placement,omitempty"`
 }
 
 // Stats summarises the node's registry. It reads what /metrics serves, so the two never
@@ -319,5 +321,10 @@ func (n *Node) Stats() (NodeStats, error) {
 			}
 		}
 	}
+	n.mu.Lock()
+	if p := stagePlacement(n.stage); p != nil {
+		s.Placement = p.Summary
+	}
+	n.mu.Unlock()
 	return s, nil
 }

@@ -37,9 +37,11 @@ type Node struct {
 	sha       string
 	shaBytes  [32]byte
 	tok       *shard.Tokenizer
-	speed     float32 // ms per layer per token, from the self-benchmark (speed.go)
-	freeGPU   uint64  // bytes free on the GPUs ggml sees, at start
-	offer     int64   // memory offered to the planner, fixed at start (see memoryOffer)
+	speed     float32        // ms per layer per token, from the self-benchmark (speed.go)
+	freeGPU   uint64         // bytes free on the GPUs ggml sees, at start
+	gpus      []shard.Device // the GPUs the node's stages compute on (gpu.go)
+	gpuAsked  bool           // ggml was asked for its GPUs (self-benchmark or first stage)
+	offer     int64          // memory offered to the planner, fixed at start (see memoryOffer)
 	host      *p2p.Host
 	members   *discovery.Membership
 	gen       *pipeline.Generator
@@ -150,7 +152,14 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 		if err != nil {
 			return nil, err
 		}
-		n.speed, n.freeGPU = b.MsPerLayer, b.FreeGPU
+		n.speed, n.freeGPU, n.gpus, n.gpuAsked = b.MsPerLayer, b.FreeGPU, b.Devices, true
+		if len(n.gpus) > 0 {
+			gpuBytes := gpuOffer(n.gpus, n.cfg.GPULayers, slices.Max(n.shape().LayerCosts))
+			n.offer += gpuBytes
+			n.speed = roundSpeed(blendedMs(b.RawMs, b.GPURawMs, gpuBytes, n.offer))
+			n.log.Info("GPUs", "devices", deviceNames(n.gpus), "gpu_ms_per_layer", fmt.Sprintf("%.3g", b.GPURawMs),
+				"cpu_ms_per_layer", fmt.Sprintf("%.3g", b.RawMs), "gpu_offer", gpuBytes, "announced_ms_per_layer", n.speed)
+		}
 		n.log.Info("self-benchmark", "layers", b.Range.String(), "layer_bytes", n.model.RangeBytes(b.Range),
 			"ms_per_layer", fmt.Sprintf("%.3g", b.MsPerLayer), "measured_ms", fmt.Sprintf("%.3g", b.RawMs), "steps", b.Steps,
 			"took", b.Took.Round(time.Millisecond), "gpus", b.GPUs, "free_gpu", b.FreeGPU, "offer", n.offer)
@@ -588,7 +597,7 @@ func (n *Node) moveTo(r shard.Range, chain int, members string) error {
 		}
 		var file string
 		if file, err = n.stageFile(context.Background(), r); err == nil {
-			if st, err = shard.LoadStage(context.Background(), file, r, opts...); err == nil {
+			if st, err = n.loadStage(context.Background(), file, r, opts); err == nil {
 				n.servedFile(file)
 			}
 		}

@@ -7,8 +7,6 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/ollama/ollama/ml"
-
 	"github.com/strata-llm/strata/shard"
 )
 
@@ -21,6 +19,10 @@ type benchResult struct {
 	Took       time.Duration // everything: cutting the slice, loading, warm-up, steps
 	FreeGPU    uint64        // free memory of the GPUs ggml sees, bytes
 	GPUs       int           // how many GPUs ggml sees
+	// Devices are the GPUs this node computes on (--devices of the ones ggml sees), and
+	// GPURawMs the fastest step's ms per layer on the first of them (0: none measured).
+	Devices  []shard.Device
+	GPURawMs float64
 }
 
 // The self-benchmark's step budget: a few steps give a stable minimum, and a 70B-shaped
@@ -85,21 +87,53 @@ func (n *Node) selfBench(ctx context.Context) (benchResult, error) {
 			return res, fmt.Errorf("self-benchmark: cut layer %s: %w", r, err)
 		}
 	}
-	// Before any stage exists: see gpuMemory.
-	var err error
-	if res.FreeGPU, res.GPUs, err = gpuMemory(path); err != nil {
-		n.log.Warn("could not ask ggml for GPU memory", "err", err)
+	// Before any stage exists: see shard.GPUDevices.
+	all, err := shard.GPUDevices(path)
+	if err != nil {
+		n.log.Warn("could not ask ggml for its GPUs", "err", err)
 	}
+	res.GPUs = len(all)
+	for _, d := range all {
+		res.FreeGPU += d.FreeBytes
+	}
+	if n.cfg.GPULayers >= 0 {
+		if res.Devices, err = shard.SelectDevices(all, n.cfg.Devices); err != nil {
+			return res, err
+		}
+	}
+	if res.RawMs, res.Steps, err = benchStage(ctx, path, r, opts); err != nil {
+		return res, err
+	}
+	if len(res.Devices) > 0 {
+		// The same layer on the first GPU: the offer's layers there run at this speed.
+		p := shard.Placement{{Device: res.Devices[0], Layers: r, Output: r.End == n.model.Layers}}
+		ms, _, err := benchStage(ctx, path, r, append(opts, shard.WithPlacement(p)))
+		if err != nil {
+			n.log.Warn("self-benchmark on the GPU failed; serving on the CPU", "device", res.Devices[0].Name, "err", err)
+			res.Devices = nil
+		} else {
+			res.GPURawMs = ms
+		}
+	}
+	res.MsPerLayer = roundSpeed(res.RawMs)
+	res.Took = time.Since(start)
+	return res, nil
+}
+
+// benchStage loads layers r of the file at path with opts and times single-token decode
+// steps through them: the fastest step's ms per layer, and how many steps were timed.
+func benchStage(ctx context.Context, path string, r shard.Range, opts []shard.StageOption) (float64, int, error) {
+	steps := 0
 	st, err := shard.LoadStage(ctx, path, r, opts...)
 	if err != nil {
-		return res, fmt.Errorf("self-benchmark: %w", err)
+		return 0, 0, fmt.Errorf("self-benchmark: %w", err)
 	}
 	defer st.Close()
 
 	info := st.Info()
 	const session = 1
 	if err := st.OpenSession(session); err != nil {
-		return res, fmt.Errorf("self-benchmark: %w", err)
+		return 0, 0, fmt.Errorf("self-benchmark: %w", err)
 	}
 	step := shard.Step{Session: session}
 	if info.First() {
@@ -119,45 +153,15 @@ func (n *Node) selfBench(ctx context.Context) (benchResult, error) {
 		step.Positions = []int32{int32(i)}
 		t := time.Now()
 		if _, err := st.Forward(ctx, step); err != nil {
-			return res, fmt.Errorf("self-benchmark step %d: %w", i, err)
+			return 0, 0, fmt.Errorf("self-benchmark step %d: %w", i, err)
 		}
 		if d := time.Since(t); i >= benchWarmup {
 			best = min(best, d.Seconds()*1000)
 			timed += d
-			res.Steps++
+			steps++
 		}
 	}
-	res.RawMs = best / float64(r.Len())
-	res.MsPerLayer = roundSpeed(res.RawMs)
-	res.Took = time.Since(start)
-	return res, nil
-}
-
-// gpuMemory sums the free memory and counts the GPUs ggml enumerates, through a backend that
-// allocates no weights (AllocMemory false) on the GGUF at path; only such a backend lists
-// GPUs it holds no layers on. A CPU-only build or machine has none: 0, 0.
-//
-// It must run while no stage exists in the process: ggml's scheduler marks the buffer types
-// it is given, which are process-wide singletons, as not allocating when the backend
-// allocates nothing, so a live stage's next compute buffer would be a null one (a SIGSEGV,
-// seen). The next backend that allocates clears the mark for the CPU's buffer type; that is
-// the stage loaded right after at start.
-func gpuMemory(path string) (free uint64, gpus int, err error) {
-	defer func() {
-		if p := recover(); p != nil {
-			err = fmt.Errorf("ggml device query on %s: %v", filepath.Base(path), p)
-		}
-	}()
-	b, err := ml.NewBackend(path, ml.BackendParams{AllocMemory: false, NumThreads: 1})
-	if err != nil {
-		return 0, 0, fmt.Errorf("ggml device query: %w", err)
-	}
-	defer b.Close()
-	devs := b.BackendDevices()
-	for _, d := range devs {
-		free += d.FreeMemory
-	}
-	return free, len(devs), nil
+	return best / float64(r.Len()), steps, nil
 }
 
 // roundSpeed rounds ms per layer to a quarter-octave, so that measurement noise between

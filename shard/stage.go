@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 
@@ -32,6 +33,7 @@ type stageConfig struct {
 	noFlash     bool
 	cpu         sync.Locker
 	unbatched   bool
+	placement   Placement
 }
 
 // WithCPULock makes the stage hold l while it computes. Nodes that share one machine's cores
@@ -53,6 +55,10 @@ func WithUnbatched() StageOption { return func(c *stageConfig) { c.unbatched = t
 // layer materialises the scores of batch x cached tokens x heads in f32: 256 MiB for a
 // 512-token chunk against 2048 cached tokens of a 64-head model, 2 GiB against 16384.
 func WithFlashAttention(on bool) StageOption { return func(c *stageConfig) { c.noFlash = !on } }
+
+// WithPlacement puts the stage's layers on GPUs (see PlaceLayers); the rest compute on the
+// CPU. Without it the stage runs on the CPU alone, whatever devices ggml sees.
+func WithPlacement(p Placement) StageOption { return func(c *stageConfig) { c.placement = p } }
 
 // WithThreads sets the CPU threads ggml uses (default: all cores).
 func WithThreads(n int) StageOption { return func(c *stageConfig) { c.threads = n } }
@@ -111,6 +117,7 @@ type Stage struct {
 
 	weightBufs    []WeightBuffer
 	enginePatched bool
+	placement     Placement
 
 	queue chan *request
 	quit  chan struct{}
@@ -191,7 +198,15 @@ func LoadStage(ctx context.Context, path string, r Range, opts ...StageOption) (
 		}
 	}
 
-	backend, err := newBackend(file, cfg.threads, !cfg.noFlash)
+	for _, g := range cfg.placement {
+		if !g.Layers.Empty() && (g.Layers.Start < r.Start || g.Layers.End > r.End) {
+			return nil, fmt.Errorf("load stage %s: placement puts layers %s on %s, outside the stage", r, g.Layers, g.Device.Name)
+		}
+		if g.Output && r.End != info.Layers {
+			return nil, fmt.Errorf("load stage %s: placement puts the LM head on %s, but the stage does not end the model", r, g.Device.Name)
+		}
+	}
+	backend, err := newBackend(file, cfg.threads, !cfg.noFlash, cfg.placement.gpuLayersList(info.Layers))
 	if err != nil {
 		return nil, fmt.Errorf("load stage %s: %w", r, err)
 	}
@@ -234,6 +249,7 @@ func LoadStage(ctx context.Context, path string, r Range, opts ...StageOption) (
 		log:       cfg.logger.With("range", r.String()),
 		cpu:       cfg.cpu,
 		unbatched: cfg.unbatched,
+		placement: cfg.placement,
 		queue:     make(chan *request, 4*cfg.maxSessions),
 		quit:      make(chan struct{}),
 		done:      make(chan struct{}),
@@ -268,13 +284,16 @@ func LoadStage(ctx context.Context, path string, r Range, opts ...StageOption) (
 	}
 	go s.run()
 	s.log.Info("weights: "+FormatWeightBuffers(s.weightBufs), "engine", engine)
+	if n := cfg.placement.GPULayerCount(); n > 0 {
+		s.log.Info(fmt.Sprintf("offloaded %d/%d layers to GPU: %s", n, r.Len(), cfg.placement.String(r)))
+	}
 	s.log.Info("stage loaded", "model", info.Name, "layers", info.Layers, "weights_bytes", info.RangeBytes(r),
 		"threads", cfg.threads, "max_context", cfg.maxContext, "max_sessions", cfg.maxSessions)
 	return s, nil
 }
 
 // newBackend opens a ggml backend, turning panics in the engine's loader into errors.
-func newBackend(path string, threads int, flash bool) (b ml.Backend, err error) {
+func newBackend(path string, threads int, flash bool, gpu ml.GPULayersList) (b ml.Backend, err error) {
 	defer func() {
 		if p := recover(); p != nil {
 			err = fmt.Errorf("ggml could not open %s: %v", filepath.Base(path), p)
@@ -284,7 +303,7 @@ func newBackend(path string, threads int, flash bool) (b ml.Backend, err error) 
 	if flash {
 		fa = ml.FlashAttentionEnabled
 	}
-	b, err = ml.NewBackend(path, ml.BackendParams{AllocMemory: true, NumThreads: threads, FlashAttention: fa})
+	b, err = ml.NewBackend(path, ml.BackendParams{AllocMemory: true, NumThreads: threads, FlashAttention: fa, GPULayers: gpu})
 	if err != nil {
 		return nil, fmt.Errorf("ggml could not open %s: %w", filepath.Base(path), err)
 	}
@@ -306,6 +325,9 @@ func holdsMoreThan(m *ModelInfo, r Range) bool {
 
 // Info describes the stage.
 func (s *Stage) Info() StageInfo { return s.info }
+
+// Placement is where the stage's layers compute: the GPUs' parts; the rest is on the CPU.
+func (s *Stage) Placement() Placement { return slices.Clone(s.placement) }
 
 // Model describes the model the stage was cut from.
 func (s *Stage) Model() *ModelInfo { return s.model }

@@ -295,7 +295,7 @@
       tr.append(
         name,
         state,
-        el("td", "", p.range.end > p.range.start ? layers(p.range) : "–"),
+        placementCell(p, st),
         el("td", "", p.chain >= 0 ? String(p.chain) : "–"),
         el("td", "num", p.memory_bytes > 0 ? bytes(p.memory_bytes) : "API only"),
         el("td", "num", bytes(p.free_ram_bytes)),
@@ -310,6 +310,16 @@
       return tr;
     });
     $("nodes").tBodies[0].replaceChildren(...rows);
+  }
+
+  // The layers a node serves, and which of them sit on a GPU when any do.
+  function placementCell(p, st) {
+    const td = el("td", "", p.range.end > p.range.start ? layers(p.range) : "–");
+    if (st && st.placement) {
+      td.title = `computes on ${st.placement}`;
+      if (!/^CPU [^,]*$/.test(st.placement)) td.append(el("div", "placement", st.placement));
+    }
+    return td;
   }
 
   // ---------- chat ----------
