@@ -21,16 +21,22 @@ import (
 )
 
 // archSwarmFamilies are the families TestArchSwarm serves, one row each: a row is the GGUF
-// architecture the synthesizer writes with --arch (its tiny preset, F32 weights).
-var archSwarmFamilies = []string{
-	"qwen2",
-	"qwen3",
-	"mistral3",
-	"gemma2",
-	"gemma3",
-	"olmo3",
-	"qwen3moe",
-	"deepseek2",
+// architecture the synthesizer writes with --arch (its tiny preset, F32 weights), with an
+// expert count for llama's Mixtral form.
+var archSwarmFamilies = []struct {
+	arch    string
+	experts int
+}{
+	{arch: "qwen2"},
+	{arch: "qwen3"},
+	{arch: "mistral3"},
+	{arch: "gemma2"},
+	{arch: "gemma3"},
+	{arch: "olmo3"},
+	{arch: "qwen3moe"},
+	{arch: "deepseek2"},
+	{arch: "gptoss"},
+	{arch: "llama", experts: 8}, // Mixtral
 }
 
 // The node defaults the test's memory arithmetic assumes (--context, --max-sessions, an F16
@@ -53,18 +59,22 @@ func TestArchSwarm(t *testing.T) {
 	// The rows run in parallel, but their in-process generations take turns: two stages
 	// loading at once in one process gave a token id of -1 (NaN logits) beside two busy loops.
 	var inProcess sync.Mutex
-	for _, arch := range archSwarmFamilies {
-		t.Run(arch, func(t *testing.T) {
+	for _, row := range archSwarmFamilies {
+		name := row.arch
+		if row.experts > 0 {
+			name = fmt.Sprintf("%s-x%d", row.arch, row.experts)
+		}
+		t.Run(name, func(t *testing.T) {
 			t.Parallel()
-			testArchSwarm(t, bin, arch, &inProcess)
+			testArchSwarm(t, bin, row.arch, row.experts, &inProcess)
 		})
 	}
 }
 
-func testArchSwarm(t *testing.T, bin, arch string, inProcess *sync.Mutex) {
+func testArchSwarm(t *testing.T, bin, arch string, experts int, inProcess *sync.Mutex) {
 	const maxTokens, killAt = 40, 12
 	start := time.Now()
-	model := testkit.Model(t, testkit.SynthOptions{Arch: arch, Preset: "tiny", Seed: 1, Type: "f32"})
+	model := testkit.Model(t, testkit.SynthOptions{Arch: arch, Experts: experts, Preset: "tiny", Seed: 1, Type: "f32"})
 	info, err := shard.ReadModelInfo(model)
 	if err != nil {
 		t.Fatal(err)
