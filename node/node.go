@@ -619,7 +619,20 @@ func (n *Node) moveTo(r shard.Range, chain int, members string) error {
 		n.next = st
 		n.mu.Unlock()
 		n.announce()
-		n.awaitSettled(r, members)
+		if !n.awaitSettled(r, members) {
+			// The plan moved on: keep serving the old range, which the swarm still counts on,
+			// and let the new stage drain (sessions may have been routed to it already); the
+			// next re-plan starts from here, and takes it back if it asks for r again.
+			n.mu.Lock()
+			n.next = nil
+			if st != nil {
+				n.retiring = append(n.retiring, st)
+			}
+			n.mu.Unlock()
+			n.announce()
+			go n.retire(st)
+			return nil
+		}
 	}
 	n.mu.Lock()
 	n.stage, n.next, n.chain, n.state = st, nil, chain, discovery.StateServing
@@ -639,17 +652,26 @@ func (n *Node) moveTo(r shard.Range, chain int, members string) error {
 }
 
 // awaitSettled waits until the ranges the swarm is moving to (each node's next range, or its
-// current one when it is not moving) chain through every layer, with this node at mine. A node
-// that never finishes loading must not pin the old plan forever, hence the bound. When a node
-// joins or dies meanwhile, the plan being waited for is obsolete and may never settle (a dead
-// node's layers have no server in it), so the switch happens at once and the next re-plan,
-// which this wait would otherwise block, takes over.
-func (n *Node) awaitSettled(mine shard.Range, members string) {
+// current one when it is not moving) chain through every layer, with this node at mine, and
+// reports whether to switch. A node that never finishes loading must not pin the old plan
+// forever, hence the bound, after which it switches anyway. It reports false, to keep the old
+// range, once the plan is obsolete: a node joined or died (a dead node's layers have no server
+// in the plan being waited for, so it would never settle), or the plan of the swarm as it is
+// now gives this node another range (nodes that planned from different views moved to ranges
+// that do not chain, each waiting for the others). Either way the next re-plan, which this
+// wait would otherwise block, takes over.
+func (n *Node) awaitSettled(mine shard.Range, members string) bool {
 	deadline := time.Now().Add(max(n.cfg.DrainWait, 30*time.Second))
 	for time.Now().Before(deadline) {
 		if n.liveMembersKey() != members {
-			n.log.Info("membership changed while moving; switching now and re-planning", "range", mine.String())
-			return
+			n.log.Info("membership changed while moving; keeping the old range and re-planning", "range", mine.String())
+			return false
+		}
+		if plan, err := shard.PlanLayers(n.shape(), n.capacities()); err == nil {
+			if now, _ := plan.Lookup(n.host.ID().String()); now.Range != mine {
+				n.log.Info("the plan changed while moving; keeping the old range and re-planning", "range", mine.String(), "plan_now", now.Range.String())
+				return false
+			}
 		}
 		var cands []pipeline.Candidate
 		for _, m := range n.peers() {
@@ -667,11 +689,12 @@ func (n *Node) awaitSettled(mine shard.Range, members string) {
 			}
 		}
 		if _, err := pipeline.ChooseRoute(cands, n.model.Layers, 0, nil); err == nil {
-			return
+			return true
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
 	n.log.Warn("the swarm did not settle on the new plan in time; switching anyway")
+	return true
 }
 
 // retire stops an old stage once its sessions are done (or after DrainWait). It stays up a
