@@ -274,34 +274,6 @@ func routedExperts(ctx ml.Context, x, idx, weights, gate, up, down ml.Tensor, us
 	return sumExpertOutputs(ctx, e, used)
 }
 
-// checkExpertCount fails the bind when a block's router or expert tensors hold another number
-// of experts than the metadata says, so such a file is refused at load with what is wrong
-// rather than failing inside a graph.
-func checkExpertCount(t *tensors, l, experts int, router ml.Tensor, exps ...ml.Tensor) {
-	if t.missing != nil || router == nil {
-		return
-	}
-	if router.Dim(1) != experts {
-		t.missing = fmt.Errorf("blk.%d.ffn_gate_inp scores %d experts, metadata says %d", l, router.Dim(1), experts)
-		return
-	}
-	for _, e := range exps {
-		if e != nil && e.Dim(2) != experts {
-			t.missing = fmt.Errorf("blk.%d: expert tensors hold %d experts, metadata says %d", l, e.Dim(2), experts)
-			return
-		}
-	}
-}
-
-// sumExpertOutputs adds the used expert outputs of each token, in order, as the engine does.
-func sumExpertOutputs(ctx ml.Context, e ml.Tensor, used int) ml.Tensor {
-	next := e.View(ctx, 0, e.Dim(0), e.Stride(2), e.Dim(2))
-	for i := 1; i < used; i++ {
-		next = next.Add(ctx, e.View(ctx, i*e.Stride(1), e.Dim(0), e.Stride(2), e.Dim(2)))
-	}
-	return next
-}
-
 func (f *deepseek2) head(ctx ml.Context, h ml.Tensor) ml.Tensor {
 	return f.output.Mulmat(ctx, f.finalNorm(ctx, h))
 }

@@ -49,22 +49,40 @@ func bindExperts(t *tensors, prefix string) experts {
 // file whose keys lie fails at load saying what is wrong instead of inside a graph.
 func checkExperts(t *tensors, bs blocks, r routing) {
 	for i := range bs.b {
-		if t.missing != nil {
-			return
-		}
-		l, e := bs.start+i, &bs.b[i].moe
+		e := &bs.b[i].moe
 		if e.router == nil || e.gate == nil || e.up == nil || e.down == nil {
 			return
 		}
-		if e.router.Dim(1) != r.count {
-			t.missing = fmt.Errorf("blk.%d.ffn_gate_inp scores %d experts, metadata says %d", l, e.router.Dim(1), r.count)
-		}
-		for _, w := range []ml.Tensor{e.gate, e.up, e.down} {
-			if w.Dim(2) != r.count && t.missing == nil {
-				t.missing = fmt.Errorf("blk.%d: expert tensors hold %d experts, metadata says %d", l, w.Dim(2), r.count)
-			}
+		checkExpertCount(t, bs.start+i, r.count, e.router, e.gate, e.up, e.down)
+	}
+}
+
+// checkExpertCount fails the bind when a block's router or expert tensors hold another number
+// of experts than the metadata says, so such a file is refused at load with what is wrong
+// rather than failing inside a graph.
+func checkExpertCount(t *tensors, l, experts int, router ml.Tensor, exps ...ml.Tensor) {
+	if t.missing != nil || router == nil {
+		return
+	}
+	if router.Dim(1) != experts {
+		t.missing = fmt.Errorf("blk.%d.ffn_gate_inp scores %d experts, metadata says %d", l, router.Dim(1), experts)
+		return
+	}
+	for _, e := range exps {
+		if e != nil && e.Dim(2) != experts {
+			t.missing = fmt.Errorf("blk.%d: expert tensors hold %d experts, metadata says %d", l, e.Dim(2), experts)
+			return
 		}
 	}
+}
+
+// sumExpertOutputs adds the used expert outputs of each token, in order, as the engine does.
+func sumExpertOutputs(ctx ml.Context, e ml.Tensor, used int) ml.Tensor {
+	next := e.View(ctx, 0, e.Dim(0), e.Stride(2), e.Dim(2))
+	for i := 1; i < used; i++ {
+		next = next.Add(ctx, e.View(ctx, i*e.Stride(1), e.Dim(0), e.Stride(2), e.Dim(2)))
+	}
+	return next
 }
 
 // forward is the MoE MLP of h, one column per token.
@@ -80,10 +98,5 @@ func (e *experts) forward(ctx ml.Context, h ml.Tensor, r routing) ml.Tensor {
 	}
 	h = h.Reshape(ctx, h.Dim(0), 1, n)
 	h = e.gate.MulmatID(ctx, h, selected).SILU(ctx, e.up.MulmatID(ctx, h, selected))
-	out := e.down.MulmatID(ctx, h, selected).Mul(ctx, weights)
-	sum := out.View(ctx, 0, out.Dim(0), out.Stride(2), out.Dim(2))
-	for i := 1; i < r.used; i++ {
-		sum = sum.Add(ctx, out.View(ctx, i*out.Stride(1), out.Dim(0), out.Stride(2), out.Dim(2)))
-	}
-	return sum
+	return sumExpertOutputs(ctx, e.down.MulmatID(ctx, h, selected).Mul(ctx, weights), r.used)
 }
