@@ -1,21 +1,11 @@
 package cli
 
 import (
-	"context"
 	"os"
-	"os/signal"
-	"syscall"
 	"testing"
 
 	"github.com/strata-llm/strata/internal/testkit"
 )
 
 // TestMain: the test binary is also the strata binary the process tests start (testkit.Main).
-func TestMain(m *testing.M) { os.Exit(testkit.Main(m, strataMain)) }
-
-// strataMain is cmd/strata's main.
-func strataMain(args []string) int {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	return Execute(ctx, args)
-}
+func TestMain(m *testing.M) { os.Exit(testkit.Main(m, Execute)) }

@@ -1,10 +1,7 @@
 package node_test
 
 import (
-	"context"
 	"os"
-	"os/signal"
-	"syscall"
 	"testing"
 
 	"github.com/strata-llm/strata/cli"
@@ -12,11 +9,4 @@ import (
 )
 
 // TestMain: the test binary is also the strata binary the swarm tests start (testkit.Main).
-func TestMain(m *testing.M) { os.Exit(testkit.Main(m, strataMain)) }
-
-// strataMain is cmd/strata's main.
-func strataMain(args []string) int {
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	return cli.Execute(ctx, args)
-}
+func TestMain(m *testing.M) { os.Exit(testkit.Main(m, cli.Execute)) }

@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -51,12 +53,14 @@ const asStrataEnv = "STRATA_TESTKIT_AS_STRATA"
 
 // Main runs a package's tests with one strata binary for all of them (see BuildStrata) and
 // removes what it built afterwards. Use it from TestMain: os.Exit(testkit.Main(m, nil)), or,
-// where the test package can import the CLI, os.Exit(testkit.Main(m, strataMain)) with
-// strataMain running `strata` with its arguments (cmd/strata's main): the test binary then
-// is the strata binary, as a `go build` of the same packages with the same flags would be.
-func Main(m *testing.M, strata func(args []string) int) int {
+// where the test package can import the CLI, os.Exit(testkit.Main(m, cli.Execute)): the test
+// binary then is the strata binary, as a `go build` of the same packages with the same flags
+// would be, and runs the CLI as cmd/strata's main does (interrupt and SIGTERM cancel it).
+func Main(m *testing.M, strata func(ctx context.Context, args []string) int) int {
 	if strata != nil && os.Getenv(asStrataEnv) == "1" && !testInvocation(os.Args[1:]) {
-		return strata(os.Args[1:])
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stop()
+		return strata(ctx, os.Args[1:])
 	}
 	dir, err := os.MkdirTemp("", "strata-bin-")
 	if err != nil {
