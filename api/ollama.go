@@ -197,36 +197,36 @@ func (o ollamaOptions) apply(req *pipeline.Request, card pipeline.ModelCard) *ap
 		}
 		return v, true, nil
 	}
+	// The plain float options; the rest need checks of their own below.
+	floats := map[string]*float32{
+		"temperature": &p.Temperature, "top_p": &p.TopP, "min_p": &p.MinP,
+		"repeat_penalty": &p.RepeatPenalty, "presence_penalty": &p.PresencePenalty,
+		"frequency_penalty": &p.FrequencyPenalty,
+	}
+	repeatOff := false // repeat_last_n 0 wins over repeat_penalty, whichever the map yields first
 	for k, raw := range o {
 		var e *apiError
 		var v float64
 		var ok bool
-		switch k {
-		case "temperature":
+		if f, isFloat := floats[k]; isFloat {
 			if v, ok, e = num(k); ok {
-				p.Temperature = float32(v)
+				*f = float32(v)
 			}
+			if e != nil {
+				return e
+			}
+			continue
+		}
+		switch k {
 		case "top_k":
 			if v, ok, e = num(k); ok {
 				p.TopK = int(v)
-			}
-		case "top_p":
-			if v, ok, e = num(k); ok {
-				p.TopP = float32(v)
-			}
-		case "min_p":
-			if v, ok, e = num(k); ok {
-				p.MinP = float32(v)
-			}
-		case "repeat_penalty":
-			if v, ok, e = num(k); ok {
-				p.RepeatPenalty = float32(v)
 			}
 		case "repeat_last_n":
 			if v, ok, e = num(k); ok {
 				switch {
 				case v == 0:
-					p.RepeatPenalty = 0 // Ollama: 0 disables
+					repeatOff = true // Ollama: 0 disables
 				case v == -1:
 					p.RepeatLastN = max(card.ContextLength, 1) // Ollama: -1 is the whole context
 				case v < -1:
@@ -234,14 +234,6 @@ func (o ollamaOptions) apply(req *pipeline.Request, card pipeline.ModelCard) *ap
 				default:
 					p.RepeatLastN = int(v)
 				}
-			}
-		case "presence_penalty":
-			if v, ok, e = num(k); ok {
-				p.PresencePenalty = float32(v)
-			}
-		case "frequency_penalty":
-			if v, ok, e = num(k); ok {
-				p.FrequencyPenalty = float32(v)
 			}
 		case "seed":
 			if v, ok, e = num(k); ok && v >= 0 {
@@ -290,6 +282,9 @@ func (o ollamaOptions) apply(req *pipeline.Request, card pipeline.ModelCard) *ap
 		if e != nil {
 			return e
 		}
+	}
+	if repeatOff {
+		p.RepeatPenalty = 0
 	}
 	if req.MaxTokens > 0 && card.ContextLength > 0 && req.MaxTokens > card.ContextLength {
 		req.MaxTokens = 0 // Ollama stops at the context's end rather than refusing

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/strata-llm/strata/pipeline"
 	"github.com/strata-llm/strata/shard"
 )
 
@@ -127,6 +128,29 @@ func TestOllamaAPI(t *testing.T) {
 		msg, _ := l[0]["error"].(string)
 		if st != tc.status || !strings.Contains(msg, tc.says) {
 			t.Errorf("%s %s %s: %d %v, want %d saying %q", tc.method, tc.path, tc.body, st, l, tc.status, tc.says)
+		}
+	}
+}
+
+// Ollama's options are a JSON object, so their order carries no meaning: repeat_last_n 0
+// turns the penalty off whether repeat_penalty comes before or after it.
+func TestOllamaOptionsOrderFree(t *testing.T) {
+	for _, body := range []string{
+		`{"repeat_penalty":1.3,"repeat_last_n":0,"temperature":0.5,"top_k":7}`,
+		`{"repeat_last_n":0,"temperature":0.5,"top_k":7,"repeat_penalty":1.3}`,
+	} {
+		for range 20 { // map iteration order varies run to run
+			var o ollamaOptions
+			if err := json.Unmarshal([]byte(body), &o); err != nil {
+				t.Fatal(err)
+			}
+			var req pipeline.Request
+			if e := o.apply(&req, pipeline.ModelCard{ContextLength: 128}); e != nil {
+				t.Fatalf("%s: %v", body, e)
+			}
+			if p := req.Sampling; p.RepeatPenalty != 0 || p.Temperature != 0.5 || p.TopK != 7 {
+				t.Fatalf("%s: got %+v, want the penalty off, temperature 0.5, top_k 7", body, p)
+			}
 		}
 	}
 }
