@@ -677,9 +677,7 @@ func (hd headerDecoder) field(h *Header, key []byte) error {
 	var err error
 	switch string(key) {
 	case "k":
-		var v uint64
-		v, err = hd.uint(math.MaxUint8)
-		h.Kind = Kind(v)
+		h.Kind, err = narrowUint[Kind](hd, math.MaxUint8)
 	case "s":
 		h.Session, err = hd.uint(math.MaxUint64)
 	case "i":
@@ -689,29 +687,16 @@ func (hd headerDecoder) field(h *Header, key []byte) error {
 	case "t":
 		h.Tokens, err = hd.int32s(h.Tokens)
 	case "c":
-		var v uint64
-		v, err = hd.uint(math.MaxUint8)
-		h.Codec = quant.Codec(v)
+		h.Codec, err = narrowUint[quant.Codec](hd, math.MaxUint8)
 	case "sh":
-		var n int
-		if n, err = hd.arrayLen(); err != nil {
-			return err
-		}
-		for j := 0; j < n; j++ {
-			var v int64
-			if v, err = hd.int(0, math.MaxInt32); err != nil {
-				return err
-			}
-			h.Shape = append(h.Shape, int(v))
-		}
+		h.Shape, err = arrayOf(hd, h.Shape, func() (int, error) {
+			v, err := hd.int(0, math.MaxInt32)
+			return int(v), err
+		})
 	case "n":
-		var v uint64
-		v, err = hd.uint(math.MaxUint32)
-		h.PayloadLen = uint32(v)
+		h.PayloadLen, err = narrowUint[uint32](hd, math.MaxUint32)
 	case "x":
-		var v uint64
-		v, err = hd.uint(math.MaxUint32)
-		h.Checksum = uint32(v)
+		h.Checksum, err = narrowUint[uint32](hd, math.MaxUint32)
 	case "m":
 		h.Model, err = hd.string()
 	case "r":
@@ -721,29 +706,9 @@ func (hd headerDecoder) field(h *Header, key []byte) error {
 		v, err = hd.int(0, math.MaxInt32)
 		h.MaxContext = int(v)
 	case "h":
-		var n int
-		if n, err = hd.arrayLen(); err != nil {
-			return err
-		}
-		for j := 0; j < n; j++ {
-			var s string
-			if s, err = hd.string(); err != nil {
-				return err
-			}
-			h.NextHops = append(h.NextHops, s)
-		}
+		h.NextHops, err = arrayOf(hd, h.NextHops, hd.string)
 	case "hr":
-		var n int
-		if n, err = hd.arrayLen(); err != nil {
-			return err
-		}
-		for j := 0; j < n; j++ {
-			var r shard.Range
-			if r, err = hd.rng(); err != nil {
-				return err
-			}
-			h.NextRanges = append(h.NextRanges, r)
-		}
+		h.NextRanges, err = arrayOf(hd, h.NextRanges, hd.rng)
 	case "sp":
 		err = hd.d.Decode(&h.Sampling)
 	case "rt":
@@ -753,9 +718,7 @@ func (hd headerDecoder) field(h *Header, key []byte) error {
 	case "eb":
 		h.Embed, err = hd.d.DecodeBool()
 	case "pl":
-		var v uint64
-		v, err = hd.uint(math.MaxUint8)
-		h.Pooling = uint8(v)
+		h.Pooling, err = narrowUint[uint8](hd, math.MaxUint8)
 	case "tk":
 		var v int64
 		v, err = hd.int(math.MinInt32, math.MaxInt32)
@@ -775,9 +738,7 @@ func (hd headerDecoder) field(h *Header, key []byte) error {
 	case "tv":
 		h.TopProbs, err = hd.float32s(h.TopProbs)
 	case "ec":
-		var v uint64
-		v, err = hd.uint(math.MaxUint16)
-		h.Code = ErrorCode(v)
+		h.Code, err = narrowUint[ErrorCode](hd, math.MaxUint16)
 	case "em":
 		h.Message, err = hd.string()
 	case "o":
@@ -789,6 +750,28 @@ func (hd headerDecoder) field(h *Header, key []byte) error {
 }
 
 func (hd headerDecoder) left() int { return hd.br.Len() }
+
+// narrowUint reads an unsigned integer of at most limit, which T must hold.
+func narrowUint[T ~uint8 | ~uint16 | ~uint32](hd headerDecoder, limit uint64) (T, error) {
+	v, err := hd.uint(limit)
+	return T(v), err
+}
+
+// arrayOf appends an array's elements, each read by one, to dst.
+func arrayOf[T any](hd headerDecoder, dst []T, one func() (T, error)) ([]T, error) {
+	n, err := hd.arrayLen()
+	if err != nil {
+		return dst, err
+	}
+	for range n {
+		v, err := one()
+		if err != nil {
+			return dst, err
+		}
+		dst = append(dst, v)
+	}
+	return dst, nil
+}
 
 func (hd headerDecoder) mapLen() (int, error) {
 	n, err := hd.d.DecodeMapLen()
