@@ -190,21 +190,24 @@ func (gpt2Splitter) split(cpts []rune, lens []int) []int {
 			for flagsAt(seg, pos+ws).space {
 				ws++
 			}
-			if ws > 1 && pos+ws < len(seg) {
-				pos += ws - 1
-				emit(pos)
-				continue
-			}
-			if ws > 0 {
-				pos += ws
-				emit(pos)
-				continue
-			}
-			pos++
+			pos = spacesEnd(seg, pos, ws)
 			emit(pos)
 		}
 		return out
 	})
+}
+
+// spacesEnd is where the last alternatives of the GPT-2 family's regexes end a piece at pos
+// with ws spaces ahead: \s+(?!\S) keeps the last space for the word after it, \s+ takes a
+// run at the end, and anything else is one codepoint.
+func spacesEnd(seg []rune, pos, ws int) int {
+	switch {
+	case ws > 1 && pos+ws < len(seg):
+		return pos + ws - 1
+	case ws > 0:
+		return pos + ws
+	}
+	return pos + 1
 }
 
 // llama3Splitter is Llama 3's pre-tokenizer regex, with runs of up to digits digits.
@@ -296,17 +299,7 @@ func (s llama3Splitter) split(cpts []rune, lens []int) []int {
 				emit(pos)
 				continue
 			}
-			if ws > 1 && pos+ws < len(seg) { // \s+(?!\S)
-				pos += ws - 1
-				emit(pos)
-				continue
-			}
-			if ws > 0 {
-				pos += ws
-				emit(pos)
-				continue
-			}
-			pos++
+			pos = spacesEnd(seg, pos, ws)
 			emit(pos)
 		}
 		return out
