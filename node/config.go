@@ -67,6 +67,8 @@ type Config struct {
 	// Tuning, mostly for tests.
 	ReplanDelay time.Duration // settle time after a membership change (default 300ms)
 	DrainWait   time.Duration // how long a replaced stage waits for its sessions (default 30s)
+	// Speed tunes how the node re-measures its speed while it runs (speed.go).
+	Speed SpeedOptions
 
 	// FetchBandwidth caps the bytes per second of weights this node fetches and serves
 	// (0: no cap), so serving slices to joining peers leaves room for pipeline traffic.
@@ -151,6 +153,7 @@ func (c *Config) setDefaults() error {
 	if c.QueueTimeout <= 0 {
 		c.QueueTimeout = 60 * time.Second
 	}
+	c.Speed.setDefaults()
 	if c.RecoverFor <= 0 {
 		c.RecoverFor = 30 * time.Second
 	}

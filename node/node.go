@@ -37,7 +37,9 @@ type Node struct {
 	sha       string
 	shaBytes  [32]byte
 	tok       *shard.Tokenizer
-	speed     float32        // ms per layer per token, from the self-benchmark (speed.go)
+	speed     float32        // ms per layer per token announced: the self-benchmark's, then speedT's (speed.go)
+	speedT    *speedTracker  // the moving estimate of the speed, from real steps and re-benchmarks
+	gpuBytes  int64          // the part of offer on the GPUs
 	freeGPU   uint64         // bytes free on the GPUs ggml sees, at start
 	gpus      []shard.Device // the GPUs the node's stages compute on (gpu.go)
 	gpuAsked  bool           // ggml was asked for its GPUs (self-benchmark or first stage)
@@ -153,16 +155,22 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 			return nil, err
 		}
 		n.speed, n.freeGPU, n.gpus, n.gpuAsked = b.MsPerLayer, b.FreeGPU, b.Devices, true
+		startMs := b.RawMs
 		if len(n.gpus) > 0 {
 			gpuBytes := gpuOffer(n.gpus, n.cfg.GPULayers, slices.Max(n.shape().LayerCosts))
 			n.offer += gpuBytes
-			n.speed = roundSpeed(blendedMs(b.RawMs, b.GPURawMs, gpuBytes, n.offer))
+			n.gpuBytes = gpuBytes
+			startMs = blendedMs(b.RawMs, b.GPURawMs, gpuBytes, n.offer)
+			n.speed = roundSpeed(startMs)
 			n.log.Info("GPUs", "devices", deviceNames(n.gpus), "gpu_ms_per_layer", fmt.Sprintf("%.3g", b.GPURawMs),
 				"cpu_ms_per_layer", fmt.Sprintf("%.3g", b.RawMs), "gpu_offer", gpuBytes, "announced_ms_per_layer", n.speed)
 		}
 		n.log.Info("self-benchmark", "layers", b.Range.String(), "layer_bytes", n.model.RangeBytes(b.Range),
 			"ms_per_layer", fmt.Sprintf("%.3g", b.MsPerLayer), "measured_ms", fmt.Sprintf("%.3g", b.RawMs), "steps", b.Steps,
 			"took", b.Took.Round(time.Millisecond), "gpus", b.GPUs, "free_gpu", b.FreeGPU, "offer", n.offer)
+		n.speedT = newSpeedTracker(cfg.Speed, startMs, n.speed, nil)
+	} else {
+		n.speedT = newSpeedTracker(cfg.Speed, 0, 0, nil)
 	}
 
 	hostOpts := []p2p.Option{p2p.WithListen(cfg.Listen...), p2p.WithIdentityFile(filepath.Join(cfg.DataDir, "identity.key")), p2p.WithLogger(n.log), p2p.WithObserver(n.metrics)}
@@ -244,6 +252,9 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 		go n.joinLoop(cfg.Join)
 	}
 	go n.planLoop()
+	if !cfg.ClientOnly && !swarm {
+		go n.speedLoop()
+	}
 	n.log.Info("node started", "peer", n.host.ID().String(), "model", n.model.Name, "layers", n.model.Layers,
 		"api", n.apiAddr, "gossip", n.members.LocalAddr(), "client_only", cfg.ClientOnly, "data_dir", cfg.DataDir)
 	logBuild(n.log)
@@ -494,9 +505,13 @@ func (n *Node) shape() shard.ModelShape {
 }
 
 // capacities lists the nodes a plan is made of: every live member that offers memory.
-func (n *Node) capacities() []shard.NodeCapacity {
+func (n *Node) capacities() []shard.NodeCapacity { return capacitiesOf(n.peers()) }
+
+// capacitiesOf is what the planner sees of the members: their offers, announced speeds and
+// current ranges.
+func capacitiesOf(members []discovery.NodeMeta) []shard.NodeCapacity {
 	var nodes []shard.NodeCapacity
-	for _, m := range n.peers() {
+	for _, m := range members {
 		if m.MemoryBytes <= 0 || m.State == discovery.StateDraining {
 			continue
 		}
@@ -609,7 +624,7 @@ func (n *Node) moveTo(r shard.Range, chain int, members string) error {
 			n.mu.Unlock()
 			return err
 		}
-		if err := n.host.ServeStage(st); err != nil {
+		if err := n.host.ServeStage(n.timed(st)); err != nil {
 			st.Close()
 			return err
 		}
