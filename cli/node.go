@@ -127,6 +127,13 @@ they compete for the cores.`,
 	f.StringVar(&injectBW, "inject-bandwidth", "", "emulate a link of this bandwidth to each peer, e.g. 1Gbit")
 	_ = f.MarkHidden("inject-latency")
 	_ = f.MarkHidden("inject-bandwidth")
+	// Tests and experiments only: how the node re-measures its speed (node.SpeedOptions).
+	f.IntVar(&cfg.Speed.Window, "speed-window", 0, "solo decode steps per speed measurement (default 32)")
+	f.DurationVar(&cfg.Speed.LastingFor, "speed-lasting-for", 0, "how long a speed change must last before it is announced (default 30s; negative: no minimum)")
+	f.DurationVar(&cfg.Speed.Rebench, "speed-rebench", 0, "how often an idle node runs its self-benchmark again (default 1m; negative: never)")
+	for _, name := range []string{"speed-window", "speed-lasting-for", "speed-rebench"} {
+		_ = f.MarkHidden(name)
+	}
 	return cmd
 }
 
@@ -190,6 +197,9 @@ func printStatus(w io.Writer, h node.Health) {
 	fmt.Fprintf(w, "swarm  %s\nmodel  %s (%d layers, sha256 %.12s)\nnode   %s (%s)\n", ready, h.Model, h.Layers, h.ModelSHA256, h.PeerID, h.State)
 	if p := h.Placement; p != nil {
 		fmt.Fprintf(w, "layers %s\n", p.Summary)
+	}
+	if sp := h.Speed; sp != nil {
+		fmt.Fprintf(w, "speed  %s\n", speedLine(*sp))
 	}
 	if q := h.Queue; q != nil && q.Waiting > 0 {
 		fmt.Fprintf(w, "queue  %d waiting of %d (oldest %d ms, mean wait %.0f ms)\n", q.Waiting, q.Depth, q.OldestWaitMs, q.MeanWaitMs)
@@ -319,4 +329,27 @@ func parseGPULayers(s string) (int, error) {
 		return -1, nil
 	}
 	return n, nil
+}
+
+// speedLine is a node's speed for `strata status`: what it announces, where that came from,
+// and what it measured at start and measures now.
+func speedLine(sp node.SpeedHealth) string {
+	ms := func(v float64) string {
+		if v <= 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.3g ms/layer", v)
+	}
+	s := "announces " + ms(float64(sp.AnnouncedMs))
+	if sp.Source != "" {
+		s += " (" + sp.Source + ")"
+	}
+	s += ", at start " + ms(sp.StartMs) + ", now " + ms(sp.CurrentMs)
+	if sp.Steps > 0 || sp.Batched > 0 {
+		s += fmt.Sprintf(" over %d decode steps alone (%d batched)", sp.Steps, sp.Batched)
+	}
+	if sp.Drifting > 0 {
+		s += fmt.Sprintf("; %d measurements beyond the band", sp.Drifting)
+	}
+	return s
 }
