@@ -77,6 +77,9 @@ type Config struct {
 	// slices from the server with Range requests instead of downloading the whole file.
 	SlicesOnly bool
 
+	// threadsDefault: Threads was not given, so the node computes with every core (host.go).
+	threadsDefault bool
+
 	// swarmName is set when --model names a model this machine lacks, to be taken from the
 	// swarm (see nameInSwarm).
 	swarmName string
@@ -130,7 +133,7 @@ func (c *Config) setDefaults() error {
 		c.API = "127.0.0.1:8080"
 	}
 	if c.Threads <= 0 {
-		c.Threads = runtime.NumCPU()
+		c.Threads, c.threadsDefault = runtime.NumCPU(), true
 	}
 	if c.MaxSessions <= 0 {
 		c.MaxSessions = 8

@@ -52,7 +52,9 @@ type Node struct {
 	apiAddr   string
 	api       *http.Server
 	metrics   *metrics // Prometheus collectors and the hooks that feed them (metrics.go)
-	cpu       *cpulock.Lock
+	cpu       *cpulock.Lock // --cpu-lock
+	hostCPU   *cpulock.Lock // the machine's default lock, taken while other nodes of it are in the view (host.go)
+	hostID    [8]byte       // this machine in gossip (host.go)
 	w         weightsState // weights served to and fetched from peers (weights.go)
 
 	mu       sync.Mutex
@@ -128,7 +130,18 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 		if n.cpu, err = cpulock.Open(cfg.CPULock); err != nil {
 			return nil, err
 		}
+	} else if cfg.threadsDefault && !cfg.ClientOnly {
+		// Nodes that each compute with all the cores take turns on them once they see each
+		// other; nodes given --threads were given their share and compute at once.
+		path, err := hostCPULock()
+		if err == nil {
+			n.hostCPU, err = cpulock.Open(path)
+		}
+		if err != nil {
+			n.log.Warn("no CPU lock for the nodes of this machine", "err", err)
+		}
 	}
+	n.hostID = hostID()
 	if !swarm {
 		if n.model, err = shard.ReadModelInfo(n.modelPath); err != nil {
 			return nil, err
@@ -362,6 +375,8 @@ func (n *Node) meta() discovery.NodeMeta {
 		Chain:       n.chain,
 		APIAddr:     n.apiAddr,
 		MemoryBytes: n.offer,
+		Host:        n.hostID,
+		SharedOffer: n.offer > 0 && n.cfg.MaxMemory == 0,
 	}
 	if n.stage != nil {
 		r := n.stage.Info().Range
@@ -505,22 +520,31 @@ func (n *Node) shape() shard.ModelShape {
 }
 
 // capacities lists the nodes a plan is made of: every live member that offers memory.
-func (n *Node) capacities() []shard.NodeCapacity { return capacitiesOf(n.peers()) }
+func (n *Node) capacities() []shard.NodeCapacity {
+	var shape shard.ModelShape
+	if n.model != nil {
+		shape = n.shape()
+	}
+	return capacitiesOf(shape, n.peers())
+}
 
-// capacitiesOf is what the planner sees of the members: their offers, announced speeds and
-// current ranges.
-func capacitiesOf(members []discovery.NodeMeta) []shard.NodeCapacity {
+// capacitiesOf is what the planner sees of the members: their offers (nodes of one machine
+// splitting its memory, host.go), announced speeds and current ranges.
+func capacitiesOf(shape shard.ModelShape, members []discovery.NodeMeta) []shard.NodeCapacity {
 	var nodes []shard.NodeCapacity
+	var kept []discovery.NodeMeta
 	for _, m := range members {
 		if m.MemoryBytes <= 0 || m.State == discovery.StateDraining {
 			continue
 		}
+		kept = append(kept, m)
 		c := shard.NodeCapacity{ID: m.PeerID.String(), MemoryBytes: m.MemoryBytes, MsPerLayer: float64(m.MsPerLayer), CurrentChain: m.Chain}
 		if m.LayerEnd > m.LayerStart {
 			c.Current = shard.Range{Start: m.LayerStart, End: m.LayerEnd}
 		}
 		nodes = append(nodes, c)
 	}
+	splitHosts(shape, kept, nodes)
 	return nodes
 }
 
@@ -604,8 +628,8 @@ func (n *Node) moveTo(r shard.Range, chain int, members string) error {
 			shard.WithLogger(n.log),
 			shard.WithProgress(n.progress(r)),
 		}
-		if n.cpu != nil {
-			opts = append(opts, shard.WithCPULock(n.cpu))
+		if l := n.stageLock(); l != nil {
+			opts = append(opts, shard.WithCPULock(l))
 		}
 		if n.cfg.Deterministic {
 			opts = append(opts, shard.WithUnbatched())
@@ -793,6 +817,9 @@ func (n *Node) Close() error {
 	}
 	if n.cpu != nil {
 		_ = n.cpu.Close()
+	}
+	if n.hostCPU != nil {
+		_ = n.hostCPU.Close()
 	}
 	return nil
 }

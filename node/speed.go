@@ -61,8 +61,8 @@ func benchRange(m *shard.ModelInfo) shard.Range {
 // runs single-token decode steps through it, and takes the fastest. It runs before the node
 // joins, so the planner's first plan already weighs the node by its real speed; the
 // bandwidth of a memcpy, which this replaces, misses compute-bound CPUs and quantized
-// kernels. With --cpu-lock the steps take the shared lock like any stage, so nodes sharing
-// cores measure one at a time; the minimum discounts waits for it.
+// kernels. The steps take the CPU lock (--cpu-lock's or the machine's, host.go), so nodes
+// sharing cores measure one at a time; the minimum discounts waits for it.
 //
 // On a tiny model the time is mostly ggml's fixed cost per graph rather than the layer's,
 // which still ranks nodes of one machine alike.
@@ -79,8 +79,8 @@ func (n *Node) selfBench(ctx context.Context) (benchResult, error) {
 		shard.WithMaxContext(256),
 		shard.WithLogger(n.log.With("component", "self-benchmark")),
 	}
-	if n.cpu != nil {
-		opts = append(opts, shard.WithCPULock(n.cpu))
+	if l := n.benchLock(); l != nil {
+		opts = append(opts, shard.WithCPULock(l))
 	}
 	// The slice is cut first so that the devices can be asked through a backend of it: ggml
 	// enumerates them only for a model file, and shard does not expose a stage's backend.

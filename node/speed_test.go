@@ -178,7 +178,7 @@ func TestSpeedChangeMovesLayers(t *testing.T) {
 	}
 	plan := func() shard.Plan {
 		t.Helper()
-		p, err := shard.PlanLayers(shape, capacitiesOf(metas))
+		p, err := shard.PlanLayers(shape, capacitiesOf(shape, metas))
 		if err != nil {
 			t.Fatal(err)
 		}
