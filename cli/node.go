@@ -348,6 +348,9 @@ func speedLine(sp node.SpeedHealth) string {
 	if sp.Steps > 0 || sp.Batched > 0 {
 		s += fmt.Sprintf(" over %d decode steps alone (%d batched)", sp.Steps, sp.Batched)
 	}
+	if sp.Skipped > 0 {
+		s += fmt.Sprintf(", %d left out while the swarm moved", sp.Skipped)
+	}
 	if sp.Drifting > 0 {
 		s += fmt.Sprintf("; %d measurements beyond the band", sp.Drifting)
 	}

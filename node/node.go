@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -37,25 +38,27 @@ type Node struct {
 	sha       string
 	shaBytes  [32]byte
 	tok       *shard.Tokenizer
-	speed     float32        // ms per layer per token announced: the self-benchmark's, then speedT's (speed.go)
-	speedT    *speedTracker  // the moving estimate of the speed, from real steps and re-benchmarks
-	gpuBytes  int64          // the part of offer on the GPUs
-	freeGPU   uint64         // bytes free on the GPUs ggml sees, at start
-	gpus      []shard.Device // the GPUs the node's stages compute on (gpu.go)
-	gpuAsked  bool           // ggml was asked for its GPUs (self-benchmark or first stage)
-	offer     int64          // memory offered to the planner, fixed at start (see memoryOffer)
-	host      *p2p.Host
-	members   *discovery.Membership
-	gen       *pipeline.Generator
-	admit     *pipeline.Admission // requests waiting for room on a busy swarm (queue.go)
-	router    *router
-	apiAddr   string
-	api       *http.Server
-	metrics   *metrics // Prometheus collectors and the hooks that feed them (metrics.go)
-	cpu       *cpulock.Lock // --cpu-lock
-	hostCPU   *cpulock.Lock // the machine's default lock, taken while other nodes of it are in the view (host.go)
-	hostID    [8]byte       // this machine in gossip (host.go)
-	w         weightsState // weights served to and fetched from peers (weights.go)
+	speed     float32       // ms per layer per token announced: the self-benchmark's, then speedT's (speed.go)
+	speedT    *speedTracker // the moving estimate of the speed, from real steps and re-benchmarks
+	gpuBytes  int64         // the part of offer on the GPUs
+	// swarmMoving: as of the last refresh, some member loads or moves (speed.go).
+	swarmMoving atomic.Bool
+	freeGPU     uint64         // bytes free on the GPUs ggml sees, at start
+	gpus        []shard.Device // the GPUs the node's stages compute on (gpu.go)
+	gpuAsked    bool           // ggml was asked for its GPUs (self-benchmark or first stage)
+	offer       int64          // memory offered to the planner, fixed at start (see memoryOffer)
+	host        *p2p.Host
+	members     *discovery.Membership
+	gen         *pipeline.Generator
+	admit       *pipeline.Admission // requests waiting for room on a busy swarm (queue.go)
+	router      *router
+	apiAddr     string
+	api         *http.Server
+	metrics     *metrics      // Prometheus collectors and the hooks that feed them (metrics.go)
+	cpu         *cpulock.Lock // --cpu-lock
+	hostCPU     *cpulock.Lock // the machine's default lock, taken while other nodes of it are in the view (host.go)
+	hostID      [8]byte       // this machine in gossip (host.go)
+	w           weightsState  // weights served to and fetched from peers (weights.go)
 
 	mu       sync.Mutex
 	stage    *shard.Stage   // the stage served now
@@ -443,6 +446,7 @@ func (n *Node) refreshLoop() {
 			return
 		case <-t.C:
 		}
+		n.swarmMoving.Store(anyMoving(n.peers()))
 		n.annMu.Lock()
 		last, ok := n.lastMeta, n.announced
 		n.annMu.Unlock()

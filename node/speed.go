@@ -242,6 +242,7 @@ type speedTracker struct {
 	windows   int     // measurements so far
 	solo      uint64  // decode steps that ran alone (measured)
 	batched   uint64  // decode steps batched with other sessions' (not measured)
+	skipped   uint64  // decode steps run while the swarm moved (not measured)
 	// streak holds the consecutive latest measurements beyond the band, all on side dir
 	// (+1 slower, -1 faster, 2 any: nothing announced yet), since `since`.
 	streak []float64
@@ -283,6 +284,14 @@ func (t *speedTracker) step(ms float64, solo bool) (float32, bool) {
 	m := median(t.samples)
 	t.samples = t.samples[:0]
 	return t.measuredLocked(m, "steps")
+}
+
+// interrupt drops the measurement under way: its steps ran while the swarm moved.
+func (t *speedTracker) interrupt() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.samples = t.samples[:0]
+	t.skipped++
 }
 
 // window records a whole measurement (the self-benchmark run again), in ms per layer.
@@ -348,6 +357,7 @@ type SpeedHealth struct {
 	Source      string  `json:"source,omitempty"`       // self-benchmark, steps or re-benchmark
 	Steps       uint64  `json:"steps"`                  // decode steps measured (run alone)
 	Batched     uint64  `json:"batched_steps"`          // decode steps batched with others (not measured)
+	Skipped     uint64  `json:"moving_steps"`           // decode steps while the swarm moved (not measured)
 	Drifting    int     `json:"drifting"`               // consecutive measurements beyond the band now
 }
 
@@ -355,7 +365,7 @@ func (t *speedTracker) health() SpeedHealth {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	h := SpeedHealth{StartMs: t.start, CurrentMs: t.current, AnnouncedMs: t.announced, Source: t.source,
-		Steps: t.solo, Batched: t.batched}
+		Steps: t.solo, Batched: t.batched, Skipped: t.skipped}
 	if t.dir != 0 {
 		h.Drifting = len(t.streak)
 	}
@@ -416,13 +426,42 @@ func (t *timedStage) Forward(ctx context.Context, step shard.Step) (shard.Output
 	return out, err
 }
 
-// timed wraps st for the host, feeding the node's speed estimate.
+// timed wraps st for the host, feeding the node's speed estimate. Steps taken while the
+// swarm moves to a new plan are left out: loading a slice (reading, cutting, repacking
+// weights) takes the CPU from the steps beside it, so a node measured then looks several
+// times slower than it is (seen: 19 ms per layer, then 152 during a move, on one machine),
+// and announcing that would re-plan again, back and forth.
 func (n *Node) timed(st *shard.Stage) *timedStage {
 	return &timedStage{Stage: st, work: stageWork(n.model, st.Info().Range), record: func(ms float64, solo bool) {
+		if n.moving() {
+			n.speedT.interrupt()
+			return
+		}
 		if v, ok := n.speedT.step(ms, solo); ok {
 			n.speedChanged(v, "steps")
 		}
 	}}
+}
+
+// moving reports whether this node loads a range, or the swarm as last seen (refreshLoop)
+// has a node loading or moving.
+func (n *Node) moving() bool {
+	if n.swarmMoving.Load() {
+		return true
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.next != nil || n.state == discovery.StateLoading
+}
+
+// anyMoving reports whether a member is loading its range or moving to a new one.
+func anyMoving(members []discovery.NodeMeta) bool {
+	for _, m := range members {
+		if m.State == discovery.StateLoading || m.NextEnd > m.NextStart {
+			return true
+		}
+	}
+	return false
 }
 
 // speedChanged announces a lasting change of the node's speed. The swarm re-plans on it

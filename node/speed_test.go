@@ -116,6 +116,21 @@ func TestSpeedTrackerStepsOfAWindow(t *testing.T) {
 	if h := tr.health(); h.CurrentMs != 4.2 || h.Steps != 5 || h.Batched != 100 || h.Drifting != 0 {
 		t.Fatalf("health %+v, want current 4.2 from 5 steps, 100 batched, no drift", h)
 	}
+	// A move interrupts the window under way: its steps start again.
+	tr.step(9, true)
+	tr.step(9, true)
+	tr.interrupt()
+	for range 5 {
+		tr.step(4.4, true)
+	}
+	if h := tr.health(); h.CurrentMs != 4.4 || h.Skipped != 1 {
+		t.Fatalf("after a move: health %+v, want current 4.4 from the 5 steps after it", h)
+	}
+	if anyMoving([]discovery.NodeMeta{{State: discovery.StateServing, LayerEnd: 2}}) ||
+		!anyMoving([]discovery.NodeMeta{{State: discovery.StateServing, LayerEnd: 2, NextStart: 0, NextEnd: 1}}) ||
+		!anyMoving([]discovery.NodeMeta{{State: discovery.StateLoading}}) {
+		t.Fatal("anyMoving: wrong for a serving, a moving or a loading member")
+	}
 	for _, ms := range []float64{0, -1, math.Inf(1), math.NaN()} {
 		if _, ok := tr.step(ms, true); ok {
 			t.Fatalf("step of %v ms announced something", ms)
