@@ -199,6 +199,10 @@ type SpeedOptions struct {
 	// (default 30s; negative: no minimum).
 	Lasting    int
 	LastingFor time.Duration
+	// Hold is how long an announced speed stands at least before the next one (default
+	// 2m): each announcement may re-plan the swarm and reload slices, and on a machine whose
+	// other tenants come and go the measurements swing by several times within a minute.
+	Hold time.Duration
 	// Rebench is how often a node that serves no layers runs its self-benchmark again
 	// (default 1m; negative: never).
 	Rebench time.Duration
@@ -216,6 +220,9 @@ func (o *SpeedOptions) setDefaults() {
 	}
 	if o.LastingFor == 0 {
 		o.LastingFor = 30 * time.Second
+	}
+	if o.Hold == 0 {
+		o.Hold = 2 * time.Minute
 	}
 	if o.Rebench == 0 {
 		o.Rebench = time.Minute
@@ -248,6 +255,7 @@ type speedTracker struct {
 	streak []float64
 	dir    int
 	since  time.Time
+	last   time.Time // when the tracker last announced a speed; zero: never
 }
 
 func newSpeedTracker(opt SpeedOptions, start float64, announced float32, now func() time.Time) *speedTracker {
@@ -336,7 +344,9 @@ func (t *speedTracker) measuredLocked(ms float64, source string) (float32, bool)
 		t.streak = append(t.streak[:0], t.streak[1:]...)
 	}
 	t.streak = append(t.streak, ms)
-	if len(t.streak) < t.opt.Lasting || (t.opt.LastingFor > 0 && t.now().Sub(t.since) < t.opt.LastingFor) {
+	now := t.now()
+	if len(t.streak) < t.opt.Lasting || (t.opt.LastingFor > 0 && now.Sub(t.since) < t.opt.LastingFor) ||
+		(!t.last.IsZero() && t.opt.Hold > 0 && now.Sub(t.last) < t.opt.Hold) {
 		return 0, false
 	}
 	v := roundSpeed(median(t.streak))
@@ -344,7 +354,7 @@ func (t *speedTracker) measuredLocked(ms float64, source string) (float32, bool)
 	if v == t.announced || v == 0 {
 		return 0, false
 	}
-	t.announced, t.source = v, source
+	t.announced, t.source, t.last = v, source, now
 	return v, true
 }
 

@@ -78,6 +78,18 @@ func TestSpeedTrackerLastingChange(t *testing.T) {
 			t.Fatalf("announced %v for a measurement within the band of %v", w, v)
 		}
 	}
+	// The next change waits for the hold (2m) after the last announcement, however lasting.
+	clk.add(-10 * time.Minute) // back to just after the announcement
+	for i := range 10 {
+		if w, ok := feedWindow(tr, 4); ok {
+			t.Fatalf("announced %v %d s after the last announcement", w, 10*i)
+		}
+		clk.add(10 * time.Second)
+	}
+	clk.add(30 * time.Second)
+	if w, ok := feedWindow(tr, 4); !ok || w != 4 {
+		t.Fatalf("after the hold: announced %v (%v), want 4", w, ok)
+	}
 }
 
 // An outlier window, or a drift that reverses, starts the count again.
