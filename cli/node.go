@@ -49,9 +49,9 @@ DATA_DIR/models. A --model this machine lacks (the model ID a swarm serves), --m
 no --model on a node that joins a swarm and has no Ollama model, takes the swarm's model and
 fetches only this node's slices from its peers, checked against the model's manifest. Clients name the model by its ID: the Ollama name, or the GGUF
 file's name without .gguf (GET /v1/models lists it).
-Several nodes on one machine need their own --listen, --api (and --data-dir), a share of the
-memory each (--max-memory) and one --cpu-lock file, or each offers 80% of the free RAM and
-they compete for the cores.`,
+Several nodes on one machine need their own --listen, --api and --data-dir; by default they
+split its memory between them and, without --threads, take turns on its cores through a lock
+file of the machine's (--max-memory and --cpu-lock set either by hand).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var err error
@@ -104,7 +104,7 @@ they compete for the cores.`,
 	f.StringVar(&join, "join", "", "comma-separated multiaddrs of peers to join (…/p2p/ID)")
 	f.StringVar(&cfg.Gossip, "gossip", "", "host:port for membership gossip (default: the libp2p port + 1)")
 	f.StringVar(&cfg.SwarmKey, "swarm-key", "", "pre-shared key file: a private swarm (TCP only)")
-	f.StringVar(&maxMem, "max-memory", "", "RAM to offer for weights and KV cache, e.g. 12GiB (default: 80% of the RAM free at start; the GPUs' memory is offered beside it)")
+	f.StringVar(&maxMem, "max-memory", "", "RAM to offer for weights and KV cache, e.g. 12GiB (default: 80% of the RAM free at start, split between the nodes of one machine; the GPUs' memory is offered beside it)")
 	f.BoolVar(&cfg.SlicesOnly, "slices-only", false, "with an hf:// or URL --model: read only this node's slices with HTTP Range requests, not the whole file")
 	f.StringVar(&fetchBW, "fetch-bandwidth", "", "cap on the weights this node fetches from and serves to peers, e.g. 200Mbit (default: none)")
 	f.BoolVar(&cfg.MDNS, "mdns", true, "find peers on the local network")
@@ -114,7 +114,7 @@ they compete for the cores.`,
 	f.IntVar(&cfg.Threads, "threads", 0, "ggml CPU threads (default: all cores)")
 	f.StringVar(&gpuLayers, "gpu-layers", "auto", "at most this many of the node's layers on its GPUs; auto: as many as their memory holds; 0: CPU only")
 	f.StringVar(&cfg.Devices, "devices", "", "GPUs to compute on, e.g. Vulkan0,CUDA1, CUDA, or 0,1 (default: every GPU ggml sees; cpu: none)")
-	f.StringVar(&cfg.CPULock, "cpu-lock", "", "nodes sharing one machine's cores name the same file: one computes at a time, with all its threads")
+	f.StringVar(&cfg.CPULock, "cpu-lock", "", "nodes sharing one machine's cores name the same file: one computes at a time, with all its threads (default: the machine's own, for nodes without --threads)")
 	f.IntVar(&cfg.MaxSessions, "max-sessions", 8, "sessions a stage holds at once")
 	f.IntVar(&cfg.MaxContext, "context", 2048, "tokens per session")
 	f.BoolVar(&cfg.Deterministic, "deterministic", false, "run each step alone, never batched, in a KV cache of its session's own: greedy text equals `strata run` under any load (with --codec f32), at a cost in throughput")
