@@ -49,9 +49,9 @@ DATA_DIR/models. A --model this machine lacks (the model ID a swarm serves), --m
 no --model on a node that joins a swarm and has no Ollama model, takes the swarm's model and
 fetches only this node's slices from its peers, checked against the model's manifest. Clients name the model by its ID: the Ollama name, or the GGUF
 file's name without .gguf (GET /v1/models lists it).
-Several nodes on one machine need their own --listen, --api (and --data-dir), a share of the
-memory each (--max-memory) and one --cpu-lock file, or each offers 80% of the free RAM and
-they compete for the cores.`,
+Several nodes on one machine need their own --listen, --api and --data-dir; by default they
+split its memory between them and, without --threads, take turns on its cores through a lock
+file of the machine's (--max-memory and --cpu-lock set either by hand).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var err error
@@ -104,7 +104,7 @@ they compete for the cores.`,
 	f.StringVar(&join, "join", "", "comma-separated multiaddrs of peers to join (…/p2p/ID)")
 	f.StringVar(&cfg.Gossip, "gossip", "", "host:port for membership gossip (default: the libp2p port + 1)")
 	f.StringVar(&cfg.SwarmKey, "swarm-key", "", "pre-shared key file: a private swarm (TCP only)")
-	f.StringVar(&maxMem, "max-memory", "", "RAM to offer for weights and KV cache, e.g. 12GiB (default: 80% of the RAM free at start; the GPUs' memory is offered beside it)")
+	f.StringVar(&maxMem, "max-memory", "", "RAM to offer for weights and KV cache, e.g. 12GiB (default: 80% of the RAM free at start, split between the nodes of one machine; the GPUs' memory is offered beside it)")
 	f.BoolVar(&cfg.SlicesOnly, "slices-only", false, "with an hf:// or URL --model: read only this node's slices with HTTP Range requests, not the whole file")
 	f.StringVar(&fetchBW, "fetch-bandwidth", "", "cap on the weights this node fetches from and serves to peers, e.g. 200Mbit (default: none)")
 	f.BoolVar(&cfg.MDNS, "mdns", true, "find peers on the local network")
@@ -114,7 +114,7 @@ they compete for the cores.`,
 	f.IntVar(&cfg.Threads, "threads", 0, "ggml CPU threads (default: all cores)")
 	f.StringVar(&gpuLayers, "gpu-layers", "auto", "at most this many of the node's layers on its GPUs; auto: as many as their memory holds; 0: CPU only")
 	f.StringVar(&cfg.Devices, "devices", "", "GPUs to compute on, e.g. Vulkan0,CUDA1, CUDA, or 0,1 (default: every GPU ggml sees; cpu: none)")
-	f.StringVar(&cfg.CPULock, "cpu-lock", "", "nodes sharing one machine's cores name the same file: one computes at a time, with all its threads")
+	f.StringVar(&cfg.CPULock, "cpu-lock", "", "nodes sharing one machine's cores name the same file: one computes at a time, with all its threads (default: the machine's own, for nodes without --threads)")
 	f.IntVar(&cfg.MaxSessions, "max-sessions", 8, "sessions a stage holds at once")
 	f.IntVar(&cfg.MaxContext, "context", 2048, "tokens per session")
 	f.BoolVar(&cfg.Deterministic, "deterministic", false, "run each step alone, never batched, in a KV cache of its session's own: greedy text equals `strata run` under any load (with --codec f32), at a cost in throughput")
@@ -127,6 +127,13 @@ they compete for the cores.`,
 	f.StringVar(&injectBW, "inject-bandwidth", "", "emulate a link of this bandwidth to each peer, e.g. 1Gbit")
 	_ = f.MarkHidden("inject-latency")
 	_ = f.MarkHidden("inject-bandwidth")
+	// Tests and experiments only: how the node re-measures its speed (node.SpeedOptions).
+	f.IntVar(&cfg.Speed.Window, "speed-window", 0, "solo decode steps per speed measurement (default 32)")
+	f.DurationVar(&cfg.Speed.LastingFor, "speed-lasting-for", 0, "how long a speed change must last before it is announced (default 30s; negative: no minimum)")
+	f.DurationVar(&cfg.Speed.Rebench, "speed-rebench", 0, "how often an idle node runs its self-benchmark again (default 1m; negative: never)")
+	for _, name := range []string{"speed-window", "speed-lasting-for", "speed-rebench"} {
+		_ = f.MarkHidden(name)
+	}
 	return cmd
 }
 
@@ -190,6 +197,9 @@ func printStatus(w io.Writer, h node.Health) {
 	fmt.Fprintf(w, "swarm  %s\nmodel  %s (%d layers, sha256 %.12s)\nnode   %s (%s)\n", ready, h.Model, h.Layers, h.ModelSHA256, h.PeerID, h.State)
 	if p := h.Placement; p != nil {
 		fmt.Fprintf(w, "layers %s\n", p.Summary)
+	}
+	if sp := h.Speed; sp != nil {
+		fmt.Fprintf(w, "speed  %s\n", speedLine(*sp))
 	}
 	if q := h.Queue; q != nil && q.Waiting > 0 {
 		fmt.Fprintf(w, "queue  %d waiting of %d (oldest %d ms, mean wait %.0f ms)\n", q.Waiting, q.Depth, q.OldestWaitMs, q.MeanWaitMs)
@@ -319,4 +329,30 @@ func parseGPULayers(s string) (int, error) {
 		return -1, nil
 	}
 	return n, nil
+}
+
+// speedLine is a node's speed for `strata status`: what it announces, where that came from,
+// and what it measured at start and measures now.
+func speedLine(sp node.SpeedHealth) string {
+	ms := func(v float64) string {
+		if v <= 0 {
+			return "-"
+		}
+		return fmt.Sprintf("%.3g ms/layer", v)
+	}
+	s := "announces " + ms(float64(sp.AnnouncedMs))
+	if sp.Source != "" {
+		s += " (" + sp.Source + ")"
+	}
+	s += ", at start " + ms(sp.StartMs) + ", now " + ms(sp.CurrentMs)
+	if sp.Steps > 0 || sp.Batched > 0 {
+		s += fmt.Sprintf(" over %d decode steps alone (%d batched)", sp.Steps, sp.Batched)
+	}
+	if sp.Skipped > 0 {
+		s += fmt.Sprintf(", %d left out while the swarm moved", sp.Skipped)
+	}
+	if sp.Drifting > 0 {
+		s += fmt.Sprintf("; %d measurements beyond the band", sp.Drifting)
+	}
+	return s
 }

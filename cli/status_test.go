@@ -82,6 +82,16 @@ func TestStatusAgainstSwarm(t *testing.T) {
 		}
 		lines = slices.Delete(lines, 3, 4)
 	}
+	// Then the node's speed: announced from its self-benchmark (a test this short measures
+	// no lasting change).
+	if len(lines) > 3 && strings.HasPrefix(lines[3], "speed  ") {
+		if !regexp.MustCompile(`^speed  announces \S+ ms/layer \(self-benchmark\), at start \S+ ms/layer, now `).MatchString(lines[3]) {
+			t.Errorf("speed line %q", lines[3])
+		}
+		lines = slices.Delete(lines, 3, 4)
+	} else {
+		t.Errorf("no speed line below the node's")
+	}
 	if len(lines) != 3+1+1+3 {
 		t.Fatalf("want 3 summary lines, a blank, a header and 3 peers; got %d lines:\n%s", len(lines), table)
 	}
@@ -216,6 +226,28 @@ func TestStatusShowsFetches(t *testing.T) {
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("status lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
+// TestStatusSpeedLine: the node's speed as announced, measured at start and measured now.
+func TestStatusSpeedLine(t *testing.T) {
+	for _, c := range []struct {
+		sp   node.SpeedHealth
+		want string
+	}{
+		{node.SpeedHealth{StartMs: 128, AnnouncedMs: 128, Source: "self-benchmark"},
+			"speed  announces 128 ms/layer (self-benchmark), at start 128 ms/layer, now -\n"},
+		{node.SpeedHealth{StartMs: 128, CurrentMs: 0.84, AnnouncedMs: 0.841, Source: "steps", Steps: 96, Batched: 7, Drifting: 0},
+			"speed  announces 0.841 ms/layer (steps), at start 128 ms/layer, now 0.84 ms/layer over 96 decode steps alone (7 batched)\n"},
+		{node.SpeedHealth{CurrentMs: 3, Steps: 32, Drifting: 1},
+			"speed  announces -, at start -, now 3 ms/layer over 32 decode steps alone (0 batched); 1 measurements beyond the band\n"},
+	} {
+		h := node.Health{Ready: true, Model: "m", Layers: 2, PeerID: "p", State: "serving", Speed: &c.sp}
+		var out bytes.Buffer
+		printStatus(&out, h)
+		if !strings.Contains(out.String(), c.want) {
+			t.Errorf("status for %+v:\n%s\nwant the line %q", c.sp, out.String(), c.want)
 		}
 	}
 }

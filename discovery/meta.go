@@ -82,6 +82,12 @@ type NodeMeta struct {
 	MsPerLayer  float32 // measured ms per layer per token; 0 when not measured
 	Sessions    uint32  // sessions open now
 	APIAddr     string  // host:port of the OpenAI-compatible API, if served
+	// Host names the machine the node runs on (a hash of its machine id and host name; zero
+	// when unknown), so that nodes sharing one machine can split its memory.
+	Host [8]byte
+	// SharedOffer says MemoryBytes is the default offer, a share of the machine's free memory
+	// rather than a --max-memory: the nodes of one Host split it between them.
+	SharedOffer bool
 }
 
 // wireMeta is NodeMeta's encoding: one- or two-letter keys keep it small while leaving room
@@ -104,6 +110,8 @@ type wireMeta struct {
 	Ms    float32  `msgpack:"ms,omitempty"`
 	Sess  uint32   `msgpack:"n,omitempty"`
 	API   string   `msgpack:"api,omitempty"`
+	Host  []byte   `msgpack:"h,omitempty"`
+	Share bool     `msgpack:"so,omitempty"`
 }
 
 // Encode returns the metadata as memberlist carries it, or an error wrapping
@@ -130,6 +138,7 @@ func (n NodeMeta) Encode() ([]byte, error) {
 		Sess:  n.Sessions,
 		API:   n.APIAddr,
 		MName: n.ModelName,
+		Share: n.SharedOffer,
 	}
 	if len(n.ModelName) > MaxModelName {
 		return nil, fmt.Errorf("encode node metadata: model name of %d bytes, at most %d", len(n.ModelName), MaxModelName)
@@ -139,6 +148,9 @@ func (n NodeMeta) Encode() ([]byte, error) {
 	}
 	if n.ManifestID != ([16]byte{}) {
 		w.Mf = n.ManifestID[:]
+	}
+	if n.Host != ([8]byte{}) {
+		w.Host = n.Host[:]
 	}
 	for _, a := range n.Addrs {
 		if a != nil {
@@ -176,6 +188,7 @@ func DecodeNodeMeta(b []byte) (NodeMeta, error) {
 		Sessions:    w.Sess,
 		APIAddr:     w.API,
 		ModelName:   w.MName,
+		SharedOffer: w.Share,
 	}
 	if len(w.MName) > MaxModelName {
 		return NodeMeta{}, fmt.Errorf("decode node metadata: model name of %d bytes, at most %d", len(w.MName), MaxModelName)
@@ -200,6 +213,13 @@ func DecodeNodeMeta(b []byte) (NodeMeta, error) {
 		copy(n.ManifestID[:], w.Mf)
 	default:
 		return NodeMeta{}, fmt.Errorf("decode node metadata: manifest id of %d bytes, want 16", len(w.Mf))
+	}
+	switch len(w.Host) {
+	case 0:
+	case len(n.Host):
+		copy(n.Host[:], w.Host)
+	default:
+		return NodeMeta{}, fmt.Errorf("decode node metadata: host id of %d bytes, want 8", len(w.Host))
 	}
 	for _, b := range w.Addrs {
 		a, err := ma.NewMultiaddrBytes(b)

@@ -24,6 +24,7 @@ func seedMeta(f *testing.F) NodeMeta {
 		PeerID: id, Addrs: []ma.Multiaddr{ma.StringCast("/ip4/192.168.1.10/tcp/4001")},
 		ModelSHA256: [32]byte{1, 2, 3}, ManifestID: [16]byte{4, 5}, LayerStart: 10, LayerEnd: 40, Chain: 1, State: StateServing,
 		MemoryBytes: 12 << 30, FreeRAM: 3 << 30, MsPerLayer: 1.5, Sessions: 3, APIAddr: "192.168.1.10:8080", ModelName: "qwen2.5:7b",
+		Host: [8]byte{9, 8, 7}, SharedOffer: true,
 	}
 }
 
@@ -40,6 +41,7 @@ func TestDecodeRefusesLies(t *testing.T) {
 		"NaN speed":        func(w *wireMeta) { w.Ms = float32(math.NaN()) },
 		"negative memory":  func(w *wireMeta) { w.Mem = -1 },
 		"long model name":  func(w *wireMeta) { w.MName = strings.Repeat("x", MaxModelName+1) },
+		"short host id":    func(w *wireMeta) { w.Host = []byte{1, 2, 3} },
 	} {
 		w := good
 		bad(&w)

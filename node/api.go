@@ -109,6 +109,8 @@ type Health struct {
 	RangeMemory *RangeMemory `json:"range_memory,omitempty"`
 	// Placement is where this node's stage computes: which layers sit on which device.
 	Placement *PlacementHealth `json:"placement,omitempty"`
+	// Speed is this node's speed: measured at start, measured now, announced (speed.go).
+	Speed *SpeedHealth `json:"speed,omitempty"`
 }
 
 // PeerHealth is one member of the swarm as this node sees it.
@@ -166,6 +168,10 @@ func (n *Node) Health() Health {
 		}
 	}
 	h.Fetches = n.Fetches()
+	if n.speedT != nil && !n.cfg.ClientOnly {
+		sp := n.speedT.health()
+		h.Speed = &sp
+	}
 	h.AtPlan = n.atPlan()
 	_, err := n.router.route(0, nil)
 	h.Ready = err == nil

@@ -67,6 +67,8 @@ type Config struct {
 	// Tuning, mostly for tests.
 	ReplanDelay time.Duration // settle time after a membership change (default 300ms)
 	DrainWait   time.Duration // how long a replaced stage waits for its sessions (default 30s)
+	// Speed tunes how the node re-measures its speed while it runs (speed.go).
+	Speed SpeedOptions
 
 	// FetchBandwidth caps the bytes per second of weights this node fetches and serves
 	// (0: no cap), so serving slices to joining peers leaves room for pipeline traffic.
@@ -74,6 +76,9 @@ type Config struct {
 	// SlicesOnly, with an hf:// or URL Model, reads the GGUF header and then only this node's
 	// slices from the server with Range requests instead of downloading the whole file.
 	SlicesOnly bool
+
+	// threadsDefault: Threads was not given, so the node computes with every core (host.go).
+	threadsDefault bool
 
 	// swarmName is set when --model names a model this machine lacks, to be taken from the
 	// swarm (see nameInSwarm).
@@ -128,7 +133,7 @@ func (c *Config) setDefaults() error {
 		c.API = "127.0.0.1:8080"
 	}
 	if c.Threads <= 0 {
-		c.Threads = runtime.NumCPU()
+		c.Threads, c.threadsDefault = runtime.NumCPU(), true
 	}
 	if c.MaxSessions <= 0 {
 		c.MaxSessions = 8
@@ -151,6 +156,7 @@ func (c *Config) setDefaults() error {
 	if c.QueueTimeout <= 0 {
 		c.QueueTimeout = 60 * time.Second
 	}
+	c.Speed.setDefaults()
 	if c.RecoverFor <= 0 {
 		c.RecoverFor = 30 * time.Second
 	}

@@ -260,6 +260,16 @@ func TestMetricsThreeNodeSwarm(t *testing.T) {
 			t.Errorf("node %d refused %v frames: %v", n.Index, r, f["strata_stage_refused_total"])
 		}
 	}
+	// Each stage counted every decode step it ran for its speed estimate (speed.go): timed
+	// alone, batched, or run while its view of the swarm was still moving; and its estimate
+	// started from its self-benchmark.
+	for _, n := range s.Nodes {
+		var nh node.Health
+		fetchJSON(t, "http://"+n.API+"/health", &nh)
+		if sp := nh.Speed; sp == nil || sp.Steps+sp.Batched+sp.Skipped != decodeN || sp.StartMs <= 0 || sp.AnnouncedMs <= 0 {
+			t.Errorf("node %d's speed %+v: want its %d decode steps timed and a self-benchmark", n.Index, sp, decodeN)
+		}
+	}
 	check("hop latency samples", float64(hopN), float64(3*steps))
 	check("steps served by the stages", stageSteps, float64(3*steps))
 	check("stage sessions opened", opened, 3)

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -37,21 +38,27 @@ type Node struct {
 	sha       string
 	shaBytes  [32]byte
 	tok       *shard.Tokenizer
-	speed     float32        // ms per layer per token, from the self-benchmark (speed.go)
-	freeGPU   uint64         // bytes free on the GPUs ggml sees, at start
-	gpus      []shard.Device // the GPUs the node's stages compute on (gpu.go)
-	gpuAsked  bool           // ggml was asked for its GPUs (self-benchmark or first stage)
-	offer     int64          // memory offered to the planner, fixed at start (see memoryOffer)
-	host      *p2p.Host
-	members   *discovery.Membership
-	gen       *pipeline.Generator
-	admit     *pipeline.Admission // requests waiting for room on a busy swarm (queue.go)
-	router    *router
-	apiAddr   string
-	api       *http.Server
-	metrics   *metrics // Prometheus collectors and the hooks that feed them (metrics.go)
-	cpu       *cpulock.Lock
-	w         weightsState // weights served to and fetched from peers (weights.go)
+	speed     float32       // ms per layer per token announced: the self-benchmark's, then speedT's (speed.go)
+	speedT    *speedTracker // the moving estimate of the speed, from real steps and re-benchmarks
+	gpuBytes  int64         // the part of offer on the GPUs
+	// swarmMoving: as of the last refresh, some member loads or moves (speed.go).
+	swarmMoving atomic.Bool
+	freeGPU     uint64         // bytes free on the GPUs ggml sees, at start
+	gpus        []shard.Device // the GPUs the node's stages compute on (gpu.go)
+	gpuAsked    bool           // ggml was asked for its GPUs (self-benchmark or first stage)
+	offer       int64          // memory offered to the planner, fixed at start (see memoryOffer)
+	host        *p2p.Host
+	members     *discovery.Membership
+	gen         *pipeline.Generator
+	admit       *pipeline.Admission // requests waiting for room on a busy swarm (queue.go)
+	router      *router
+	apiAddr     string
+	api         *http.Server
+	metrics     *metrics      // Prometheus collectors and the hooks that feed them (metrics.go)
+	cpu         *cpulock.Lock // --cpu-lock
+	hostCPU     *cpulock.Lock // the machine's default lock, taken while other nodes of it are in the view (host.go)
+	hostID      [8]byte       // this machine in gossip (host.go)
+	w           weightsState  // weights served to and fetched from peers (weights.go)
 
 	mu       sync.Mutex
 	stage    *shard.Stage   // the stage served now
@@ -126,7 +133,18 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 		if n.cpu, err = cpulock.Open(cfg.CPULock); err != nil {
 			return nil, err
 		}
+	} else if cfg.threadsDefault && !cfg.ClientOnly {
+		// Nodes that each compute with all the cores take turns on them once they see each
+		// other; nodes given --threads were given their share and compute at once.
+		path, err := hostCPULock()
+		if err == nil {
+			n.hostCPU, err = cpulock.Open(path)
+		}
+		if err != nil {
+			n.log.Warn("no CPU lock for the nodes of this machine", "err", err)
+		}
 	}
+	n.hostID = hostID()
 	if !swarm {
 		if n.model, err = shard.ReadModelInfo(n.modelPath); err != nil {
 			return nil, err
@@ -153,16 +171,22 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 			return nil, err
 		}
 		n.speed, n.freeGPU, n.gpus, n.gpuAsked = b.MsPerLayer, b.FreeGPU, b.Devices, true
+		startMs := b.RawMs
 		if len(n.gpus) > 0 {
 			gpuBytes := gpuOffer(n.gpus, n.cfg.GPULayers, slices.Max(n.shape().LayerCosts))
 			n.offer += gpuBytes
-			n.speed = roundSpeed(blendedMs(b.RawMs, b.GPURawMs, gpuBytes, n.offer))
+			n.gpuBytes = gpuBytes
+			startMs = blendedMs(b.RawMs, b.GPURawMs, gpuBytes, n.offer)
+			n.speed = roundSpeed(startMs)
 			n.log.Info("GPUs", "devices", deviceNames(n.gpus), "gpu_ms_per_layer", fmt.Sprintf("%.3g", b.GPURawMs),
 				"cpu_ms_per_layer", fmt.Sprintf("%.3g", b.RawMs), "gpu_offer", gpuBytes, "announced_ms_per_layer", n.speed)
 		}
 		n.log.Info("self-benchmark", "layers", b.Range.String(), "layer_bytes", n.model.RangeBytes(b.Range),
 			"ms_per_layer", fmt.Sprintf("%.3g", b.MsPerLayer), "measured_ms", fmt.Sprintf("%.3g", b.RawMs), "steps", b.Steps,
 			"took", b.Took.Round(time.Millisecond), "gpus", b.GPUs, "free_gpu", b.FreeGPU, "offer", n.offer)
+		n.speedT = newSpeedTracker(cfg.Speed, startMs, n.speed, nil)
+	} else {
+		n.speedT = newSpeedTracker(cfg.Speed, 0, 0, nil)
 	}
 
 	hostOpts := []p2p.Option{p2p.WithListen(cfg.Listen...), p2p.WithIdentityFile(filepath.Join(cfg.DataDir, "identity.key")), p2p.WithLogger(n.log), p2p.WithObserver(n.metrics)}
@@ -244,6 +268,9 @@ func Start(ctx context.Context, cfg Config) (n *Node, err error) {
 		go n.joinLoop(cfg.Join)
 	}
 	go n.planLoop()
+	if !cfg.ClientOnly && !swarm {
+		go n.speedLoop()
+	}
 	n.log.Info("node started", "peer", n.host.ID().String(), "model", n.model.Name, "layers", n.model.Layers,
 		"api", n.apiAddr, "gossip", n.members.LocalAddr(), "client_only", cfg.ClientOnly, "data_dir", cfg.DataDir)
 	logBuild(n.log)
@@ -351,6 +378,8 @@ func (n *Node) meta() discovery.NodeMeta {
 		Chain:       n.chain,
 		APIAddr:     n.apiAddr,
 		MemoryBytes: n.offer,
+		Host:        n.hostID,
+		SharedOffer: n.offer > 0 && n.cfg.MaxMemory == 0,
 	}
 	if n.stage != nil {
 		r := n.stage.Info().Range
@@ -417,6 +446,7 @@ func (n *Node) refreshLoop() {
 			return
 		case <-t.C:
 		}
+		n.swarmMoving.Store(anyMoving(n.peers()))
 		n.annMu.Lock()
 		last, ok := n.lastMeta, n.announced
 		n.annMu.Unlock()
@@ -495,17 +525,30 @@ func (n *Node) shape() shard.ModelShape {
 
 // capacities lists the nodes a plan is made of: every live member that offers memory.
 func (n *Node) capacities() []shard.NodeCapacity {
+	var shape shard.ModelShape
+	if n.model != nil {
+		shape = n.shape()
+	}
+	return capacitiesOf(shape, n.peers())
+}
+
+// capacitiesOf is what the planner sees of the members: their offers (nodes of one machine
+// splitting its memory, host.go), announced speeds and current ranges.
+func capacitiesOf(shape shard.ModelShape, members []discovery.NodeMeta) []shard.NodeCapacity {
 	var nodes []shard.NodeCapacity
-	for _, m := range n.peers() {
+	var kept []discovery.NodeMeta
+	for _, m := range members {
 		if m.MemoryBytes <= 0 || m.State == discovery.StateDraining {
 			continue
 		}
+		kept = append(kept, m)
 		c := shard.NodeCapacity{ID: m.PeerID.String(), MemoryBytes: m.MemoryBytes, MsPerLayer: float64(m.MsPerLayer), CurrentChain: m.Chain}
 		if m.LayerEnd > m.LayerStart {
 			c.Current = shard.Range{Start: m.LayerStart, End: m.LayerEnd}
 		}
 		nodes = append(nodes, c)
 	}
+	splitHosts(shape, kept, nodes)
 	return nodes
 }
 
@@ -589,8 +632,8 @@ func (n *Node) moveTo(r shard.Range, chain int, members string) error {
 			shard.WithLogger(n.log),
 			shard.WithProgress(n.progress(r)),
 		}
-		if n.cpu != nil {
-			opts = append(opts, shard.WithCPULock(n.cpu))
+		if l := n.stageLock(); l != nil {
+			opts = append(opts, shard.WithCPULock(l))
 		}
 		if n.cfg.Deterministic {
 			opts = append(opts, shard.WithUnbatched())
@@ -609,7 +652,7 @@ func (n *Node) moveTo(r shard.Range, chain int, members string) error {
 			n.mu.Unlock()
 			return err
 		}
-		if err := n.host.ServeStage(st); err != nil {
+		if err := n.host.ServeStage(n.timed(st)); err != nil {
 			st.Close()
 			return err
 		}
@@ -778,6 +821,9 @@ func (n *Node) Close() error {
 	}
 	if n.cpu != nil {
 		_ = n.cpu.Close()
+	}
+	if n.hostCPU != nil {
+		_ = n.hostCPU.Close()
 	}
 	return nil
 }
