@@ -433,6 +433,7 @@ func (s *Stage) run() {
 	defer close(s.done)
 	var pending []*request
 	var lastStep time.Duration
+	expected := make(map[uint64]bool) // the last batch's sessions, until their next step comes
 	for {
 		if len(pending) == 0 {
 			select {
@@ -443,8 +444,9 @@ func (s *Stage) run() {
 				return
 			}
 		}
+		pending = s.awaitBatch(pending, expected, lastStep)
 		if s.cpu != nil {
-			// Gather only once the cores are ours: steps that arrived while another stage
+			// Gather again once the cores are ours: steps that arrived while another stage
 			// computed join this batch instead of waiting for the next.
 			s.cpu.Lock()
 		}
@@ -457,9 +459,6 @@ func (s *Stage) run() {
 			default:
 				break gather
 			}
-		}
-		if s.cpu != nil {
-			pending = s.awaitBatch(pending, lastStep)
 		}
 		var batch []*request
 		var rest []*request
@@ -483,10 +482,14 @@ func (s *Stage) run() {
 			batch = append(batch, r)
 		}
 		pending = rest
+		clear(expected)
 		if len(batch) > 0 {
 			t := time.Now()
 			s.forwardBatch(batch)
 			lastStep = time.Since(t)
+			for _, r := range batch {
+				expected[r.step.Session] = true
+			}
 		}
 		if s.cpu != nil {
 			s.cpu.Unlock()
@@ -494,28 +497,63 @@ func (s *Stage) run() {
 	}
 }
 
-// awaitBatch gives the steps of the stage's other sessions a moment to arrive once it holds the
-// shared cores. The previous stage lets go of them as soon as its batch is computed, and its
-// outputs reach this stage one frame at a time: taking the lock at the first one would split
-// one batch of n sessions into several small ones, each paying for the weights again. The
-// wait is bounded by a twentieth of the last step (at most 2 ms), so a tiny model barely
-// notices it and a large one loses at most 5%.
-func (s *Stage) awaitBatch(pending []*request, lastStep time.Duration) []*request {
-	open := s.Sessions()
-	if len(pending) >= open {
+// awaitBatch gives the sessions of the last batch a moment to send their next steps before
+// the stage computes what is pending, so that they run as one batch again. A decoding
+// session's next step comes as soon as its token is sampled (a millisecond or so after its
+// reply), and a previous stage's outputs arrive one frame at a time; a stage that computed at
+// the first arrival split one batch of n sessions into two or more, every one of them paying
+// to stream the weights again, and they stayed split: while a batch of 1 computes, the other
+// n-1 queue up, and the one comes back while they compute. (Measured on the 70B-shaped model,
+// whole in one process with 8 streams: the stage ran batches of 1 and 7 in turn.) A session
+// that does not come within a fifth of the last step (25 ms at most) is not waited for again
+// until it has run in a batch; a closed one not at all. Nodes sharing cores wait before they
+// take the CPU lock, so a step still upstream, waiting for that lock, is not held up by it.
+func (s *Stage) awaitBatch(pending []*request, expected map[uint64]bool, lastStep time.Duration) []*request {
+	if s.unbatched || len(expected) == 0 {
 		return pending
 	}
-	wait := min(2*time.Millisecond, lastStep/20)
+	wait := min(25*time.Millisecond, lastStep/5)
 	if wait <= 0 {
+		return pending
+	}
+	missing := make(map[uint64]bool, len(expected))
+	s.mu.Lock()
+	for id := range expected {
+		if _, open := s.sessions[id]; open {
+			missing[id] = true
+		}
+	}
+	s.mu.Unlock()
+	arrived := func(r *request) {
+		delete(missing, r.step.Session)
+	}
+	for _, r := range pending {
+		arrived(r)
+	}
+	// Take what is already queued before deciding to wait.
+	for len(missing) > 0 {
+		select {
+		case r := <-s.queue:
+			pending = append(pending, r)
+			arrived(r)
+			continue
+		default:
+		}
+		break
+	}
+	if len(missing) == 0 {
 		return pending
 	}
 	deadline := time.NewTimer(wait)
 	defer deadline.Stop()
-	for len(pending) < open {
+	for len(missing) > 0 {
 		select {
 		case r := <-s.queue:
 			pending = append(pending, r)
+			arrived(r)
 		case <-deadline.C:
+			return pending
+		case <-s.quit:
 			return pending
 		}
 	}
