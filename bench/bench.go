@@ -158,6 +158,7 @@ type bench struct {
 	rep      *Report
 	info     *shard.ModelInfo
 	prompts  []string
+	warmUp   string // a prompt as long as the measured ones, none of them
 	context  int
 	sessions int
 	client   *http.Client
@@ -194,9 +195,10 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	}
 	b.context = ContextFor(cfg.PromptTokens, cfg.Tokens)
 	b.sessions = slices.Max(cfg.Concurrency)
-	if b.prompts, err = Prompts(tok, cfg.PromptTokens, b.sessions); err != nil {
+	if b.prompts, err = Prompts(tok, cfg.PromptTokens, b.sessions+1); err != nil {
 		return nil, fmt.Errorf("bench: %w", err)
 	}
+	b.warmUp, b.prompts = b.prompts[b.sessions], b.prompts[:b.sessions]
 	hop, err := quant.EncodedSize(cfg.Codec, info.Hidden)
 	if err != nil {
 		return nil, fmt.Errorf("bench: %w", err)
@@ -535,8 +537,11 @@ func (b *bench) levelsAt(ctx context.Context, run *RunResult, cl Client, wc *wir
 	if err != nil {
 		return fmt.Errorf("bench: %w", err)
 	}
-	// The first forward allocates ggml's compute graph and faults the weights in.
-	if _, err := cl.Complete(ctx, model, "Warm up", 2); err != nil {
+	// The first forward allocates ggml's compute graph and faults the weights in. The warm-up
+	// prompt is as long as the measured ones: the first prompt chunk of that size grows the
+	// compute buffers (0.3-1 s once on the 70B-shaped model), which a short warm-up left to the
+	// first measured stream's TTFT, as llama-bench's warm-up run avoids.
+	if _, err := cl.Complete(ctx, model, b.warmUp, 2); err != nil {
 		return fmt.Errorf("bench: warm-up: %w", err)
 	}
 	for _, n := range conc {

@@ -142,9 +142,10 @@ type session struct {
 }
 
 type request struct {
-	ctx   context.Context
-	step  Step
-	reply chan response
+	ctx     context.Context
+	step    Step
+	reply   chan response
+	arrived time.Time
 }
 
 type response struct {
@@ -388,7 +389,7 @@ func (s *Stage) Sessions() int {
 // steps of different sessions that arrive together run as one batched graph, since ggml
 // computes one graph at a time per backend.
 func (s *Stage) Forward(ctx context.Context, step Step) (Output, error) {
-	req := &request{ctx: ctx, step: step, reply: make(chan response, 1)}
+	req := &request{ctx: ctx, step: step, reply: make(chan response, 1), arrived: time.Now()}
 	select {
 	case s.queue <- req:
 	case <-s.quit:
@@ -433,6 +434,9 @@ func (s *Stage) run() {
 	defer close(s.done)
 	var pending []*request
 	var lastStep time.Duration
+	expected := make(map[uint64]bool)          // the last batch's sessions, until their next step comes
+	done := make(map[uint64]time.Time)         // when each session's last step was answered
+	comeback := make(map[uint64]time.Duration) // how long its next step took to come after that
 	for {
 		if len(pending) == 0 {
 			select {
@@ -443,8 +447,9 @@ func (s *Stage) run() {
 				return
 			}
 		}
+		pending = s.awaitBatch(pending, expected, comeback, lastStep)
 		if s.cpu != nil {
-			// Gather only once the cores are ours: steps that arrived while another stage
+			// Gather again once the cores are ours: steps that arrived while another stage
 			// computed join this batch instead of waiting for the next.
 			s.cpu.Lock()
 		}
@@ -459,7 +464,7 @@ func (s *Stage) run() {
 			}
 		}
 		if s.cpu != nil {
-			pending = s.awaitBatch(pending, lastStep)
+			pending = s.awaitFrames(pending, lastStep)
 		}
 		var batch []*request
 		var rest []*request
@@ -483,10 +488,24 @@ func (s *Stage) run() {
 			batch = append(batch, r)
 		}
 		pending = rest
+		clear(expected)
 		if len(batch) > 0 {
+			for _, r := range batch {
+				if t, ok := done[r.step.Session]; ok {
+					comeback[r.step.Session] = r.arrived.Sub(t)
+				}
+			}
 			t := time.Now()
 			s.forwardBatch(batch)
-			lastStep = time.Since(t)
+			now := time.Now()
+			lastStep = now.Sub(t)
+			for _, r := range batch {
+				expected[r.step.Session] = true
+				done[r.step.Session] = now
+			}
+			if len(done) > 2*s.info.MaxSessions {
+				s.forgetClosed(done, comeback)
+			}
 		}
 		if s.cpu != nil {
 			s.cpu.Unlock()
@@ -494,13 +513,64 @@ func (s *Stage) run() {
 	}
 }
 
-// awaitBatch gives the steps of the stage's other sessions a moment to arrive once it holds the
-// shared cores. The previous stage lets go of them as soon as its batch is computed, and its
-// outputs reach this stage one frame at a time: taking the lock at the first one would split
-// one batch of n sessions into several small ones, each paying for the weights again. The
-// wait is bounded by a twentieth of the last step (at most 2 ms), so a tiny model barely
+// awaitBatch gives the sessions of the last batch a moment to send their next steps before
+// the stage computes what is pending, so that they run as one batch again. In a stage that
+// serves the whole model a decoding session's next step comes as soon as its token is
+// sampled, a millisecond or so after its reply; a stage that computed at the first arrival
+// split a batch of n sessions into two or more, each paying to stream the weights again, and
+// they stayed split: while a batch of 1 computed, the other n-1 queued, and the one came back
+// while they computed. (Measured on the 70B-shaped model, whole in one process with 8
+// streams: batches of 1 and 7 in turn.) It waits only for sessions whose last step came back
+// within the wait, at most a fifth of the last step (25 ms): in a chain a session comes back
+// to a stage only after the other stages, and waiting for it there would idle the stage. A
+// closed session is not waited for.
+func (s *Stage) awaitBatch(pending []*request, expected map[uint64]bool, comeback map[uint64]time.Duration, lastStep time.Duration) []*request {
+	if s.unbatched || len(expected) == 0 {
+		return pending
+	}
+	wait := min(25*time.Millisecond, lastStep/5)
+	if wait <= 0 {
+		return pending
+	}
+	missing := make(map[uint64]bool, len(expected))
+	s.mu.Lock()
+	for id := range expected {
+		if _, open := s.sessions[id]; open {
+			if d, ok := comeback[id]; ok && d <= wait {
+				missing[id] = true
+			}
+		}
+	}
+	s.mu.Unlock()
+	for _, r := range pending {
+		delete(missing, r.step.Session)
+	}
+	if len(missing) == 0 {
+		return pending
+	}
+	deadline := time.NewTimer(wait)
+	defer deadline.Stop()
+	for len(missing) > 0 {
+		select {
+		case r := <-s.queue:
+			pending = append(pending, r)
+			delete(missing, r.step.Session)
+		case <-deadline.C:
+			return pending
+		case <-s.quit:
+			return pending
+		}
+	}
+	return pending
+}
+
+// awaitFrames gives the steps of the stage's other sessions a moment to arrive once it holds
+// the shared cores. The previous stage lets go of them as soon as its batch is computed, and
+// its outputs reach this stage one frame at a time: taking the lock at the first one would
+// split one batch of n sessions into several small ones, each paying for the weights again.
+// The wait is bounded by a twentieth of the last step (at most 2 ms), so a tiny model barely
 // notices it and a large one loses at most 5%.
-func (s *Stage) awaitBatch(pending []*request, lastStep time.Duration) []*request {
+func (s *Stage) awaitFrames(pending []*request, lastStep time.Duration) []*request {
 	open := s.Sessions()
 	if len(pending) >= open {
 		return pending
@@ -520,6 +590,18 @@ func (s *Stage) awaitBatch(pending []*request, lastStep time.Duration) []*reques
 		}
 	}
 	return pending
+}
+
+// forgetClosed drops the batching records of sessions that are no longer open.
+func (s *Stage) forgetClosed(done map[uint64]time.Time, comeback map[uint64]time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for id := range done {
+		if _, open := s.sessions[id]; !open {
+			delete(done, id)
+			delete(comeback, id)
+		}
+	}
 }
 
 func (s *Stage) drain(pending []*request) {
