@@ -17,12 +17,13 @@ import (
 	"github.com/strata-llm/strata/shard"
 )
 
-// gpuLogitTolerance bounds the last-step logits of a chain with a stage on Vulkan against the
-// whole model on the CPU. Backends differ in summation order and in how they quantise
-// activations for quantised matmuls (Vulkan: f16 intermediates, q8_1 activations on some
-// paths), so the CPU-only oracle's 1e-4 does not carry over; see the README for what lavapipe
-// measured.
-const gpuLogitTolerance = 5e-2
+// gpuLogitTolerance bounds, per weight type, the logits of a chain with a stage on a GPU
+// against the whole model on the CPU, at every step. Backends differ in summation order and in
+// how they treat activations for quantised matmuls: the CPU quantises them to q8_0 for q4_0
+// weights, Vulkan on lavapipe (no integer dot product) multiplies the dequantised weights by
+// f32 activations. Measured on lavapipe (README, GPUs): f32 at most 2.7e-3, q4_0 0.035-0.10
+// at every step, identical from run to run once LP_NUM_THREADS=1.
+var gpuLogitTolerance = map[string]float64{"f32": 1e-2, "q4_0": 0.25}
 
 // TestSplitMatchesWholeGPU is the split == whole oracle across backends: the tiny model cut
 // into stages, one of them computing on a GPU (Vulkan; $STRATA_GPU_BACKEND=cuda for CUDA) (its layers, KV cache and, for the
@@ -38,10 +39,11 @@ const gpuLogitTolerance = 5e-2
 func TestSplitMatchesWholeGPU(t *testing.T) {
 	backend := cmp.Or(os.Getenv("STRATA_GPU_BACKEND"), "vulkan")
 	if os.Getenv("STRATA_GPU_ORACLE") != "1" {
-		// Known broken on lavapipe (README, GPUs): logits of the Vulkan stage differ from run
-		// to run (1.4e-3, then 0.2) and a process with several Vulkan stages aborted with a
-		// double free. Until that is understood the oracle runs only when asked.
-		t.Skip("skipped: the GPU oracle runs with STRATA_GPU_ORACLE=1 (after make vulkan or make cuda); on lavapipe it currently fails, see the README's GPUs section")
+		// On lavapipe (Mesa 22.3.6, Debian bookworm) about half the runs abort with glibc heap
+		// corruption ("double free or corruption", "corrupted size vs. prev_size") inside
+		// lavapipe's queue thread, with one copy of ggml-base or two and with flash attention
+		// on or off (README, GPUs). Until that is found the oracle runs only when asked.
+		t.Skip("skipped: the GPU oracle runs with STRATA_GPU_ORACLE=1 (after make vulkan or make cuda); on lavapipe about half its runs abort with heap corruption, see the README's GPUs section")
 	}
 	if os.Getenv("STRATA_GPU_TEST_CHILD") == "" {
 		runGPUChild(t, backend)
@@ -74,6 +76,13 @@ func runGPUChild(t *testing.T, backend string) {
 	cmd.Env = append(os.Environ(), "STRATA_GPU_TEST_CHILD=1", "OLLAMA_LIBRARY_PATH="+dir)
 	if backend == "vulkan" && os.Getenv("GGML_VK_VISIBLE_DEVICES") == "" {
 		cmd.Env = append(cmd.Env, "GGML_VK_VISIBLE_DEVICES=0") // lavapipe is a CPU device: named, it is used
+	}
+	if os.Getenv("LP_NUM_THREADS") == "" {
+		// lavapipe running a dispatch's workgroups on several threads computes whole 32x32
+		// output tiles of ggml's matmul wrong now and then (scripts/gpu-lavapipe-mm.c: about 1
+		// in 10 runs of a [32x192]x[192xN] product for N > 32 with 2 threads, none in 680 with
+		// one); the variable is read by lavapipe alone.
+		cmd.Env = append(cmd.Env, "LP_NUM_THREADS=1")
 	}
 	out, err := cmd.CombinedOutput()
 	// The child's verdict lines, and any log that explains a failure.
@@ -149,7 +158,8 @@ func splitOnGPU(t *testing.T, backend, typ string) {
 		return toks, logits
 	}
 	L := info.Layers
-	wantToks, wantLogits := run([]*shard.Stage{load(shard.Range{Start: 0, End: L}, false)})
+	wantStages := []*shard.Stage{load(shard.Range{Start: 0, End: L}, false)}
+	wantToks, wantLogits := run(wantStages)
 	splits := []struct {
 		name   string
 		stages []*shard.Stage
@@ -159,18 +169,94 @@ func splitOnGPU(t *testing.T, backend, typ string) {
 		// or corruption" (seen once, not yet investigated); see the README.
 		{"last stage (and LM head) on " + dev.Name, []*shard.Stage{load(shard.Range{Start: 0, End: L / 2}, false), load(shard.Range{Start: L / 2, End: L}, true)}},
 	}
+	tol := gpuLogitTolerance[typ]
 	for _, s := range splits {
 		toks, logits := run(s.stages)
-		if !slices.Equal(toks, wantToks) {
-			t.Fatalf("%s: greedy tokens differ from the whole model on the CPU\n got %v\nwant %v", s.name, toks, wantToks)
+		worst := maxDiff(logits, wantLogits)
+		if slices.Equal(toks, wantToks) {
+			t.Logf("%s: 64 identical greedy tokens; max |logit diff| at the last step %.3g", s.name, worst)
+			if worst > tol {
+				t.Fatalf("%s: last-step logits differ by %.3g > %g", s.name, worst, tol)
+			}
+		} else {
+			i := 0
+			for i < len(toks) && toks[i] == wantToks[i] {
+				i++
+			}
+			// The sequences part there, so their last steps are not comparable: the
+			// teacher-forced pass below judges whether step i was a near tie.
+			t.Logf("%s: greedy tokens identical for %d of 64, then %d instead of %d (checked below against the reference's margin)", s.name, i, toks[i], wantToks[i])
 		}
-		var worst float64
-		for i := range logits {
-			worst = math.Max(worst, math.Abs(float64(logits[i]-wantLogits[i])))
+		// Teacher-forced: the reference's tokens through the split, logits at every step. Each
+		// step's logits stay within tol, and its greedy token is the reference's unless the
+		// reference's own top two are closer than 2*tol (a near tie either backend may break).
+		session += 2
+		c, err := pipeline.OpenLocalChain(s.stages, session, quant.CodecF32)
+		if err != nil {
+			t.Fatal(err)
 		}
-		t.Logf("%s: 64 identical greedy tokens; max |logit diff| at the last step %.3g", s.name, worst)
-		if worst > gpuLogitTolerance {
-			t.Fatalf("%s: logits differ by %.3g > %g", s.name, worst, gpuLogitTolerance)
+		ref, err := pipeline.OpenLocalChain(wantStages, session+1, quant.CodecF32)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var stepWorst float64
+		ties := 0
+		feed := append(slices.Clone(prompt), wantToks[:63]...)
+		pos := int32(0)
+		for step := 0; step < 64; step++ {
+			in := feed[:len(prompt)]
+			if step > 0 {
+				in = feed[len(prompt)+step-1 : len(prompt)+step]
+			}
+			ps := make([]int32, len(in))
+			for i := range ps {
+				ps[i] = pos + int32(i)
+			}
+			pos += int32(len(in))
+			got, err := c.Step(context.Background(), pipeline.StepInput{Positions: ps, Tokens: in, WantLogits: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			want, err := ref.Step(context.Background(), pipeline.StepInput{Positions: ps, Tokens: in, WantLogits: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := maxDiff(got.Logits, want.Logits)
+			stepWorst = max(stepWorst, d)
+			if d > tol {
+				t.Fatalf("%s: step %d: logits differ by %.3g > %g", s.name, step, d, tol)
+			}
+			if got.Token != want.Token {
+				if m := margin(want.Logits); m >= 2*tol {
+					t.Fatalf("%s: step %d: greedy token %d, want %d (reference margin %.3g >= %g)", s.name, step, got.Token, want.Token, m, 2*tol)
+				}
+				ties++
+			}
+		}
+		c.Close(context.Background())
+		ref.Close(context.Background())
+		t.Logf("%s: teacher-forced over 64 steps: max |logit diff| %.3g (tolerance %g), %d near-tie steps with another token", s.name, stepWorst, tol, ties)
+	}
+}
+
+func maxDiff(a, b []float32) float64 {
+	var worst float64
+	for i := range a {
+		worst = math.Max(worst, math.Abs(float64(a[i]-b[i])))
+	}
+	return worst
+}
+
+// margin is the gap between the two largest logits.
+func margin(l []float32) float64 {
+	first, second := math.Inf(-1), math.Inf(-1)
+	for _, v := range l {
+		switch f := float64(v); {
+		case f > first:
+			first, second = f, first
+		case f > second:
+			second = f
 		}
 	}
+	return first - second
 }
