@@ -1,7 +1,6 @@
 package shard_test
 
 import (
-	"context"
 	"math"
 	"slices"
 	"testing"
@@ -56,26 +55,16 @@ func TestDeepseek2PerHeadKVMatchesEngine(t *testing.T) {
 	if testing.Short() {
 		n = 8
 	}
-	path := testkit.Model(t, testkit.SynthOptions{Arch: "deepseek2", Preset: "tiny-mha", Seed: 1, Type: "f32"})
-	info, err := shard.ReadModelInfo(path)
-	if err != nil {
-		t.Fatal(err)
-	}
+	o := tiny("deepseek2", "f32")
+	o.Preset = "tiny-mha"
+	path, info, prompt := oracleModel(t, o, oraclePrompt)
 	if got, want := info.KVBytesPerToken(2), int64(4*(48+32)*2); got != want {
 		t.Errorf("per-head KV %d B/token/layer, want %d", got, want)
-	}
-	tok, err := shard.LoadTokenizer(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	prompt, err := tok.Encode("The quick brown fox jumps over the lazy dog, said Strata.", true)
-	if err != nil {
-		t.Fatal(err)
 	}
 	want, wantLogits := engineGreedy(t, path, prompt, n)
 	half := info.Layers / 2
 	for _, ranges := range [][]shard.Range{{{Start: 0, End: info.Layers}}, {{Start: 0, End: half}, {Start: half, End: info.Layers}}} {
-		stages, _ := testkit.LoadStages(t, path, ranges, shard.WithCacheType("f32"), shard.WithMaxSessions(1), shard.WithMaxContext(oracleContext))
+		stages := oracleStages(t, path, ranges)
 		got, gotLogits := pipelineGreedy(t, stages, prompt, n)
 		if !slices.Equal(got, want) {
 			t.Fatalf("%v: Strata %v, engine %v", ranges, got, want)
@@ -83,9 +72,7 @@ func TestDeepseek2PerHeadKVMatchesEngine(t *testing.T) {
 		if d := maxDiff(gotLogits, wantLogits); d > 1e-4 {
 			t.Fatalf("%v: logits differ from the engine's by %.3g > 1e-4", ranges, d)
 		}
-		for _, st := range stages {
-			st.Close()
-		}
+		closeStages(stages)
 	}
 }
 
@@ -102,24 +89,10 @@ func BenchmarkMoECodecFlips(b *testing.B) {
 	for _, arch := range []string{"deepseek2", "gptoss"} {
 		for _, c := range []quant.Codec{quant.CodecF16, quant.CodecQ8} {
 			b.Run(arch+"/"+c.String(), func(b *testing.B) {
-				path := testkit.Model(b, testkit.SynthOptions{Arch: arch, Preset: "tiny", Seed: 1, Type: "f32"})
-				info, err := shard.ReadModelInfo(path)
-				if err != nil {
-					b.Fatal(err)
-				}
-				tok, err := shard.LoadTokenizer(path)
-				if err != nil {
-					b.Fatal(err)
-				}
-				prompt, err := tok.Encode("The quick brown fox jumps over the lazy dog, said Strata.", true)
-				if err != nil {
-					b.Fatal(err)
-				}
-				opts := []shard.StageOption{shard.WithCacheType("f32"), shard.WithMaxSessions(1), shard.WithMaxContext(oracleContext)}
-				whole, _ := testkit.LoadStages(b, path, []shard.Range{{Start: 0, End: info.Layers}}, opts...)
-				want, wantLogits := pipelineGreedy(b, whole, prompt, n)
+				path, info, prompt := oracleModel(b, tiny(arch, "f32"), oraclePrompt)
+				want, wantLogits := pipelineGreedy(b, oracleStages(b, path, []shard.Range{{Start: 0, End: info.Layers}}), prompt, n)
 				third := info.Layers / 3
-				split, _ := testkit.LoadStages(b, path, []shard.Range{{Start: 0, End: third}, {Start: third, End: 2 * third}, {Start: 2 * third, End: info.Layers}}, opts...)
+				split := oracleStages(b, path, []shard.Range{{Start: 0, End: third}, {Start: third, End: 2 * third}, {Start: 2 * third, End: info.Layers}})
 				for _, st := range split {
 					if err := st.OpenSession(1); err != nil {
 						b.Fatal(err)
@@ -131,27 +104,7 @@ func BenchmarkMoECodecFlips(b *testing.B) {
 					if i > 0 {
 						toks, from = want[i-1:i], len(prompt)+i-1
 					}
-					s := shard.Step{Session: 1, Positions: positions(from, len(toks)), Tokens: toks}
-					var logits []float32
-					for _, st := range split {
-						out, err := st.Forward(context.Background(), s)
-						if err != nil {
-							b.Fatal(err)
-						}
-						if out.Logits != nil {
-							logits = out.Logits
-							break
-						}
-						enc, err := c.Append(nil, out.Hidden)
-						if err != nil {
-							b.Fatal(err)
-						}
-						h := make([]float32, len(out.Hidden))
-						if err := c.Decode(h, enc); err != nil {
-							b.Fatal(err)
-						}
-						s = shard.Step{Session: 1, Positions: s.Positions, Hidden: h}
-					}
+					logits := stagesStep(b, split, 1, c, toks, from)
 					if argmax(logits) != want[i] {
 						flips++
 					}

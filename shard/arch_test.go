@@ -23,6 +23,7 @@ import (
 	_ "github.com/ollama/ollama/model/models/qwen3"
 
 	"github.com/strata-llm/strata/internal/testkit"
+	"github.com/strata-llm/strata/quant"
 	"github.com/strata-llm/strata/shard"
 )
 
@@ -65,6 +66,32 @@ func engineGreedy(t *testing.T, path string, prompt []int32, n int) ([]int32, []
 		ctx.Compute(logits)
 		return slices.Clone(logits.Floats())
 	}
+	return greedy(prompt, n, step)
+}
+
+// pipelineGreedy runs stages in order, as a chain of nodes does, greedily for n tokens.
+func pipelineGreedy(tb testing.TB, stages []*shard.Stage, prompt []int32, n int) ([]int32, [][]float32) {
+	tb.Helper()
+	return codecGreedy(tb, stages, 1, quant.CodecF32, prompt, n)
+}
+
+// codecGreedy is pipelineGreedy in session, with the activations between stages passed
+// through codec as the wire carries them (f32's round trip is exact).
+func codecGreedy(tb testing.TB, stages []*shard.Stage, session uint64, c quant.Codec, prompt []int32, n int) ([]int32, [][]float32) {
+	tb.Helper()
+	for _, st := range stages {
+		if err := st.OpenSession(session); err != nil {
+			tb.Fatal(err)
+		}
+	}
+	return greedy(prompt, n, func(toks []int32, from int) []float32 {
+		return stagesStep(tb, stages, session, c, toks, from)
+	})
+}
+
+// greedy decodes n tokens after prompt, step giving the logits of a run of tokens from a
+// position, and returns them and every step's logits.
+func greedy(prompt []int32, n int, step func(toks []int32, from int) []float32) ([]int32, [][]float32) {
 	var toks []int32
 	var all [][]float32
 	l := step(prompt, 0)
@@ -78,41 +105,81 @@ func engineGreedy(t *testing.T, path string, prompt []int32, n int) ([]int32, []
 	return toks, all
 }
 
-// pipelineGreedy runs stages in order, as a chain of nodes does, greedily for n tokens.
-func pipelineGreedy(t testing.TB, stages []*shard.Stage, prompt []int32, n int) ([]int32, [][]float32) {
-	t.Helper()
-	ctx := context.Background()
+// stagesStep runs toks, at positions from on, through stages in order in session, the
+// activations between them through codec, and returns the last stage's logits.
+func stagesStep(tb testing.TB, stages []*shard.Stage, session uint64, c quant.Codec, toks []int32, from int) []float32 {
+	tb.Helper()
+	s := shard.Step{Session: session, Positions: positions(from, len(toks)), Tokens: toks}
 	for _, st := range stages {
-		if err := st.OpenSession(1); err != nil {
-			t.Fatal(err)
+		out, err := st.Forward(context.Background(), s)
+		if err != nil {
+			tb.Fatal(err)
 		}
-	}
-	run := func(toks []int32, from int) []float32 {
-		s := shard.Step{Session: 1, Positions: positions(from, len(toks)), Tokens: toks}
-		for _, st := range stages {
-			out, err := st.Forward(ctx, s)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if out.Logits != nil {
-				return out.Logits
-			}
-			s = shard.Step{Session: 1, Positions: s.Positions, Hidden: out.Hidden}
+		if out.Logits != nil {
+			return out.Logits
 		}
-		t.Fatal("no stage gave logits")
-		return nil
-	}
-	var toks []int32
-	var all [][]float32
-	l := run(prompt, 0)
-	for i := range n {
-		all = append(all, l)
-		toks = append(toks, argmax(l))
-		if i < n-1 {
-			l = run(toks[i:i+1], len(prompt)+i)
+		b, err := c.Append(nil, out.Hidden)
+		if err != nil {
+			tb.Fatal(err)
 		}
+		h := make([]float32, len(out.Hidden))
+		if err := c.Decode(h, b); err != nil {
+			tb.Fatal(err)
+		}
+		s = shard.Step{Session: session, Positions: s.Positions, Hidden: h}
 	}
-	return toks, all
+	tb.Fatal("no stage gave logits")
+	return nil
+}
+
+// oraclePrompt is what the oracles decode after.
+const oraclePrompt = "The quick brown fox jumps over the lazy dog, said Strata."
+
+// tiny is the tiny preset of arch (llama for "") in weight type typ, seed 1.
+func tiny(arch, typ string) testkit.SynthOptions {
+	return testkit.SynthOptions{Arch: arch, Preset: "tiny", Seed: 1, Type: typ}
+}
+
+// oracleModel synthesizes o's model (cached) and returns its path, its metadata and the
+// tokens of text.
+func oracleModel(tb testing.TB, o testkit.SynthOptions, text string) (string, *shard.ModelInfo, []int32) {
+	tb.Helper()
+	path := testkit.Model(tb, o)
+	info, err := shard.ReadModelInfo(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return path, info, encodePrompt(tb, path, text)
+}
+
+// encodePrompt is text's tokens under path's tokenizer, BOS first.
+func encodePrompt(tb testing.TB, path, text string) []int32 {
+	tb.Helper()
+	tok, err := shard.LoadTokenizer(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	prompt, err := tok.Encode(text, true)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return prompt
+}
+
+// oracleStages loads ranges of path as the oracles run them: an F32 KV cache, one session
+// (unless opts say otherwise), oracleContext tokens.
+func oracleStages(tb testing.TB, path string, ranges []shard.Range, opts ...shard.StageOption) []*shard.Stage {
+	tb.Helper()
+	opts = append([]shard.StageOption{shard.WithCacheType("f32"), shard.WithMaxSessions(1), shard.WithMaxContext(oracleContext)}, opts...)
+	stages, _ := testkit.LoadStages(tb, path, ranges, opts...)
+	return stages
+}
+
+// closeStages frees stages before the test ends, so a loop over cuts holds one set at a time.
+func closeStages(stages []*shard.Stage) {
+	for _, st := range stages {
+		st.Close()
+	}
 }
 
 // cuts lists every way to split layers into k contiguous non-empty stages.
@@ -156,25 +223,13 @@ func TestArchMatchesEngine(t *testing.T) {
 	}
 	for _, arch := range engineArchs {
 		t.Run(arch, func(t *testing.T) {
-			path := testkit.Model(t, testkit.SynthOptions{Arch: arch, Preset: "tiny", Seed: 1, Type: "f32"})
-			info, err := shard.ReadModelInfo(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			tok, err := shard.LoadTokenizer(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			prompt, err := tok.Encode("The quick brown fox jumps over the lazy dog, said Strata.", true)
-			if err != nil {
-				t.Fatal(err)
-			}
+			path, info, prompt := oracleModel(t, tiny(arch, "f32"), oraclePrompt)
 			want, wantLogits := engineGreedy(t, path, prompt, n)
 			var worst float64
 			var whole [][]float32 // Strata's own, which every cut must give bit for bit
 			for _, k := range parts {
 				for _, ranges := range cuts(info.Layers, k) {
-					stages, _ := testkit.LoadStages(t, path, ranges, shard.WithCacheType("f32"), shard.WithMaxSessions(1), shard.WithMaxContext(oracleContext))
+					stages := oracleStages(t, path, ranges)
 					got, gotLogits := pipelineGreedy(t, stages, prompt, n)
 					name := fmt.Sprint(ranges)
 					if !slices.Equal(got, want) {
@@ -190,9 +245,7 @@ func TestArchMatchesEngine(t *testing.T) {
 					} else if d := maxDiff(gotLogits, whole); d != 0 {
 						t.Fatalf("%s: logits differ from Strata's whole model by %.3g: a split must be bit-identical (f32 activations)", name, d)
 					}
-					for _, st := range stages {
-						st.Close()
-					}
+					closeStages(stages)
 				}
 			}
 			t.Logf("%s: %d tokens identical to the engine whole and over %v-stage cuts; max |logit diff| %.3g (%d distinct tokens)",
@@ -222,7 +275,7 @@ func TestSlidingWindowKVBudget(t *testing.T) {
 		{"gptoss", []int{16, 0, 16, 0, 16, 0}},
 		{"qwen2", []int{0, 0, 0, 0, 0, 0}},
 	} {
-		info, err := shard.ReadModelInfo(testkit.Model(t, testkit.SynthOptions{Arch: c.arch, Preset: "tiny", Seed: 1, Type: "f32"}))
+		info, err := shard.ReadModelInfo(testkit.Model(t, tiny(c.arch, "f32")))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -257,27 +310,14 @@ func TestArchQuantMatchesEngine(t *testing.T) {
 		}
 		for _, typ := range types {
 			t.Run(arch+"/"+typ, func(t *testing.T) {
-				path := testkit.Model(t, testkit.SynthOptions{Arch: arch, Preset: "tiny", Seed: 1, Type: typ})
-				info, err := shard.ReadModelInfo(path)
-				if err != nil {
-					t.Fatal(err)
-				}
-				tok, err := shard.LoadTokenizer(path)
-				if err != nil {
-					t.Fatal(err)
-				}
-				prompt, err := tok.Encode("Once upon a time, in a swarm of small machines,", true)
-				if err != nil {
-					t.Fatal(err)
-				}
+				path, info, prompt := oracleModel(t, tiny(arch, typ), "Once upon a time, in a swarm of small machines,")
 				want, _ := engineGreedy(t, path, prompt, n)
 				third := info.Layers / 3
 				for _, ranges := range [][]shard.Range{
 					{{Start: 0, End: info.Layers}},
 					{{Start: 0, End: third}, {Start: third, End: 2 * third}, {Start: 2 * third, End: info.Layers}},
 				} {
-					stages, _ := testkit.LoadStages(t, path, ranges, shard.WithCacheType("f32"), shard.WithMaxSessions(1), shard.WithMaxContext(oracleContext))
-					if got, _ := pipelineGreedy(t, stages, prompt, n); !slices.Equal(got, want) {
+					if got, _ := pipelineGreedy(t, oracleStages(t, path, ranges), prompt, n); !slices.Equal(got, want) {
 						t.Fatalf("%v: Strata %v, engine %v", ranges, got, want)
 					}
 				}

@@ -1,7 +1,6 @@
 package shard_test
 
 import (
-	"context"
 	"os"
 	"path/filepath"
 	"slices"
@@ -18,7 +17,9 @@ import (
 // tinyMixtral is the tiny llama preset with 8 experts per layer, 2 per token: Mixtral's
 // routing at a size the oracles can afford.
 func tinyMixtral(t *testing.T, typ string) string {
-	return testkit.Model(t, testkit.SynthOptions{Arch: "llama", Experts: 8, Preset: "tiny", Seed: 1, Type: typ})
+	o := tiny("llama", typ)
+	o.Experts = 8
+	return testkit.Model(t, o)
 }
 
 // TestMixtralSplitMatchesWhole: Mixtral has no engine implementation to hold Strata to (the
@@ -36,17 +37,13 @@ func TestMixtralSplitMatchesWhole(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	prompt := moePrompt(t, path)
-	load := func(ranges []shard.Range) []*shard.Stage {
-		stages, _ := testkit.LoadStages(t, path, ranges, shard.WithCacheType("f32"), shard.WithMaxSessions(1), shard.WithMaxContext(oracleContext))
-		return stages
-	}
-	whole := load([]shard.Range{{Start: 0, End: info.Layers}})
+	prompt := encodePrompt(t, path, oraclePrompt)
+	whole := oracleStages(t, path, []shard.Range{{Start: 0, End: info.Layers}})
 	want, wantLogits := pipelineGreedy(t, whole, prompt, n)
 	whole[0].Close()
 	for _, k := range parts {
 		for _, ranges := range cuts(info.Layers, k) {
-			stages := load(ranges)
+			stages := oracleStages(t, path, ranges)
 			got, gotLogits := pipelineGreedy(t, stages, prompt, n)
 			if !slices.Equal(got, want) {
 				t.Fatalf("%v: split %v, whole %v", ranges, got, want)
@@ -54,9 +51,7 @@ func TestMixtralSplitMatchesWhole(t *testing.T) {
 			if d := maxDiff(gotLogits, wantLogits); d != 0 {
 				t.Fatalf("%v: logits differ from the whole model's by %.3g, want bit-identical", ranges, d)
 			}
-			for _, st := range stages {
-				st.Close()
-			}
+			closeStages(stages)
 		}
 	}
 	t.Logf("mixtral: %d tokens (%d distinct) and logits bit-identical whole and over every %v-stage cut", n, len(distinct(want)), parts)
@@ -72,10 +67,9 @@ func TestMixtralQuantSplit(t *testing.T) {
 	for _, typ := range []string{"q8_0", "q4_0"} {
 		t.Run(typ, func(t *testing.T) {
 			path := tinyMixtral(t, typ)
-			prompt := moePrompt(t, path)
-			whole, _ := testkit.LoadStages(t, path, []shard.Range{{Start: 0, End: 6}}, shard.WithCacheType("f32"), shard.WithMaxSessions(1))
-			want, _ := pipelineGreedy(t, whole, prompt, n)
-			split, _ := testkit.LoadStages(t, path, []shard.Range{{Start: 0, End: 2}, {Start: 2, End: 4}, {Start: 4, End: 6}}, shard.WithCacheType("f32"), shard.WithMaxSessions(1))
+			prompt := encodePrompt(t, path, oraclePrompt)
+			want, _ := pipelineGreedy(t, oracleStages(t, path, []shard.Range{{Start: 0, End: 6}}), prompt, n)
+			split := oracleStages(t, path, []shard.Range{{Start: 0, End: 2}, {Start: 2, End: 4}, {Start: 4, End: 6}})
 			if got, _ := pipelineGreedy(t, split, prompt, n); !slices.Equal(got, want) {
 				t.Fatalf("split %v, whole %v", got, want)
 			}
@@ -105,14 +99,14 @@ func TestMoEF16RoutingFlips(t *testing.T) {
 	}{
 		{"mixtral", func() string { return tinyMixtral(t, "f32") }},
 		{"qwen3moe", func() string {
-			return testkit.Model(t, testkit.SynthOptions{Arch: "qwen3moe", Preset: "tiny", Seed: 1, Type: "f32"})
+			return testkit.Model(t, tiny("qwen3moe", "f32"))
 		}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			path := c.path()
-			prompt := moePrompt(t, path)
+			prompt := encodePrompt(t, path, oraclePrompt)
 			ranges := []shard.Range{{Start: 0, End: 2}, {Start: 2, End: 4}, {Start: 4, End: 6}}
-			stages, _ := testkit.LoadStages(t, path, ranges, shard.WithCacheType("f32"), shard.WithMaxSessions(2), shard.WithMaxContext(oracleContext))
+			stages := oracleStages(t, path, ranges, shard.WithMaxSessions(2))
 			want, wantLogits := codecGreedy(t, stages, 1, quant.CodecF32, prompt, n)
 			got, gotLogits := codecGreedy(t, stages, 2, quant.CodecF16, prompt, n)
 			same := 0
@@ -145,64 +139,6 @@ func TestMoEF16RoutingFlips(t *testing.T) {
 				c.name, flips, decisions, 100*float64(flips)/float64(decisions), same, n, maxDiff(gotLogits[:same], wantLogits[:same]))
 		})
 	}
-}
-
-func moePrompt(t *testing.T, path string) []int32 {
-	t.Helper()
-	tok, err := shard.LoadTokenizer(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	prompt, err := tok.Encode("The quick brown fox jumps over the lazy dog, said Strata.", true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return prompt
-}
-
-// codecGreedy is pipelineGreedy with the activations between stages passed through codec.
-func codecGreedy(t *testing.T, stages []*shard.Stage, session uint64, c quant.Codec, prompt []int32, n int) ([]int32, [][]float32) {
-	t.Helper()
-	ctx := context.Background()
-	for _, st := range stages {
-		if err := st.OpenSession(session); err != nil {
-			t.Fatal(err)
-		}
-	}
-	run := func(toks []int32, from int) []float32 {
-		s := shard.Step{Session: session, Positions: positions(from, len(toks)), Tokens: toks}
-		for _, st := range stages {
-			out, err := st.Forward(ctx, s)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if out.Logits != nil {
-				return out.Logits
-			}
-			b, err := c.Append(nil, out.Hidden)
-			if err != nil {
-				t.Fatal(err)
-			}
-			h := make([]float32, len(out.Hidden))
-			if err := c.Decode(h, b); err != nil {
-				t.Fatal(err)
-			}
-			s = shard.Step{Session: session, Positions: s.Positions, Hidden: h}
-		}
-		t.Fatal("no stage gave logits")
-		return nil
-	}
-	var toks []int32
-	var all [][]float32
-	l := run(prompt, 0)
-	for i := range n {
-		all = append(all, l)
-		toks = append(toks, argmax(l))
-		if i < n-1 {
-			l = run(toks[i:i+1], len(prompt)+i)
-		}
-	}
-	return toks, all
 }
 
 // referenceRoutes runs the float64 reference over seq and returns the experts each (token,

@@ -39,12 +39,17 @@ type refModel struct {
 	// stored, so this reference does too, and the synthesizer draws Gemma's norms around 1 as
 	// converted files have them. Post-norms (after attention and after the MLP) apply
 	// wherever a file has them.
-	embedScale        float64   // token embeddings times sqrt(hidden); 1 for other families
-	attnCap, finalCap float64   // tanh soft caps of attention scores and of logits; 0: none
-	geglu             bool      // GELU (tanh form) gate instead of SiLU
-	geluMove          float64   // relative move of GELU's inputs, to measure the reference's spread
-	window            []int     // per layer: attend to positions >= pos-window; 0: all
-	layerBase         []float64 // per layer RoPE base (gemma3's local layers use their own)
+	embedScale        float64 // token embeddings times sqrt(hidden); 1 for other families
+	attnCap, finalCap float64 // tanh soft caps of attention scores and of logits; 0: none
+	geglu             bool    // GELU (tanh form) gate instead of SiLU
+	// GELU's table rounds its input to half precision (see gelu): tau is the relative
+	// distance to a rounding midpoint within which an input counts as near, near collects
+	// the current layer's near sites, flip the sites to round the other way.
+	tau       float64
+	near      []geluSite
+	flip      map[geluSite]bool
+	window    []int     // per layer: attend to positions >= pos-window; 0: all
+	layerBase []float64 // per layer RoPE base (gemma3's local layers use their own)
 }
 
 func loadRef(t *testing.T, path string) *refModel {
@@ -207,7 +212,13 @@ func (m *refModel) headNorm(x []float64, name string) {
 
 // step runs one token at position len(cache) and returns its logits.
 func (m *refModel) step(token int32, pos int) []float64 {
-	logits := matvec(m.w["output.weight"], m.final(token, pos))
+	return m.head(m.final(token, pos))
+}
+
+// head is the output projection of the final norm's output, soft-capped where the model
+// caps its logits.
+func (m *refModel) head(xn []float64) []float64 {
+	logits := matvec(m.w["output.weight"], xn)
 	if m.finalCap > 0 {
 		for i, v := range logits {
 			logits[i] = math.Tanh(v/m.finalCap) * m.finalCap
@@ -219,86 +230,98 @@ func (m *refModel) step(token int32, pos int) []float64 {
 // final runs one token at position len(cache) and returns the final norm's output: the
 // hidden state embeddings are pooled from.
 func (m *refModel) final(token int32, pos int) []float64 {
-	x := append([]float64(nil), m.w["token_embd.weight"][int(token)*m.hidden:(int(token)+1)*m.hidden]...)
-	for i := range x {
-		x[i] *= m.embedScale
-	}
+	x := m.embed(token)
 	for l := range m.layers {
 		if m.boundary != nil {
 			m.boundary(l, x)
 		}
-		p := func(s string) []float64 { return m.w["blk."+itoa(l)+"."+s+".weight"] }
-		xn := m.rmsnorm(x, p("attn_norm"))
-		b := "blk." + itoa(l) + "."
-		q := m.addBias(matvec(p("attn_q"), xn), b+"attn_q.bias")
-		k := m.addBias(matvec(p("attn_k"), xn), b+"attn_k.bias")
-		v := m.addBias(matvec(p("attn_v"), xn), b+"attn_v.bias")
-		m.headNorm(q, b+"attn_q_norm.weight")
-		m.headNorm(k, b+"attn_k_norm.weight")
-		m.rope(q, m.heads, pos, m.layerBase[l])
-		m.rope(k, m.kvHeads, pos, m.layerBase[l])
-		m.keys[l] = append(m.keys[l], k)
-		m.values[l] = append(m.values[l], v)
-		attn := make([]float64, m.heads*m.hd)
-		group := m.heads / m.kvHeads
-		for h := range m.heads {
-			kh := h / group
-			qh := q[h*m.hd : (h+1)*m.hd]
-			scores := make([]float64, pos+1)
-			mx := math.Inf(-1)
-			for t := 0; t <= pos; t++ {
-				var s float64
-				kt := m.keys[l][t][kh*m.hd : (kh+1)*m.hd]
-				for i := range qh {
-					s += qh[i] * kt[i]
-				}
-				scores[t] = s / math.Sqrt(float64(m.hd))
-				if m.attnCap > 0 {
-					scores[t] = math.Tanh(scores[t]/m.attnCap) * m.attnCap
-				}
-				if m.window[l] > 0 && t < pos-m.window[l] {
-					scores[t] = math.Inf(-1)
-				}
-				mx = math.Max(mx, scores[t])
+		m.layer(l, pos, x)
+	}
+	return m.rmsnorm(x, m.w["output_norm.weight"])
+}
+
+// embed is a token's row of the embeddings, scaled as the family scales it.
+func (m *refModel) embed(token int32) []float64 {
+	x := append([]float64(nil), m.w["token_embd.weight"][int(token)*m.hidden:(int(token)+1)*m.hidden]...)
+	for i := range x {
+		x[i] *= m.embedScale
+	}
+	return x
+}
+
+// layer runs block l on the stream x of the token at position pos (len(cache)), in place,
+// appending its key and value to the layer's cache.
+func (m *refModel) layer(l, pos int, x []float64) {
+	p := func(s string) []float64 { return m.w["blk."+itoa(l)+"."+s+".weight"] }
+	xn := m.rmsnorm(x, p("attn_norm"))
+	b := "blk." + itoa(l) + "."
+	q := m.addBias(matvec(p("attn_q"), xn), b+"attn_q.bias")
+	k := m.addBias(matvec(p("attn_k"), xn), b+"attn_k.bias")
+	v := m.addBias(matvec(p("attn_v"), xn), b+"attn_v.bias")
+	m.headNorm(q, b+"attn_q_norm.weight")
+	m.headNorm(k, b+"attn_k_norm.weight")
+	m.rope(q, m.heads, pos, m.layerBase[l])
+	m.rope(k, m.kvHeads, pos, m.layerBase[l])
+	m.keys[l] = append(m.keys[l], k)
+	m.values[l] = append(m.values[l], v)
+	attn := make([]float64, m.heads*m.hd)
+	group := m.heads / m.kvHeads
+	for h := range m.heads {
+		kh := h / group
+		qh := q[h*m.hd : (h+1)*m.hd]
+		scores := make([]float64, pos+1)
+		mx := math.Inf(-1)
+		for t := 0; t <= pos; t++ {
+			var s float64
+			kt := m.keys[l][t][kh*m.hd : (kh+1)*m.hd]
+			for i := range qh {
+				s += qh[i] * kt[i]
 			}
-			var sum float64
-			for t := range scores {
-				scores[t] = math.Exp(scores[t] - mx)
-				sum += scores[t]
+			scores[t] = s / math.Sqrt(float64(m.hd))
+			if m.attnCap > 0 {
+				scores[t] = math.Tanh(scores[t]/m.attnCap) * m.attnCap
 			}
-			for t := range scores {
-				vt := m.values[l][t][kh*m.hd : (kh+1)*m.hd]
-				for i := range vt {
-					attn[h*m.hd+i] += scores[t] / sum * vt[i]
-				}
+			if m.window[l] > 0 && t < pos-m.window[l] {
+				scores[t] = math.Inf(-1)
+			}
+			mx = math.Max(mx, scores[t])
+		}
+		var sum float64
+		for t := range scores {
+			scores[t] = math.Exp(scores[t] - mx)
+			sum += scores[t]
+		}
+		for t := range scores {
+			vt := m.values[l][t][kh*m.hd : (kh+1)*m.hd]
+			for i := range vt {
+				attn[h*m.hd+i] += scores[t] / sum * vt[i]
 			}
 		}
-		o := m.postNorm(matvec(p("attn_output"), attn), b+"post_attention_norm.weight")
-		for i := range x {
-			x[i] += o[i]
-		}
-		xn = m.rmsnorm(x, p("ffn_norm"))
-		if m.experts > 0 {
-			d := m.moe(l, xn, p)
-			for i := range x {
-				x[i] += d[i]
-			}
-			continue
-		}
-		g, u := matvec(p("ffn_gate"), xn), matvec(p("ffn_up"), xn)
-		for i := range g {
-			if m.geglu {
-				g[i] = gelu(g[i]*(1+m.geluMove)) * u[i]
-			} else {
-				g[i] = g[i] / (1 + math.Exp(-g[i])) * u[i]
-			}
-		}
-		d := m.postNorm(matvec(p("ffn_down"), g), b+"post_ffw_norm.weight")
+	}
+	o := m.postNorm(matvec(p("attn_output"), attn), b+"post_attention_norm.weight")
+	for i := range x {
+		x[i] += o[i]
+	}
+	xn = m.rmsnorm(x, p("ffn_norm"))
+	if m.experts > 0 {
+		d := m.moe(l, xn, p)
 		for i := range x {
 			x[i] += d[i]
 		}
+		return
 	}
-	return m.rmsnorm(x, m.w["output_norm.weight"])
+	g, u := matvec(p("ffn_gate"), xn), matvec(p("ffn_up"), xn)
+	for i := range g {
+		if m.geglu {
+			g[i] = m.gelu(l, i, g[i]) * u[i]
+		} else {
+			g[i] = g[i] / (1 + math.Exp(-g[i])) * u[i]
+		}
+	}
+	d := m.postNorm(matvec(p("ffn_down"), g), b+"post_ffw_norm.weight")
+	for i := range x {
+		x[i] += d[i]
+	}
 }
 
 // moe is the mixture-of-experts MLP written from its definition: softmax over every
@@ -353,20 +376,62 @@ func (m *refModel) postNorm(x []float64, name string) []float64 {
 }
 
 // gelu is GELU in the tanh form Gemma uses, as ggml's CPU backend computes it (built with
-// GGML_GELU_FP16): read from a table of half-precision values indexed by the input rounded to
-// half precision, exact beyond +-10. The exact function differs from the table by up to 1e-3
-// in the tiny Gemma models' logits, ten times the bound, so the reference models the table.
-// What it cannot model is which way an input within float32 error of a rounding midpoint
-// goes: see testWholeMatchesFloat64Reference.
-func gelu(x float64) float64 {
+// GGML_GELU_FP16): a table of half-precision values indexed by the input rounded to half
+// precision, exact beyond +-10. The exact function differs from the table by up to 1e-3 in the
+// tiny Gemma models' logits, ten times the bound, so the reference models the table, entry for
+// entry (geluEntry). What no reference can know is which way the engine's float32 input went
+// where it sits within float32 error of a half-precision rounding midpoint: such inputs are
+// recorded in near (when tau > 0) and rounded the other way where flip says so (see
+// resolveGELU).
+func (m *refModel) gelu(l, i int, x float64) float64 {
 	switch {
 	case x <= -10:
 		return 0
 	case x >= 10:
 		return x
 	}
-	x = toHalf(x)
-	return toHalf(0.5 * x * (1 + math.Tanh(math.Sqrt(2/math.Pi)*(x+0.044715*x*x*x))))
+	h := toHalf(x)
+	if o := toHalf(2*x - h); o != h && math.Abs(x-(h+o)/2) <= m.tau*math.Abs(x) {
+		s := geluSite{layer: l, index: i}
+		m.near = append(m.near, s)
+		if m.flip[s] {
+			h = o
+		}
+	}
+	v := geluEntry(h, true)
+	if u := geluEntry(h, false); u != v {
+		s := geluSite{layer: l, index: i, entry: true}
+		m.near = append(m.near, s)
+		if m.flip[s] {
+			v = u
+		}
+	}
+	return v
+}
+
+// geluSite is one GELU of the reference's forward and which of its roundings may go either
+// way: the input's to half precision, or (entry) the table's value.
+type geluSite struct {
+	layer, index int
+	entry        bool
+}
+
+// geluEntry is ggml's table entry for the half-precision input h: ggml_gelu_f32 evaluated in
+// float32 (tanhf, correctly rounded here), rounded to half precision. gcc contracts
+// 1 + a*x*x into a fused multiply-add when the target has one (-march=native on CI and
+// here); the unfused value differs in a few entries, and one of them is the entry the tiny
+// gemma2 reads at position 11, layer 0, where the fused one matches the engine (1e-5 -> 1e-6).
+// Entries where the two differ are recorded as near sites, so a build without FMA still
+// resolves.
+func geluEntry(h float64, fused bool) float64 {
+	const c, a = float32(0.79788456080286535587989211986876), float32(0.044715)
+	x := float32(h)
+	in := float32(1) + float32(float32(a*x)*x)
+	if fused {
+		in = float32(math.FMA(float64(float32(a*x)), float64(x), 1))
+	}
+	t := float32(math.Tanh(float64(float32(float32(c*x) * in))))
+	return toHalf(float64(float32(float32(float32(0.5)*x) * float32(1+t))))
 }
 
 // toHalf rounds x to the nearest IEEE half-precision value (ties to even), as float32 ->
@@ -394,6 +459,8 @@ func TestWholeMatchesFloat64Reference(t *testing.T) {
 	// hidden: the pieces of those families Strata writes itself.
 	// mixtral and qwen3moe add top-k softmax routing over experts: Mixtral has no engine
 	// implementation to compare with, so this is its oracle.
+	// gemma2 adds the embedding scale, attention and final soft caps, sliding windows and
+	// post-norms; gemma3 per-head Q/K norms and the local RoPE base of its sliding layers.
 	for _, o := range []testkit.SynthOptions{
 		{Arch: "llama"}, {Arch: "qwen2"}, {Arch: "qwen3"}, {Arch: "llama", Experts: 8}, {Arch: "qwen3moe"},
 		{Arch: "gemma2"}, {Arch: "gemma3"},
@@ -409,30 +476,46 @@ func TestWholeMatchesFloat64Reference(t *testing.T) {
 	}
 }
 
+// geluNear is the reference's tau for GeGLU models (see resolveGELU): a relative distance
+// to a half-precision midpoint of about 80 float32 epsilons. The reference's GELU inputs differ
+// from the engine's by the float32 rounding the engine accumulated over the layers so far, a
+// few 1e-7 relative on the tiny Gemma models, more where a sum cancels. Measured final logits
+// against the engine's (gemma2, gemma3): 3e-6 leaves some flips unresolved (1.2e-5, 1.2e-5),
+// 1e-5 gives 9.1e-7 and 1.4e-6, 3e-5 starts taking coincidences (5.7e-6, 1.0e-5).
+const geluNear = 1e-5
+
 func testWholeMatchesFloat64Reference(t *testing.T, path string) {
-	ref := loadRef(t, path)
-	// The spread: GELU from a half-precision table rounds its input to half precision, and an
-	// input within float32 error of a rounding midpoint goes either way. One such flip changes
-	// a GELU by half an ulp, and Gemma's post-MLP norm magnifies it, so the engine and any
-	// float64 reference differ by as much as the reference does from itself with its GELU
-	// inputs moved by 1e-6 (float32's error after a few layers): about 2e-4 on the tiny Gemma
-	// models. The bound is 1e-4 or twice that spread, whichever is larger; the spread is 0
-	// for SiLU families.
-	var moved []*refModel
+	if w := worstVersusReference(t, path, loadRef(t, path)); w > 1e-4 {
+		t.Fatalf("engine disagrees with the float64 reference: max abs diff %.3g > 1e-4", w)
+	}
+}
+
+// worstVersusReference is the largest |logit - reference| over 24 positions of a prompt.
+func worstVersusReference(t *testing.T, path string, ref *refModel) float64 {
+	ctx := context.Background()
+	load := func(r shard.Range, opts ...shard.StageOption) *shard.Stage {
+		opts = append(opts, shard.WithSliceDir(t.TempDir()), shard.WithCacheType("f32"), shard.WithMaxContext(64), shard.WithMaxSessions(1))
+		st, err := shard.LoadStage(ctx, path, r, opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		if err := st.OpenSession(7); err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	whole := load(shard.Range{Start: 0, End: ref.layers})
+	// GeGLU models: the same model one layer per stage, whose F32 boundaries show the
+	// engine's stream after every layer (split == whole: the last stage's logits equal
+	// whole's, checked below), for resolveGELU.
+	var layers []*shard.Stage
 	if ref.geglu {
-		for _, d := range []float64{1e-6, -1e-6} {
-			r := loadRef(t, path)
-			r.geluMove = d
-			moved = append(moved, r)
+		ref.tau = geluNear
+		for l := range ref.layers {
+			layers = append(layers, load(shard.Range{Start: l, End: l + 1}, shard.WithThreads(1)))
 		}
 	}
-	var spread float64
-	st, err := shard.LoadStage(context.Background(), path, shard.Range{Start: 0, End: ref.layers},
-		shard.WithSliceDir(t.TempDir()), shard.WithCacheType("f32"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
 	tok, err := shard.LoadTokenizer(path)
 	if err != nil {
 		t.Fatal(err)
@@ -447,20 +530,20 @@ func testWholeMatchesFloat64Reference(t *testing.T, path string) {
 	if len(ids) < positions {
 		t.Fatalf("want %d tokens, got %d", positions, len(ids))
 	}
-	if err := st.OpenSession(7); err != nil {
-		t.Fatal(err)
-	}
 	var worst float64
+	var flips int
 	for pos, id := range ids[:positions] {
-		out, err := st.Forward(context.Background(), shard.Step{Session: 7, Positions: []int32{int32(pos)}, Tokens: []int32{id}})
+		out, err := whole.Forward(ctx, shard.Step{Session: 7, Positions: []int32{int32(pos)}, Tokens: []int32{id}})
 		if err != nil {
 			t.Fatal(err)
 		}
-		want := ref.step(id, pos)
-		for _, r := range moved {
-			for i, v := range r.step(id, pos) {
-				spread = math.Max(spread, math.Abs(v-want[i]))
-			}
+		var want []float64
+		if layers == nil {
+			want = ref.step(id, pos)
+		} else {
+			var n int
+			want, n = ref.resolveGELU(t, layers, id, pos, out.Logits)
+			flips += n
 		}
 		if len(out.Logits) != len(want) {
 			t.Fatalf("pos %d: %d logits, want %d", pos, len(out.Logits), len(want))
@@ -469,12 +552,92 @@ func testWholeMatchesFloat64Reference(t *testing.T, path string) {
 			worst = math.Max(worst, math.Abs(float64(out.Logits[i])-w))
 		}
 	}
-	bound := max(1e-4, 2*spread)
-	t.Logf("max |logit - float64 reference| over %d positions x %d vocab: %.3g (bound %.3g; the reference's own spread under 1e-6 moves of GELU's inputs: %.3g)",
-		positions, ref.vocab, worst, bound, spread)
-	if worst > bound {
-		t.Fatalf("engine disagrees with the float64 reference: max abs diff %.3g > %.3g", worst, bound)
+	t.Logf("max |logit - float64 reference| over %d positions x %d vocab: %.3g (GELU table roundings taken the engine's way: %d)",
+		positions, ref.vocab, worst, flips)
+	return worst
+}
+
+// resolveGELU runs the reference one token on, layer by layer beside the engine's one-layer
+// stages, and returns its logits and how many GELU roundings it took the other way.
+//
+// Why: ggml's GELU reads a half-precision table (see gelu), so an input within float32 error
+// of a rounding midpoint lands on either neighbour, and which one depends on the engine's
+// float32 sums, not on the real numbers. One flip moves a GELU by a half-precision step;
+// Gemma's post-MLP norm rescales the small MLP output to unit size and so magnifies it, and
+// the layers after carry it on. With every input rounded the real numbers' way, the tiny
+// gemma3's logits differ from the engine's by 2.2e-4 (gemma2 9.8e-5), and moving every GELU
+// input by 1e-6 moves the reference's own logits by 3.7e-4: 1e-4 cannot hold for a reference
+// that ignores the table's ambiguity, whatever else it gets right. Nothing else is off:
+// layer by layer, from the engine's own stream, each Gemma layer agrees to 1.5e-6 (gemma2
+// 3.8e-6; 3.7e-4 unresolved) once the one or two near inputs a position and layer has are
+// rounded as the engine's output says; the unexplained jumps (up to 5.7e-5 with no near
+// input) were table entries the float64 GELU rounded the other way (see geluEntry).
+//
+// So: at each layer the reference notes its GELU inputs within geluNear of a midpoint (about
+// four a layer and position, of 192) and, one at a time, rounds each the other way, keeping the
+// flip only if the layer's output then lies closer to the engine's. It never takes the
+// engine's numbers, only those binary choices, and its own stream runs on. That leaves the
+// oracle its teeth: with the reference's embedding scale off by 0.1%, its local RoPE base by
+// 1%, its RMSNorm epsilon by 10x, gemma2's attention cap by 1%, or a window one token wider,
+// the resolved logits still differ by 1.5e-3 to 1.95 (tried by hand, not kept as tests).
+func (m *refModel) resolveGELU(t *testing.T, layers []*shard.Stage, token int32, pos int, logits []float32) ([]float64, int) {
+	t.Helper()
+	x := m.embed(token)
+	var hidden []float32
+	var flips int
+	var out []float64
+	for l, st := range layers {
+		step := shard.Step{Session: 7, Positions: []int32{int32(pos)}, Hidden: hidden}
+		if l == 0 {
+			step.Tokens = []int32{token}
+		}
+		o, err := st.Forward(context.Background(), step)
+		if err != nil {
+			t.Fatal(err)
+		}
+		last := l == len(layers)-1
+		engine := o.Hidden
+		if last {
+			engine = o.Logits
+			if !slices.Equal(engine, logits) {
+				t.Fatalf("pos %d: one stage per layer gives other logits than the whole model", pos)
+			}
+		}
+		run := func(flip map[geluSite]bool) []float64 {
+			m.keys[l], m.values[l] = m.keys[l][:pos], m.values[l][:pos]
+			m.flip, m.near = flip, nil
+			y := slices.Clone(x)
+			m.layer(l, pos, y)
+			if last {
+				return m.head(m.rmsnorm(y, m.w["output_norm.weight"]))
+			}
+			return y
+		}
+		dist := func(y []float64) float64 {
+			var d float64
+			for i, v := range y {
+				d = math.Max(d, math.Abs(float64(engine[i])-v))
+			}
+			return d
+		}
+		flip := map[geluSite]bool{}
+		best := dist(run(flip))
+		for _, s := range m.near {
+			flip[s] = true
+			if d := dist(run(flip)); d < best {
+				best = d
+			} else {
+				delete(flip, s)
+			}
+		}
+		flips += len(flip)
+		out = run(flip)
+		if !last {
+			x, hidden = out, o.Hidden
+		}
 	}
+	m.flip, m.near = nil, nil
+	return out, flips
 }
 
 // TestEmbeddingMatchesFloat64Reference: an Embed step over a whole prompt returns the final

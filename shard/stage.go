@@ -476,8 +476,12 @@ func (s *Stage) run() {
 				r.reply <- response{err: r.ctx.Err()}
 				continue
 			}
-			// An embedding step keeps every row of the last block, so it runs alone.
-			embeds := s.info.Last() && (r.step.Embed || (len(batch) == 1 && batch[0].step.Embed))
+			// An embedding step runs alone on every stage: the last keeps every row of its last
+			// block, and on any stage a batch's shape may change how the backend sums (a GPU
+			// picks its matmul kernel by batch size), so a vector would depend on what else the
+			// swarm served at the time. Alone, an input's vector is the same whether it came
+			// with others in one request or by itself (api's TestEmbeddings).
+			embeds := r.step.Embed || (len(batch) == 1 && batch[0].step.Embed)
 			alone := s.unbatched || embeds
 			if seen[r.step.Session] || (len(batch) > 0 && (alone || tokens+n > s.info.MaxBatch)) {
 				rest = append(rest, r)
