@@ -58,13 +58,25 @@ test:
 # `go test -list`, which would link every package's test binary (ggml included) just to list.
 # They live in packages that do not link ggml where the code allows (quant/codec, gguf,
 # discovery), since -fuzz instruments every dependency and so rebuilds a linked ggml;
-# FuzzReadFrame (p2p) still does, once per build cache.
+# FuzzReadFrame (p2p) still does, once per build cache. go1.26's fuzz coordinator can fail a
+# target with a bare "context deadline exceeded" when -fuzztime ends under load
+# (go.dev/issue/75804, fixed in go1.27); a count (-fuzztime Nx) would avoid it but makes the
+# slow targets (FuzzRequestShapes: ~20 inputs/s) take minutes, so that failure counts only when
+# the run wrote a failing input to testdata/fuzz/.
 FUZZTIME ?= 30s
 fuzz:
 	@for dir in $$($(GO) list -f '{{.Dir}}' ./...); do \
 		for f in $$(grep -ho '^func Fuzz[A-Za-z0-9_]*' $$dir/*_test.go 2>/dev/null | cut -c6-); do \
 			echo "fuzz $$dir $$f"; \
-			$(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$dir || exit 1; \
+			before=$$(ls $$dir/testdata/fuzz/$$f 2>/dev/null | wc -l); \
+			out=$$($(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$dir 2>&1); rc=$$?; \
+			echo "$$out"; \
+			after=$$(ls $$dir/testdata/fuzz/$$f 2>/dev/null | wc -l); \
+			if [ $$rc -ne 0 ]; then \
+				if [ "$$after" = "$$before" ] && echo "$$out" | grep -qx '    context deadline exceeded'; then \
+					echo "fuzz $$f: Go's fuzz coordinator raced its own -fuzztime deadline (go.dev/issue/75804, go1.26) and wrote no failing input: not a failure"; \
+				else exit 1; fi; \
+			fi; \
 		done; \
 	done
 
