@@ -50,6 +50,11 @@ type Config struct {
 	PlanOnly     bool          // stop after planning: the report holds the model and each node's memory, nothing measured
 	WholeAll     bool          // the baseline at every concurrency, not only the fewest and most streams
 	WholeOnly    bool          // measure the whole model only, no swarm
+	// Paired is how many more single-stream rounds the whole model and the swarm take in
+	// turn, both loaded, after the swarm's 1-stream level (0: none). A memory bus whose
+	// bandwidth drifts by half over minutes (measured here: 28-66 GB/s) moves two runs a
+	// minute apart more than the swarm's cost; rounds a few seconds apart see the same bus.
+	Paired int
 
 	// BaselineBinary is another strata build (e.g. `make plain`: the unpatched engine) whose
 	// whole model is measured too, in a child process with the same settings, for the ratio
@@ -163,6 +168,8 @@ type bench struct {
 	sessions int
 	client   *http.Client
 	whole    map[int][]Stream // the baseline's streams per concurrency, to compare texts
+	// live is the whole model, kept loaded while the swarm runs for the paired rounds.
+	live *Whole
 }
 
 // Run measures. It returns the report even when a later run failed, with what was measured.
@@ -171,6 +178,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		return nil, err
 	}
 	b := &bench{cfg: cfg, client: &http.Client{}, whole: map[int][]Stream{}}
+	defer func() {
+		if b.live != nil {
+			b.live.Close()
+		}
+	}()
 	b.rep = &Report{Started: time.Now(), Machine: ReadMachine()}
 	defer func() {
 		b.rep.Elapsed = time.Since(b.rep.Started).Seconds()
@@ -224,6 +236,17 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	b.rep.Machine.CopyBandwidth = CopyBandwidth(256<<20, 4)
 	debug.FreeOSMemory() // the copy buffers must not count in the whole model's RSS
 
+	if cfg.Nodes > 1 && !cfg.WholeOnly && cfg.API == "" {
+		b.progress("measuring what taking turns between %d processes costs a memory-bound step", cfg.Nodes)
+		size := int(b.rep.Model.DecodeBytes / int64(cfg.Nodes))
+		ratio, one, many, err := SwitchCost(ctx, []string{cfg.Binary, "bench", "stream-worker"}, cfg.Nodes, size, 10, 3)
+		if err != nil {
+			b.rep.Notes = append(b.rep.Notes, "switch cost not measured: "+err.Error())
+		} else {
+			m := &b.rep.Machine
+			m.SwitchCost, m.SwitchOne, m.SwitchMany = ratio, one.Seconds(), many.Seconds()
+		}
+	}
 	if cfg.API != "" {
 		err := b.runExternal(ctx)
 		b.rep.evaluate()
@@ -317,7 +340,12 @@ func (b *bench) runWhole(ctx context.Context, path string) error {
 	if err != nil {
 		return fmt.Errorf("bench: %w", err)
 	}
-	defer w.Close()
+	keep := b.cfg.Paired > 0 && !b.cfg.WholeOnly && slices.Contains(b.cfg.Concurrency, 1)
+	if keep {
+		b.live = w
+	} else {
+		defer w.Close()
+	}
 	loaded, _ := ReadProcMemory("self")
 	if resetErr == nil {
 		resetErr = ResetPeak("self")
@@ -335,7 +363,10 @@ func (b *bench) runWhole(ctx context.Context, path string) error {
 		// gives on this machine, the ceiling for the swarm's.
 		conc = []int{conc[0], conc[len(conc)-1]}
 	}
-	if err := b.levelsAt(ctx, run, Client{HTTP: b.client, API: w.API()}, nil, conc, []string{"self"}); err != nil {
+	times := func(context.Context) ([]StageTime, error) {
+		return []StageTime{stageTimeOf("whole", w.stage.Timing())}, nil
+	}
+	if err := b.levelsAt(ctx, run, Client{HTTP: b.client, API: w.API()}, nil, times, conc, []string{"self"}); err != nil {
 		return err
 	}
 	for _, l := range run.Levels {
@@ -432,10 +463,13 @@ func (b *bench) runSwarm(ctx context.Context, path string, latency time.Duration
 		conc = []int{1} // the latency model is about one stream's decode; keep the run short
 	}
 	counter := &wireCounter{client: b.client}
+	var names, apis []string
 	for _, n := range sw.Nodes {
 		counter.nodes = append(counter.nodes, wireNode{api: n.API, pid: strconv.Itoa(n.PID())})
+		names, apis = append(names, fmt.Sprintf("node %d", n.Index)), append(apis, n.API)
 	}
-	if err := b.levelsAt(ctx, run, Client{HTTP: b.client, API: entry.API}, counter, conc, append(pids, "self")); err != nil {
+	times := scrapeStageTimes(b.client, names, apis)
+	if err := b.levelsAt(ctx, run, Client{HTTP: b.client, API: entry.API}, counter, times, conc, append(pids, "self")); err != nil {
 		return err
 	}
 	for _, n := range sw.Nodes {
@@ -518,21 +552,24 @@ func (b *bench) runExternal(ctx context.Context) error {
 		return fmt.Errorf("bench: %w", err)
 	}
 	counter := &wireCounter{client: b.client}
+	var names, apis []string
 	for _, p := range h.Peers {
 		if p.API != "" {
 			counter.nodes = append(counter.nodes, wireNode{api: p.API})
+			names, apis = append(names, p.API), append(apis, p.API)
 		}
 	}
 	b.rep.Settings.Nodes, b.rep.Settings.Ranges = len(ranges), ranges
 	run := &RunResult{Name: fmt.Sprintf("swarm at %s, %d stages", b.cfg.API, len(ranges)), Swarm: true, Nodes: len(ranges), Links: links,
 		Latency: b.cfg.Latency.Seconds()}
 	b.rep.Runs = append(b.rep.Runs, run)
-	return b.levelsAt(ctx, run, Client{HTTP: b.client, API: b.cfg.API}, counter, b.cfg.Concurrency, []string{"self"})
+	return b.levelsAt(ctx, run, Client{HTTP: b.client, API: b.cfg.API}, counter, scrapeStageTimes(b.client, names, apis), b.cfg.Concurrency, []string{"self"})
 }
 
 // levelsAt warms the system up with one short completion, then measures each concurrency.
-// pids are the processes of the system measured, to tell their CPU time from other work's.
-func (b *bench) levelsAt(ctx context.Context, run *RunResult, cl Client, wc *wireCounter, conc []int, pids []string) error {
+// pids are the processes of the system measured, to tell their CPU time from other work's;
+// times reads its stages' timing (nil: none).
+func (b *bench) levelsAt(ctx context.Context, run *RunResult, cl Client, wc *wireCounter, times stageTimes, conc []int, pids []string) error {
 	model, err := cl.Model(ctx)
 	if err != nil {
 		return fmt.Errorf("bench: %w", err)
@@ -550,6 +587,14 @@ func (b *bench) levelsAt(ctx context.Context, run *RunResult, cl Client, wc *wir
 		if wc != nil {
 			before = wc.sample(ctx)
 		}
+		var timesBefore []StageTime
+		if times != nil {
+			var err error
+			if timesBefore, err = times(ctx); err != nil {
+				// An older node: the level is measured all the same, without the breakdown.
+				b.cfg.Log.Warn("bench: no stage timing", "err", err)
+			}
+		}
 		cpu := sampleCPU(pids)
 		streams, wall, err := cl.Concurrent(ctx, model, b.prompts[:n], b.cfg.Tokens)
 		l.OtherCores = otherCores(cpu, sampleCPU(pids))
@@ -563,6 +608,13 @@ func (b *bench) levelsAt(ctx context.Context, run *RunResult, cl Client, wc *wir
 				l.WireBytes, l.WireSource = 0, ""
 			}
 		}
+		if timesBefore != nil {
+			if after, err := times(ctx); err == nil && len(after) == len(timesBefore) {
+				for i := range after {
+					l.Stages = append(l.Stages, after[i].sub(timesBefore[i]))
+				}
+			}
+		}
 		l.Streams, l.Wall = streams, wall.Seconds()
 		if ref, ok := b.whole[n]; ok && run.Swarm {
 			l.SameAsWhole = 0
@@ -573,9 +625,45 @@ func (b *bench) levelsAt(ctx context.Context, run *RunResult, cl Client, wc *wir
 			}
 		}
 		l.summarize(b.rep.Model.DecodeBytes, b.rep.Machine.CopyBandwidth)
+		if n == 1 && run.Swarm && run.Latency == 0 && b.live != nil {
+			if err := b.pairedRounds(ctx, l, model, cl); err != nil {
+				return err
+			}
+		}
 		run.Levels = append(run.Levels, l)
 		b.progress("%s, %d streams: TTFT %.2f s, prefill %.1f tok/s, decode %.2f tok/s (%.2f per stream), %d+%d tokens in %.1f s; other processes used %.2f cores",
 			run.Name, n, l.TTFTMean, l.PrefillRate, l.DecodeRate, l.PerStream, l.PromptTokens, l.CompletionTokens, l.Wall, l.OtherCores)
+	}
+	return nil
+}
+
+// pairedRounds measures one stream on the whole model and on the swarm in turn, both
+// loaded, b.cfg.Paired times each, alternating which goes first.
+func (b *bench) pairedRounds(ctx context.Context, l *Level, model string, swarm Client) error {
+	whole := Client{HTTP: b.client, API: b.live.API()}
+	wholeModel, err := whole.Model(ctx)
+	if err != nil {
+		return fmt.Errorf("bench: paired rounds: %w", err)
+	}
+	for i := range b.cfg.Paired {
+		var r PairedRound
+		for j := range 2 {
+			if (i+j)%2 == 0 {
+				s, err := whole.Complete(ctx, wholeModel, b.prompts[0], b.cfg.Tokens)
+				if err != nil {
+					return fmt.Errorf("bench: paired round %d, whole model: %w", i+1, err)
+				}
+				r.Whole = s.DecodeRate()
+			} else {
+				s, err := swarm.Complete(ctx, model, b.prompts[0], b.cfg.Tokens)
+				if err != nil {
+					return fmt.Errorf("bench: paired round %d, swarm: %w", i+1, err)
+				}
+				r.Swarm = s.DecodeRate()
+			}
+		}
+		l.Paired = append(l.Paired, r)
+		b.progress("paired round %d: whole %.2f tok/s, swarm %.2f tok/s (%.2fx)", i+1, r.Whole, r.Swarm, r.Swarm/r.Whole)
 	}
 	return nil
 }

@@ -170,7 +170,7 @@ func TestRunTiny(t *testing.T) {
 	var progress bytes.Buffer
 	rep, err := Run(context.Background(), Config{
 		Model: path, Nodes: 2, Concurrency: []int{2, 1}, Tokens: 8, PromptTokens: 16, Codec: quant.CodecF32,
-		Latency: 10 * time.Millisecond, Cores: 2, WholeAll: true, DataDir: dir, Binary: testkit.BuildStrata(t), Progress: &progress,
+		Latency: 10 * time.Millisecond, Cores: 2, WholeAll: true, Paired: 2, DataDir: dir, Binary: testkit.BuildStrata(t), Progress: &progress,
 	})
 	t.Log("\n" + progress.String())
 	if err != nil {
@@ -215,6 +215,25 @@ func TestRunTiny(t *testing.T) {
 		if l.WirePerToken <= 0 {
 			t.Errorf("%d streams: no bytes on the wire counted", l.Concurrency)
 		}
+	}
+	// Where the time went: every stage's compute loop, read from the nodes' /metrics.
+	for _, r := range []*RunResult{whole, swarm} {
+		for _, l := range r.Levels {
+			if len(l.Stages) != r.Nodes {
+				t.Fatalf("%s, %d streams: %d stage timings, want %d", r.Name, l.Concurrency, len(l.Stages), r.Nodes)
+			}
+			for _, st := range l.Stages {
+				if st.DecodeBatches <= 0 || st.DecodeSteps < st.DecodeBatches || st.DecodeCompute <= 0 || st.Compute < st.DecodeCompute {
+					t.Errorf("%s, %d streams, %s: %+v", r.Name, l.Concurrency, st.Name, st)
+				}
+			}
+		}
+	}
+	if one := swarm.level(1); len(one.Paired) != 2 || one.Paired[0].Whole <= 0 || one.Paired[1].Swarm <= 0 {
+		t.Errorf("paired rounds %+v, want 2 with both speeds", one.Paired)
+	}
+	if rep.Machine.SwitchCost <= 0 || rep.Machine.SwitchOne <= 0 {
+		t.Errorf("switch cost not measured: %+v", rep.Machine)
 	}
 	if swarm.Links < 2 || len(swarm.Memory) != 2 || len(whole.Memory) != 1 {
 		t.Fatalf("links %d, memory rows %d and %d", swarm.Links, len(swarm.Memory), len(whole.Memory))

@@ -28,6 +28,12 @@ type Machine struct {
 	LoadAvgEnd float64 `json:"load_avg_1m_at_end"`
 	// CopyBandwidth is memory copy speed over all cores, bytes read plus written per second.
 	CopyBandwidth float64 `json:"copy_bandwidth_bytes_per_s"`
+	// SwitchCost is how much slower the swarm's processes stream memory taking turns than one
+	// process streams the same bytes (SwitchCost); 0: not measured.
+	SwitchCost float64 `json:"switch_cost,omitempty"`
+	// SwitchOne and SwitchMany are that measurement's times per round, in seconds.
+	SwitchOne  float64 `json:"switch_one_s,omitempty"`
+	SwitchMany float64 `json:"switch_many_s,omitempty"`
 }
 
 // ReadMachine describes this machine (without measuring bandwidth).
@@ -206,25 +212,11 @@ func parseCounter(r io.Reader, name, labels string) (float64, error) {
 	if labels != "" {
 		want += "{" + labels + "}"
 	}
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if strings.HasPrefix(line, "#") {
-			continue
-		}
-		series, value, ok := strings.Cut(line, " ")
-		if !ok || series != want {
-			continue
-		}
-		if f := strings.Fields(value); len(f) > 0 {
-			return strconv.ParseFloat(f[0], 64)
-		}
-	}
-	if err := sc.Err(); err != nil {
+	v, err := parseCounters(r, []string{want})
+	if err != nil {
 		return 0, err
 	}
-	return 0, fmt.Errorf("%w: %s", errNoMetric, want)
+	return v[0], nil
 }
 
 // ResetPeak resets a process's VmHWM to its current RSS ("self" for this process), so a

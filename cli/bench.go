@@ -111,6 +111,7 @@ of layers needs, so the planner forms exactly one K-stage chain.`,
 	f.BoolVar(&cfg.SkipWhole, "no-whole", false, "skip the whole-model baseline")
 	f.BoolVar(&cfg.WholeAll, "whole-all", false, "measure the whole model at every concurrency, not only the fewest and most streams")
 	f.BoolVar(&cfg.WholeOnly, "whole-only", false, "measure the whole model only, no swarm")
+	f.IntVar(&cfg.Paired, "paired", 3, "after the swarm's 1-stream level, this many more single streams on the whole model and the swarm in turn, both loaded, for the ratio (0: none)")
 	f.StringVar(&cfg.BaselineBinary, "baseline-binary", "", "also measure the whole model with this strata build (e.g. bin/strata-plain from `make plain`), for the ratio")
 	f.BoolVar(&cfg.BaselineFirst, "baseline-first", false, "measure the --baseline-binary before this build")
 	f.StringVar(&cfg.DataDir, "data-dir", "", "model cache and the nodes' state (default ~/.strata)")
@@ -119,6 +120,27 @@ of layers needs, so the planner forms exactly one K-stage chain.`,
 	f.StringVar(&out, "json", "", "write every measurement to this JSON file")
 	f.StringVar(&cpuProfile, "cpuprofile", "", "write this process's CPU profile (the whole-model run and the client) to a file")
 	cmd.Flags().SortFlags = false
-	cmd.AddCommand(newBenchLoadCommand())
+	cmd.AddCommand(newBenchLoadCommand(), newBenchStreamWorkerCommand())
 	return cmd
+}
+
+// newBenchStreamWorkerCommand is the child process of the bench's switch-cost measurement
+// (bench.SwitchCost): it reads turns from fd 3 and passes them on to fd 4.
+func newBenchStreamWorkerCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:    "stream-worker SIZE",
+		Hidden: true,
+		Args:   cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			size, err := strconv.Atoi(args[0])
+			if err != nil {
+				return fmt.Errorf("stream worker: size %q: %w", args[0], err)
+			}
+			in, out := os.NewFile(3, "turns-in"), os.NewFile(4, "turns-out")
+			if in == nil || out == nil {
+				return errors.New("stream worker: needs fds 3 and 4 (it is bench's child)")
+			}
+			return bench.StreamWorker(in, out, size)
+		},
+	}
 }

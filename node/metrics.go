@@ -12,6 +12,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/strata-llm/strata/pipeline"
+	"github.com/strata-llm/strata/shard"
 )
 
 // metrics are one node's Prometheus collectors, in a registry of its own: two nodes in one
@@ -170,6 +171,8 @@ func (m *metrics) WireBytes(in, out int) {
 type stageCollector struct {
 	n                                               *Node
 	sessions, opened, steps, refused, layers, ready *prometheus.Desc
+	batches, compute, lockWait, batchWait           *prometheus.Desc
+	decodeBatches, decodeSteps, decodeCompute       *prometheus.Desc
 }
 
 func newStageCollector(n *Node) *stageCollector {
@@ -187,11 +190,25 @@ func newStageCollector(n *Node) *stageCollector {
 			"Layers this node serves now.", nil, nil),
 		ready: prometheus.NewDesc("strata_swarm_ready",
 			"1 when this node sees a route through every layer of the model.", nil, nil),
+		batches: prometheus.NewDesc("strata_stage_batches_total",
+			"Graphs the stage served now computed (each a batch of sessions' steps).", nil, nil),
+		compute: prometheus.NewDesc("strata_stage_compute_seconds_total",
+			"Time the stage served now spent in the engine's forward pass.", nil, nil),
+		lockWait: prometheus.NewDesc("strata_stage_lock_wait_seconds_total",
+			"Time the stage served now waited for the machine's shared CPU lock (--cpu-lock).", nil, nil),
+		batchWait: prometheus.NewDesc("strata_stage_batch_wait_seconds_total",
+			"Time the stage served now held steps back for the rest of their batch.", nil, nil),
+		decodeBatches: prometheus.NewDesc("strata_stage_decode_batches_total",
+			"Graphs of single-token steps (decoding, no prompt chunk) the stage served now computed.", nil, nil),
+		decodeSteps: prometheus.NewDesc("strata_stage_decode_steps_total",
+			"Single-token steps in those graphs (sessions decoding together share one graph).", nil, nil),
+		decodeCompute: prometheus.NewDesc("strata_stage_decode_compute_seconds_total",
+			"Time the stage served now spent in the engine's forward pass on graphs of single-token steps.", nil, nil),
 	}
 }
 
 func (c *stageCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.sessions, c.opened, c.steps, c.refused, c.layers, c.ready} {
+	for _, d := range []*prometheus.Desc{c.sessions, c.opened, c.steps, c.refused, c.layers, c.ready, c.batches, c.compute, c.lockWait, c.batchWait, c.decodeBatches, c.decodeSteps, c.decodeCompute} {
 		ch <- d
 	}
 }
@@ -209,13 +226,22 @@ func (c *stageCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.refused, prometheus.CounterValue, float64(v), reason)
 	}
 	layers := 0
+	var tm shard.Timing
 	n.mu.Lock()
 	if n.stage != nil {
 		r := n.stage.Info().Range
 		layers = r.End - r.Start
+		tm = n.stage.Timing()
 	}
 	n.mu.Unlock()
 	ch <- prometheus.MustNewConstMetric(c.layers, prometheus.GaugeValue, float64(layers))
+	ch <- prometheus.MustNewConstMetric(c.batches, prometheus.CounterValue, float64(tm.Batches))
+	ch <- prometheus.MustNewConstMetric(c.compute, prometheus.CounterValue, tm.Compute.Seconds())
+	ch <- prometheus.MustNewConstMetric(c.lockWait, prometheus.CounterValue, tm.LockWait.Seconds())
+	ch <- prometheus.MustNewConstMetric(c.batchWait, prometheus.CounterValue, tm.BatchWait.Seconds())
+	ch <- prometheus.MustNewConstMetric(c.decodeBatches, prometheus.CounterValue, float64(tm.DecodeBatches))
+	ch <- prometheus.MustNewConstMetric(c.decodeSteps, prometheus.CounterValue, float64(tm.DecodeSteps))
+	ch <- prometheus.MustNewConstMetric(c.decodeCompute, prometheus.CounterValue, tm.DecodeCompute.Seconds())
 	if n.router != nil && n.members != nil {
 		ready := 0.0
 		if _, err := n.router.route(0, nil); err == nil {

@@ -1,0 +1,124 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/strata-llm/strata/shard"
+)
+
+// StageTime is where one stage's compute loop spent a level's time (shard.Timing, over the
+// level): a swarm slower than the whole model is either slower computing or idle between
+// computes, and only the stages can tell which.
+type StageTime struct {
+	Name          string  `json:"name"`
+	Batches       float64 `json:"batches"`
+	Steps         float64 `json:"steps"`
+	Compute       float64 `json:"compute_s"`
+	LockWait      float64 `json:"lock_wait_s"`
+	BatchWait     float64 `json:"batch_wait_s"`
+	DecodeBatches float64 `json:"decode_batches"`
+	DecodeSteps   float64 `json:"decode_steps"`
+	DecodeCompute float64 `json:"decode_compute_s"`
+}
+
+func stageTimeOf(name string, t shard.Timing) StageTime {
+	return StageTime{Name: name, Batches: float64(t.Batches), Steps: float64(t.Steps), Compute: t.Compute.Seconds(),
+		LockWait: t.LockWait.Seconds(), BatchWait: t.BatchWait.Seconds(),
+		DecodeBatches: float64(t.DecodeBatches), DecodeSteps: float64(t.DecodeSteps), DecodeCompute: t.DecodeCompute.Seconds()}
+}
+
+func (a StageTime) sub(b StageTime) StageTime {
+	return StageTime{Name: a.Name, Batches: a.Batches - b.Batches, Steps: a.Steps - b.Steps, Compute: a.Compute - b.Compute,
+		LockWait: a.LockWait - b.LockWait, BatchWait: a.BatchWait - b.BatchWait,
+		DecodeBatches: a.DecodeBatches - b.DecodeBatches, DecodeSteps: a.DecodeSteps - b.DecodeSteps, DecodeCompute: a.DecodeCompute - b.DecodeCompute}
+}
+
+// stageTimes reads the stages' cumulative timing; the level's is the difference of two reads.
+type stageTimes func(ctx context.Context) ([]StageTime, error)
+
+// scrapeStageTimes reads each node's stage timing from its /metrics.
+func scrapeStageTimes(client *http.Client, names, apis []string) stageTimes {
+	return func(ctx context.Context) ([]StageTime, error) {
+		var out []StageTime
+		for i, api := range apis {
+			v, err := ScrapeCounters(ctx, client, api, "strata_stage_batches_total", "strata_stage_steps_total",
+				"strata_stage_compute_seconds_total", "strata_stage_lock_wait_seconds_total", "strata_stage_batch_wait_seconds_total",
+				"strata_stage_decode_batches_total", "strata_stage_decode_steps_total", "strata_stage_decode_compute_seconds_total")
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, StageTime{Name: names[i], Batches: v[0], Steps: v[1], Compute: v[2], LockWait: v[3], BatchWait: v[4],
+				DecodeBatches: v[5], DecodeSteps: v[6], DecodeCompute: v[7]})
+		}
+		return out, nil
+	}
+}
+
+// ScrapeCounters reads unlabelled series of a Prometheus text exposition from
+// http://addr/metrics, in the order named.
+func ScrapeCounters(ctx context.Context, client *http.Client, addr string, names ...string) ([]float64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/metrics", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", addr, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return nil, fmt.Errorf("scrape %s: %w (HTTP %d)", addr, errNoMetric, resp.StatusCode)
+	}
+	v, err := parseCounters(resp.Body, names)
+	if err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", addr, err)
+	}
+	return v, nil
+}
+
+func parseCounters(r io.Reader, want []string) ([]float64, error) {
+	out := make([]float64, len(want))
+	found := make([]bool, len(want))
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, "#") {
+			continue
+		}
+		series, value, ok := strings.Cut(line, " ")
+		if !ok {
+			continue
+		}
+		for i, w := range want {
+			if series != w {
+				continue
+			}
+			f := strings.Fields(value)
+			if len(f) == 0 {
+				continue
+			}
+			v, err := strconv.ParseFloat(f[0], 64)
+			if err != nil {
+				return nil, fmt.Errorf("series %s: %w", w, err)
+			}
+			out[i], found[i] = v, true
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, err
+	}
+	for i, ok := range found {
+		if !ok {
+			return nil, fmt.Errorf("%w: %s", errNoMetric, want[i])
+		}
+	}
+	return out, nil
+}
