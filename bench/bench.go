@@ -236,17 +236,6 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 	b.rep.Machine.CopyBandwidth = CopyBandwidth(256<<20, 4)
 	debug.FreeOSMemory() // the copy buffers must not count in the whole model's RSS
 
-	if cfg.Nodes > 1 && !cfg.WholeOnly && cfg.API == "" {
-		b.progress("measuring what taking turns between %d processes costs a memory-bound step", cfg.Nodes)
-		size := int(b.rep.Model.DecodeBytes / int64(cfg.Nodes))
-		ratio, one, many, err := SwitchCost(ctx, []string{cfg.Binary, "bench", "stream-worker"}, cfg.Nodes, size, 10, 3)
-		if err != nil {
-			b.rep.Notes = append(b.rep.Notes, "switch cost not measured: "+err.Error())
-		} else {
-			m := &b.rep.Machine
-			m.SwitchCost, m.SwitchOne, m.SwitchMany = ratio, one.Seconds(), many.Seconds()
-		}
-	}
 	if cfg.API != "" {
 		err := b.runExternal(ctx)
 		b.rep.evaluate()

@@ -242,10 +242,6 @@ func (rep *Report) Markdown(w io.Writer) {
 	m := rep.Machine
 	fmt.Fprintf(w, "machine: %d x %s (%s), %s RAM, kernel %s, %s; memory copy %.1f GB/s; load average %.2f at start, %.2f at end\n",
 		m.CPUs, m.CPUModel, m.Flags, shard.HumanBytes(m.RAMBytes), m.Kernel, m.GoVer, m.CopyBandwidth/1e9, m.LoadAvg, m.LoadAvgEnd)
-	if m.SwitchCost > 0 {
-		fmt.Fprintf(w, "process switches: %d processes streaming %s each in turn take %.1f ms a round, one process streaming the same buffers %.1f ms: %.2fx (no Strata code; what nodes sharing this machine pay on every step)\n",
-			rep.Settings.Nodes, shard.HumanBytes(rep.Model.DecodeBytes/int64(max(rep.Settings.Nodes, 1))), m.SwitchMany*1e3, m.SwitchOne*1e3, m.SwitchCost)
-	}
 	md := rep.Model
 	fmt.Fprintf(w, "model: %s (%s, %d layers, hidden %d, vocabulary %d), %s of weights, %s read per decode step\n",
 		md.Name, md.Type, md.Layers, md.Hidden, md.Vocab, shard.HumanBytes(md.Bytes), shard.HumanBytes(md.DecodeBytes))

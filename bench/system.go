@@ -28,12 +28,6 @@ type Machine struct {
 	LoadAvgEnd float64 `json:"load_avg_1m_at_end"`
 	// CopyBandwidth is memory copy speed over all cores, bytes read plus written per second.
 	CopyBandwidth float64 `json:"copy_bandwidth_bytes_per_s"`
-	// SwitchCost is how much slower the swarm's processes stream memory taking turns than one
-	// process streams the same bytes (SwitchCost); 0: not measured.
-	SwitchCost float64 `json:"switch_cost,omitempty"`
-	// SwitchOne and SwitchMany are that measurement's times per round, in seconds.
-	SwitchOne  float64 `json:"switch_one_s,omitempty"`
-	SwitchMany float64 `json:"switch_many_s,omitempty"`
 }
 
 // ReadMachine describes this machine (without measuring bandwidth).

@@ -120,27 +120,6 @@ of layers needs, so the planner forms exactly one K-stage chain.`,
 	f.StringVar(&out, "json", "", "write every measurement to this JSON file")
 	f.StringVar(&cpuProfile, "cpuprofile", "", "write this process's CPU profile (the whole-model run and the client) to a file")
 	cmd.Flags().SortFlags = false
-	cmd.AddCommand(newBenchLoadCommand(), newBenchStreamWorkerCommand())
+	cmd.AddCommand(newBenchLoadCommand())
 	return cmd
-}
-
-// newBenchStreamWorkerCommand is the child process of the bench's switch-cost measurement
-// (bench.SwitchCost): it reads turns from fd 3 and passes them on to fd 4.
-func newBenchStreamWorkerCommand() *cobra.Command {
-	return &cobra.Command{
-		Use:    "stream-worker SIZE",
-		Hidden: true,
-		Args:   cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			size, err := strconv.Atoi(args[0])
-			if err != nil {
-				return fmt.Errorf("stream worker: size %q: %w", args[0], err)
-			}
-			in, out := os.NewFile(3, "turns-in"), os.NewFile(4, "turns-out")
-			if in == nil || out == nil {
-				return errors.New("stream worker: needs fds 3 and 4 (it is bench's child)")
-			}
-			return bench.StreamWorker(in, out, size)
-		},
-	}
 }
