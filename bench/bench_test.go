@@ -110,11 +110,11 @@ strata_wire_bytes_total{direction="in"} 1234
 strata_wire_bytes_total{direction="out"} 5.5e+06
 strata_requests_total{outcome="ok"} 3
 `
-	v, err := parseCounter(strings.NewReader(text), "strata_wire_bytes_total", `direction="out"`)
-	if err != nil || v != 5.5e6 {
+	v, err := parseCounters(strings.NewReader(text), []string{`strata_wire_bytes_total{direction="out"}`, `strata_requests_total{outcome="ok"}`})
+	if err != nil || v[0] != 5.5e6 || v[1] != 3 {
 		t.Fatalf("got %v, %v", v, err)
 	}
-	if _, err := parseCounter(strings.NewReader(text), "strata_missing_total", ""); err == nil {
+	if _, err := parseCounters(strings.NewReader(text), []string{"strata_requests_total", "strata_missing_total"}); err == nil {
 		t.Fatal("a missing series was found")
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"math"
 	"net/http"
 	"os"
@@ -185,28 +184,10 @@ var errNoMetric = errors.New("metric not exported")
 // ScrapeCounter reads one series of a Prometheus text exposition from http://addr/metrics,
 // e.g. name `strata_wire_bytes_total` with labels `direction="out"`.
 func ScrapeCounter(ctx context.Context, client *http.Client, addr, name, labels string) (float64, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/metrics", nil)
-	if err != nil {
-		return 0, err
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return 0, fmt.Errorf("scrape %s: %w", addr, err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		_, _ = io.Copy(io.Discard, resp.Body)
-		return 0, fmt.Errorf("scrape %s: %w (HTTP %d)", addr, errNoMetric, resp.StatusCode)
-	}
-	return parseCounter(resp.Body, name, labels)
-}
-
-func parseCounter(r io.Reader, name, labels string) (float64, error) {
-	want := name
 	if labels != "" {
-		want += "{" + labels + "}"
+		name += "{" + labels + "}"
 	}
-	v, err := parseCounters(r, []string{want})
+	v, err := ScrapeCounters(ctx, client, addr, name)
 	if err != nil {
 		return 0, err
 	}
