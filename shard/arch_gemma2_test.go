@@ -4,8 +4,6 @@ import (
 	"math"
 	"testing"
 
-	fsggml "github.com/ollama/ollama/fs/ggml"
-
 	"github.com/strata-llm/strata/internal/testkit"
 	"github.com/strata-llm/strata/shard"
 )
@@ -41,20 +39,7 @@ func TestGemma2LargeModelScaling(t *testing.T) {
 		if c.layers > 0 {
 			p.Layers = c.layers
 		}
-		kv := fsggml.KV{"general.architecture": "gemma2"}
-		set := func(k string, v any) { kv["gemma2."+k] = v }
-		set("block_count", uint32(p.Layers))
-		set("context_length", uint32(p.Context))
-		set("embedding_length", uint32(p.Hidden))
-		set("feed_forward_length", uint32(p.FFN))
-		set("attention.head_count", uint32(p.Heads))
-		set("attention.head_count_kv", uint32(p.KVHeads))
-		set("attention.key_length", uint32(p.HeadDim))
-		set("attention.value_length", uint32(p.HeadDim))
-		set("attention.layer_norm_rms_epsilon", float32(1e-6))
-		set("attention.sliding_window", uint32(p.Window))
-		set("attn_logit_softcapping", float32(50))
-		set("final_logit_softcapping", float32(30))
+		kv := testkit.ArchKV(p)
 		got, err := shard.Gemma2QueryScale(kv)
 		if err != nil {
 			t.Fatal(err)

@@ -123,58 +123,8 @@ func synthesizeArch(ctx context.Context, out string, p Preset, o SynthOptions, r
 		headDim = p.Hidden / p.Heads
 	}
 	gemma := a == "gemma2" || a == "gemma3"
-	eps := float32(1e-6)
-	if a == "mistral3" {
-		eps = 1e-5
-	}
-	kv := fsggml.KV{
-		"general.architecture":         a,
-		"general.name":                 fmt.Sprintf("strata-synth-%s-%s-%dL-%s-seed%d", a, p.Name, p.Layers, format.Name, o.Seed),
-		"general.file_type":            format.File,
-		"general.quantization_version": uint32(2),
-	}
+	kv := archKV(p, format, o.Seed)
 	set := func(k string, v any) { kv[a+"."+k] = v }
-	set("block_count", uint32(p.Layers))
-	set("context_length", uint32(p.Context))
-	set("embedding_length", uint32(p.Hidden))
-	set("feed_forward_length", uint32(p.FFN))
-	set("attention.head_count", uint32(p.Heads))
-	set("attention.head_count_kv", uint32(p.KVHeads))
-	set("attention.layer_norm_rms_epsilon", eps)
-	set("rope.freq_base", p.RopeBase)
-	if a != "olmo3" {
-		set("attention.key_length", uint32(headDim))
-		set("attention.value_length", uint32(headDim))
-	}
-	if a == "qwen2" || a == "mistral3" {
-		set("rope.dimension_count", uint32(headDim))
-	}
-	if s := p.Scaling; s != nil {
-		set("rope.scaling.type", s.Type)
-		set("rope.scaling.factor", s.Factor)
-		if s.OriginalContext > 0 {
-			set("rope.scaling.original_context_length", uint32(s.OriginalContext))
-		}
-		if a == "mistral3" {
-			set("rope.scaling_beta", float32(0.1))
-		}
-	}
-	switch a {
-	case "gemma2":
-		set("attention.sliding_window", uint32(p.Window))
-		set("attn_logit_softcapping", float32(50))
-		set("final_logit_softcapping", float32(30))
-	case "gemma3":
-		set("attention.sliding_window", uint32(p.Window))
-		set("rope.local.freq_base", float32(1e4))
-	case "olmo3":
-		set("attention.sliding_window", uint32(p.Window))
-		pattern := make([]bool, p.Layers)
-		for l := range pattern {
-			pattern[l] = (l+1)%4 != 0 // three sliding layers to one global
-		}
-		set("attention.sliding_window_pattern", pattern)
-	}
 	vocab, err := archVocab(kv, p, o.VocabDir)
 	if err != nil {
 		return fmt.Errorf("synthesize: %w", err)
@@ -320,3 +270,70 @@ func archVocab(kv fsggml.KV, p Preset, dir string) (int, error) {
 	kv["tokenizer.chat_template"] = tmpl
 	return len(v.Tokens), nil
 }
+
+// archKV is a family's hyperparameters as its GGUF keys, as the synthesizer writes them.
+func archKV(p Preset, format quant.Format, seed uint64) fsggml.KV {
+	a := p.Arch
+	headDim := p.HeadDim
+	if headDim == 0 {
+		headDim = p.Hidden / p.Heads
+	}
+	eps := float32(1e-6)
+	if a == "mistral3" {
+		eps = 1e-5
+	}
+	kv := fsggml.KV{
+		"general.architecture":         a,
+		"general.name":                 fmt.Sprintf("strata-synth-%s-%s-%dL-%s-seed%d", a, p.Name, p.Layers, format.Name, seed),
+		"general.file_type":            format.File,
+		"general.quantization_version": uint32(2),
+	}
+	set := func(k string, v any) { kv[a+"."+k] = v }
+	set("block_count", uint32(p.Layers))
+	set("context_length", uint32(p.Context))
+	set("embedding_length", uint32(p.Hidden))
+	set("feed_forward_length", uint32(p.FFN))
+	set("attention.head_count", uint32(p.Heads))
+	set("attention.head_count_kv", uint32(p.KVHeads))
+	set("attention.layer_norm_rms_epsilon", eps)
+	set("rope.freq_base", p.RopeBase)
+	if a != "olmo3" {
+		set("attention.key_length", uint32(headDim))
+		set("attention.value_length", uint32(headDim))
+	}
+	if a == "qwen2" || a == "mistral3" {
+		set("rope.dimension_count", uint32(headDim))
+	}
+	if s := p.Scaling; s != nil {
+		set("rope.scaling.type", s.Type)
+		set("rope.scaling.factor", s.Factor)
+		if s.OriginalContext > 0 {
+			set("rope.scaling.original_context_length", uint32(s.OriginalContext))
+		}
+		if a == "mistral3" {
+			set("rope.scaling_beta", float32(0.1))
+		}
+	}
+	switch a {
+	case "gemma2":
+		set("attention.sliding_window", uint32(p.Window))
+		set("attn_logit_softcapping", float32(50))
+		set("final_logit_softcapping", float32(30))
+	case "gemma3":
+		set("attention.sliding_window", uint32(p.Window))
+		set("rope.local.freq_base", float32(1e4))
+	case "olmo3":
+		set("attention.sliding_window", uint32(p.Window))
+		pattern := make([]bool, p.Layers)
+		for l := range pattern {
+			pattern[l] = (l+1)%4 != 0 // three sliding layers to one global
+		}
+		set("attention.sliding_window_pattern", pattern)
+	}
+	return kv
+}
+
+// ArchKV is the GGUF metadata the synthesizer writes for preset p of a family other than
+// llama (tensor formats f16, seed 0): for tests of what a stage reads from a real model's
+// keys without writing the model.
+func ArchKV(p Preset) fsggml.KV { return archKV(p, mustFormat("f16"), 0) }
