@@ -3,10 +3,11 @@
 //
 //   make vulkan
 //   I=$(go env GOMODCACHE)/github.com/ollama/ollama@v0.24.0/ml/backend/ggml/ggml/include
-//   cc -O1 -o /tmp/stale scripts/gpu-lavapipe-stale-descriptor.c -I$I -Llib/ollama \
-//      -Wl,-rpath,$PWD/lib/ollama -lggml-vulkan -lggml-base
-//   GGML_VK_VISIBLE_DEVICES=0 /tmp/stale 200     # aborts in glibc's free on lavapipe's thread
-//   GGML_VK_VISIBLE_DEVICES=0 /tmp/stale 200 fix # never (see "fix" below)
+//   L=$PWD/lib/ollama
+//   cc -O1 -o /tmp/stale scripts/gpu-lavapipe-stale-descriptor.c -I$I -L$L -Wl,-rpath,$L -lggml-vulkan -lggml-base
+//   GGML_VK_VISIBLE_DEVICES=0 /tmp/stale 200      # without gpu patch 0002: aborts in glibc's
+//                                                  # free on lavapipe's thread in about 1 s
+//   GGML_VK_VISIBLE_DEVICES=0 /tmp/stale 200 keep # buffers kept alive: runs clean
 //
 // Why. ggml-vulkan gives every dispatch a descriptor set whose layout has MAX_PARAMETER_COUNT
 // (12) storage-buffer bindings and writes only the pipeline's own (ggml_vk_dispatch_pipeline:
@@ -22,8 +23,9 @@
 // The sequence below makes it certain: two dispatches (rms_norm: 4 bindings, then again) fill
 // sets 0 and 1 with buffer P; P is freed; then rms_norm (set 0: all 4 bindings to Q, so
 // lavapipe drops its last reference to P, which frees it) and scale (set 1: bindings 0-1 to Q,
-// 2-3 still P) run. With "fix", every phase's buffers stay alive until the end (what Strata
-// does: see shard/devices.go's vulkanKeepAlive... or the README, GPUs) and nothing goes wrong.
+// 2-3 still P) run. With "keep", no buffer is freed before the end and nothing goes wrong: the
+// freed buffers are the cause. Gpu patch 0002 (build/gpu-patches) makes ggml-vulkan write all 12
+// bindings of every set, and with it the program runs clean without "keep" (README, GPUs).
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,7 +59,7 @@ static ggml_backend_buffer_t run(ggml_backend_t be, int with_scale) {
 
 int main(int argc, char **argv) {
     int reps = argc > 1 ? atoi(argv[1]) : 100;
-    int fix = argc > 2 && strcmp(argv[2], "fix") == 0;
+    int keep_alive = argc > 2 && strcmp(argv[2], "keep") == 0;
     ggml_backend_t be = ggml_backend_vk_init(0);
     if (!be) {
         fprintf(stderr, "no Vulkan device 0 (lavapipe: GGML_VK_VISIBLE_DEVICES=0)\n");
@@ -67,12 +69,12 @@ int main(int argc, char **argv) {
     int nkeep = 0;
     for (int r = 0; r < reps; r++) {
         ggml_backend_buffer_t p = run(be, 0); // sets 0 and 1: four bindings each, all P
-        if (fix) keep[nkeep++] = p; else ggml_backend_buffer_free(p);
+        if (keep_alive) keep[nkeep++] = p; else ggml_backend_buffer_free(p);
         ggml_backend_buffer_t q = run(be, 1); // set 1's bindings 2-3 still name P
-        if (fix) keep[nkeep++] = q; else ggml_backend_buffer_free(q);
+        if (keep_alive) keep[nkeep++] = q; else ggml_backend_buffer_free(q);
     }
     for (int i = 0; i < nkeep; i++) ggml_backend_buffer_free(keep[i]);
     ggml_backend_free(be);
-    printf("%d rounds done%s\n", reps, fix ? " (buffers kept until the end)" : "");
+    printf("%d rounds done%s\n", reps, keep_alive ? " (buffers kept until the end)" : "");
     return 0;
 }
