@@ -89,7 +89,12 @@ func runGPUChild(t *testing.T, backend string) {
 		}
 	}
 	if err != nil {
-		t.Fatalf("child test failed: %v\n%s", err, out)
+		hint := ""
+		if strings.Contains(string(out), "corrupt") || strings.Contains(string(out), "double free") {
+			// lib/ollama links to the cache entry of the patches `make vulkan` last saw.
+			hint = " (heap corruption: does lib/ollama predate gpu patch 0002? run make vulkan again; README, GPUs)"
+		}
+		t.Fatalf("child test failed: %v%s\n%s", err, hint, out)
 	}
 	if strings.Contains(string(out), "--- SKIP: "+t.Name()) {
 		t.Skip("skipped in the child (see its log above)")
