@@ -22,7 +22,7 @@ else
 export GOFLAGS := $(filter-out -modfile=%/build/go.patched.mod,$(GOFLAGS))
 endif
 
-.PHONY: build test demo vet fuzz bench clean engine plain vulkan cuda
+.PHONY: build test demo vet fuzz bench clean engine plain vulkan cuda vulkan-relink
 
 build: $(ENGINE_DEP)
 	$(GO) build -o $(BIN) ./cmd/strata
@@ -41,6 +41,11 @@ engine:
 # CUDA: nvcc (CUDA_ARCHITECTURES="86;89" to choose). README, GPUs.
 vulkan cuda:
 	GO=$(GO) bash scripts/gpu-backend.sh $@
+
+# make vulkan's cache entry in minutes when only ggml-vulkan.cpp changed since a cached build
+# (a new gpu patch): it reuses that build's shaders (README, GPUs). Then make vulkan.
+vulkan-relink:
+	GO=$(GO) bash scripts/gpu-vulkan-relink.sh
 
 test fuzz vet bench: $(ENGINE_DEP)
 

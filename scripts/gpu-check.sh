@@ -50,7 +50,7 @@ make build >/dev/null || exit 1
 # the device it puts a stage on).
 for b in "${built[@]}"; do
 	log "oracle on $b"
-	STRATA_GPU_ORACLE=1 STRATA_GPU_BACKEND=$b go test -count=1 -run 'TestSplitMatchesWholeGPU' -v ./pipeline/ 2>&1 | tee "$OUT/oracle-$b.log" | grep -E 'device|identical|logit|^(---|ok|FAIL)' | tee -a "$OUT/summary.txt"
+	STRATA_GPU_BACKEND=$b go test -count=1 -run 'TestSplitMatchesWholeGPU' -v ./pipeline/ 2>&1 | tee "$OUT/oracle-$b.log" | grep -E 'device|identical|logit|^(---|ok|FAIL)' | tee -a "$OUT/summary.txt"
 done
 
 # One node holding the whole 70B-shaped model on the GPU, then on the CPU, measured through
