@@ -438,20 +438,27 @@ func (n *Node) announce() {
 // the router weighs routes by and the free memory peers show. It gossips only when a value
 // has moved (drifted), so an idle swarm stays quiet.
 func (n *Node) refreshLoop() {
-	t := time.NewTicker(reannounceEvery)
-	defer t.Stop()
-	for {
-		select {
-		case <-n.quit:
-			return
-		case <-t.C:
-		}
+	n.every(reannounceEvery, func() {
 		n.swarmMoving.Store(anyMoving(n.peers()))
 		n.annMu.Lock()
 		last, ok := n.lastMeta, n.announced
 		n.annMu.Unlock()
 		if !ok || drifted(last, n.meta()) {
 			n.announce()
+		}
+	})
+}
+
+// every calls f every d until the node stops.
+func (n *Node) every(d time.Duration, f func()) {
+	t := time.NewTicker(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.quit:
+			return
+		case <-t.C:
+			f()
 		}
 	}
 }

@@ -493,45 +493,39 @@ func (n *Node) speedChanged(v float32, source string) {
 // node that measured badly at start (a busy machine) may have been left idle, and without
 // stages it has no steps to measure. It runs under the CPU lock, like any stage.
 func (n *Node) speedLoop() {
-	every := n.cfg.Speed.Rebench
-	if every <= 0 {
+	if n.cfg.Speed.Rebench <= 0 {
 		return
 	}
-	t := time.NewTicker(every)
-	defer t.Stop()
-	for {
+	n.every(n.cfg.Speed.Rebench, n.rebenchIfIdle)
+}
+
+func (n *Node) rebenchIfIdle() {
+	n.mu.Lock()
+	idle := n.stage == nil && n.next == nil && n.state == discovery.StateIdle
+	n.mu.Unlock()
+	if !idle {
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
 		select {
 		case <-n.quit:
-			return
-		case <-t.C:
+			cancel()
+		case <-ctx.Done():
 		}
-		n.mu.Lock()
-		idle := n.stage == nil && n.next == nil && n.state == discovery.StateIdle
-		n.mu.Unlock()
-		if !idle {
-			continue
-		}
-		ctx, cancel := context.WithCancel(context.Background())
-		go func() {
-			select {
-			case <-n.quit:
-				cancel()
-			case <-ctx.Done():
-			}
-		}()
-		b, err := n.selfBench(ctx)
-		cancel()
-		if err != nil {
-			n.log.Debug("re-benchmark while idle", "err", err)
-			continue
-		}
-		raw := b.RawMs
-		if len(n.gpus) > 0 && b.GPURawMs > 0 {
-			raw = blendedMs(b.RawMs, b.GPURawMs, n.gpuBytes, n.offer)
-		}
-		n.log.Debug("re-benchmark while idle", "ms_per_layer", fmt.Sprintf("%.3g", raw))
-		if v, ok := n.speedT.window(raw, "re-benchmark"); ok {
-			n.speedChanged(v, "re-benchmark")
-		}
+	}()
+	b, err := n.selfBench(ctx)
+	cancel()
+	if err != nil {
+		n.log.Debug("re-benchmark while idle", "err", err)
+		return
+	}
+	raw := b.RawMs
+	if len(n.gpus) > 0 && b.GPURawMs > 0 {
+		raw = blendedMs(b.RawMs, b.GPURawMs, n.gpuBytes, n.offer)
+	}
+	n.log.Debug("re-benchmark while idle", "ms_per_layer", fmt.Sprintf("%.3g", raw))
+	if v, ok := n.speedT.window(raw, "re-benchmark"); ok {
+		n.speedChanged(v, "re-benchmark")
 	}
 }

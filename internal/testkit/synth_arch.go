@@ -271,6 +271,26 @@ func archVocab(kv fsggml.KV, p Preset, dir string) (int, error) {
 	return len(v.Tokens), nil
 }
 
+// familyKV starts a family's GGUF metadata: the general keys and the shape every family
+// has; set adds a key under the family's prefix.
+func familyKV(p Preset, name string, format quant.Format) (kv fsggml.KV, set func(k string, v any)) {
+	a := p.Arch
+	kv = fsggml.KV{
+		"general.architecture":         a,
+		"general.name":                 name,
+		"general.file_type":            format.File,
+		"general.quantization_version": uint32(2),
+	}
+	set = func(k string, v any) { kv[a+"."+k] = v }
+	set("block_count", uint32(p.Layers))
+	set("context_length", uint32(p.Context))
+	set("embedding_length", uint32(p.Hidden))
+	set("feed_forward_length", uint32(p.FFN))
+	set("attention.head_count", uint32(p.Heads))
+	set("attention.head_count_kv", uint32(p.KVHeads))
+	return kv, set
+}
+
 // archKV is a family's hyperparameters as its GGUF keys, as the synthesizer writes them.
 func archKV(p Preset, format quant.Format, seed uint64) fsggml.KV {
 	a := p.Arch
@@ -282,19 +302,7 @@ func archKV(p Preset, format quant.Format, seed uint64) fsggml.KV {
 	if a == "mistral3" {
 		eps = 1e-5
 	}
-	kv := fsggml.KV{
-		"general.architecture":         a,
-		"general.name":                 fmt.Sprintf("strata-synth-%s-%s-%dL-%s-seed%d", a, p.Name, p.Layers, format.Name, seed),
-		"general.file_type":            format.File,
-		"general.quantization_version": uint32(2),
-	}
-	set := func(k string, v any) { kv[a+"."+k] = v }
-	set("block_count", uint32(p.Layers))
-	set("context_length", uint32(p.Context))
-	set("embedding_length", uint32(p.Hidden))
-	set("feed_forward_length", uint32(p.FFN))
-	set("attention.head_count", uint32(p.Heads))
-	set("attention.head_count_kv", uint32(p.KVHeads))
+	kv, set := familyKV(p, fmt.Sprintf("strata-synth-%s-%s-%dL-%s-seed%d", a, p.Name, p.Layers, format.Name, seed), format)
 	set("attention.layer_norm_rms_epsilon", eps)
 	set("rope.freq_base", p.RopeBase)
 	if a != "olmo3" {

@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"math"
 
-	fsggml "github.com/ollama/ollama/fs/ggml"
-
 	"github.com/strata-llm/strata/quant"
 )
 
@@ -105,22 +103,10 @@ func synthesizeMoED(ctx context.Context, out string, p Preset, o SynthOptions, r
 		denseFormat = mustFormat("q8_0")
 	}
 	a := p.Arch
-	kv := fsggml.KV{
-		"general.architecture":         a,
-		"general.name":                 fmt.Sprintf("strata-synth-%s-%s-%dL-%de-%s-seed%d", a, p.Name, p.Layers, p.Experts, format.Name, o.Seed),
-		"general.file_type":            format.File,
-		"general.quantization_version": uint32(2),
-	}
-	set := func(k string, v any) { kv[a+"."+k] = v }
-	set("block_count", uint32(p.Layers))
-	set("context_length", uint32(p.Context))
-	set("embedding_length", uint32(p.Hidden))
-	set("feed_forward_length", uint32(p.FFN))
+	kv, set := familyKV(p, fmt.Sprintf("strata-synth-%s-%s-%dL-%de-%s-seed%d", a, p.Name, p.Layers, p.Experts, format.Name, o.Seed), format)
 	set("expert_feed_forward_length", uint32(p.ExpertFFN))
 	set("expert_count", uint32(p.Experts))
 	set("expert_used_count", uint32(p.ExpertsUsed))
-	set("attention.head_count", uint32(p.Heads))
-	set("attention.head_count_kv", uint32(p.KVHeads))
 	set("rope.freq_base", p.RopeBase)
 	if s := p.Scaling; s != nil {
 		set("rope.scaling.type", s.Type)
