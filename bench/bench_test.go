@@ -301,6 +301,50 @@ func TestSteadyDecode(t *testing.T) {
 	}
 }
 
+// TestTargetsSayWhyTheyMiss: a missed goal says by how much and where the step's time went,
+// from the levels' stage timings; the batching goal's single stream is the median of every
+// single-stream measurement of the swarm.
+func TestTargetsSayWhyTheyMiss(t *testing.T) {
+	stage := func(batches, steps, compute float64) StageTime {
+		return StageTime{DecodeBatches: batches, DecodeSteps: steps, DecodeCompute: compute}
+	}
+	whole := &RunResult{Name: "whole", Levels: []*Level{
+		{Concurrency: 1, DecodeRate: 10, Stages: []StageTime{stage(64, 64, 6.08)}},                  // 95 ms of 100
+		{Concurrency: 8, DecodeRate: 20, SteadyDecode: 24, Stages: []StageTime{stage(10, 80, 2.4)}}, // 30 ms a token
+	}}
+	swarm := &RunResult{Name: "swarm", Swarm: true, Nodes: 3, Levels: []*Level{
+		{Concurrency: 1, DecodeRate: 8, OtherCores: 0.5, // 125 ms: 120 in the stages, 5 outside
+			Stages: []StageTime{stage(64, 64, 2.56), stage(64, 64, 2.56), stage(64, 64, 2.56)},
+			Paired: []PairedRound{{Whole: 10, Swarm: 8.2}, {Whole: 10, Swarm: 8}, {Whole: 10, Swarm: 7.9}}},
+		{Concurrency: 8, DecodeRate: 14, SteadyDecode: 16, PromptTokens: 1024, PrefillRate: 60,
+			Stages: []StageTime{stage(10, 60, 1.5), stage(10, 60, 1.5), stage(10, 60, 1.5)}}, // 25 ms a token each
+	}}
+	rep := &Report{Runs: []*RunResult{whole, swarm}}
+	rep.evaluate()
+	want := map[string][]string{
+		"3-node split decode vs whole, 1 stream": {"0.80x, median of 3", "missed by 11%", "computed 120.0 ms a token against the whole model's 95.0 (1.26x)",
+			"5.0 ms a token went outside them", "other processes kept 0.50 cores"},
+		"swarm: 8 streams vs 1, aggregate decode": {"1.75x (14.00 vs 8.00 tok/s, 1 stream the median of the swarm's 4", "missed by 27%", "1024 prompt tokens at 60.0 tok/s"},
+		"swarm: 8 streams vs 1, decode while all 8 decode (no prefill between)": {"2.00x (16.00 vs 8.00", "missed by 17%",
+			"from 120.0 ms for one stream to 75.0 ms (1.60x), in batches of 6.0/6.0/6.0 steps of 8", "the whole model's: 95.0 to 30.0 ms, 3.17x", "5.0 ms a token outside"},
+	}
+	for _, tg := range rep.Targets {
+		t.Log(tg.Detail)
+		for _, w := range want[tg.Name] {
+			if !strings.Contains(tg.Detail, w) {
+				t.Errorf("%s: %q lacks %q", tg.Name, tg.Detail, w)
+			}
+		}
+		if _, ok := want[tg.Name]; ok && tg.Met {
+			t.Errorf("%s: met at %v", tg.Name, tg.Value)
+		}
+		delete(want, tg.Name)
+	}
+	for name := range want {
+		t.Errorf("no target %q", name)
+	}
+}
+
 // TestBaselineBinary: --whole-only --baseline-binary measures the whole model with this build
 // and with another binary (here the same one) and reports the two ratios issue 20 set.
 func TestBaselineBinary(t *testing.T) {

@@ -338,26 +338,13 @@ func (rep *Report) timingTable(w io.Writer) {
 				fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|")
 				header = true
 			}
-			var each []string
-			var compute, lock, batch float64
-			for _, st := range l.Stages {
-				if st.DecodeBatches <= 0 {
-					each = append(each, "-")
-					continue
-				}
-				c := st.DecodeCompute / st.DecodeBatches * 1e3
-				compute += c
-				lock += st.LockWait / st.DecodeBatches * 1e3
-				batch += st.BatchWait / st.DecodeBatches * 1e3
-				each = append(each, fmt.Sprintf("%.1f (%.1f steps)", c, st.DecodeSteps/st.DecodeBatches))
-			}
+			t, _ := l.stepTime()
 			wall, outside := "-", "-"
-			if l.Concurrency == 1 && l.DecodeRate > 0 {
-				ms := 1e3 / l.DecodeRate
-				wall = fmt.Sprintf("%.1f", ms)
-				outside = fmt.Sprintf("%.1f", ms-compute-lock-batch)
+			if o, ok := l.outside(t); ok {
+				wall = fmt.Sprintf("%.1f", 1e3/l.DecodeRate)
+				outside = fmt.Sprintf("%.1f", o)
 			}
-			fmt.Fprintf(w, "| %s | %d | %s | %s | %.1f | %.1f | %.1f | %s |\n", r.Name, l.Concurrency, wall, strings.Join(each, ", "), compute, lock, batch, outside)
+			fmt.Fprintf(w, "| %s | %d | %s | %s | %.1f | %.1f | %.1f | %s |\n", r.Name, l.Concurrency, wall, strings.Join(t.each, ", "), t.compute, t.lock, t.batch, outside)
 		}
 	}
 }
@@ -422,6 +409,9 @@ func (rep *Report) evaluate() {
 				detail = fmt.Sprintf("%.2fx, median of %d rounds in turn (swarm/whole tok/s: %s); the levels above, a minute apart: %s", p, len(s.Paired), rounds, detail)
 				v = p
 			}
+			if v < 0.9 {
+				detail += splitWhy(w, s, v/0.9)
+			}
 			rep.Targets = append(rep.Targets, Target{Name: fmt.Sprintf("%d-node split decode vs whole, 1 stream", swarm.Nodes),
 				Value: v, Goal: ">= 0.9x", Met: v >= 0.9, Detail: detail})
 		}
@@ -429,24 +419,38 @@ func (rep *Report) evaluate() {
 	if swarm != nil && len(swarm.Levels) > 1 {
 		one, top := swarm.level(1), swarm.Levels[len(swarm.Levels)-1]
 		if one != nil && one.DecodeRate > 0 && top.Concurrency > 1 {
-			v := top.DecodeRate / one.DecodeRate
-			goal := 2.4 * float64(top.Concurrency) / 8 // the 2.4x is for 8 streams
-			detail := fmt.Sprintf("%.2fx (%.2f vs %.2f tok/s)", v, top.DecodeRate, one.DecodeRate)
+			// The single stream is every 1-stream measurement of this swarm (its level and the
+			// paired rounds'): one of them alone moves with this machine's drift.
+			base, n := one.singleStream()
+			of := ""
+			if n > 1 {
+				of = fmt.Sprintf(", 1 stream the median of the swarm's %d single-stream measurements", n)
+			}
+			var w1, wt *Level
 			if whole != nil {
+				w1, wt = whole.level(1), whole.level(top.Concurrency)
+			}
+			goal := 2.4 * float64(top.Concurrency) / 8 // the 2.4x is for 8 streams
+			v := top.DecodeRate / base
+			detail := fmt.Sprintf("%.2fx (%.2f vs %.2f tok/s%s)", v, top.DecodeRate, base, of)
+			if w1 != nil && wt != nil && w1.DecodeRate > 0 {
 				// What batching alone gives on this machine: the ceiling the swarm's gain has.
-				if w1, wt := whole.level(1), whole.level(top.Concurrency); w1 != nil && wt != nil && w1.DecodeRate > 0 {
-					detail += fmt.Sprintf("; the whole model in one process: %.2fx", wt.DecodeRate/w1.DecodeRate)
-				}
+				detail += fmt.Sprintf("; the whole model in one process: %.2fx", wt.DecodeRate/w1.DecodeRate)
+			}
+			if v < goal && top.PrefillRate > 0 {
+				detail += fmt.Sprintf("; missed by %.0f%%: this counts the time a stream's decode waits behind the other streams' prompts (%d prompt tokens at %.1f tok/s); the next target leaves them out",
+					(1-v/goal)*100, top.PromptTokens, top.PrefillRate)
 			}
 			rep.Targets = append(rep.Targets, Target{Name: fmt.Sprintf("swarm: %d streams vs 1, aggregate decode", top.Concurrency),
 				Value: v, Goal: fmt.Sprintf(">= %.1fx", goal), Met: v >= goal, Detail: detail})
 			if top.SteadyDecode > 0 {
-				sv := top.SteadyDecode / one.DecodeRate
-				sd := fmt.Sprintf("%.2fx (%.2f vs %.2f tok/s)", sv, top.SteadyDecode, one.DecodeRate)
-				if whole != nil {
-					if w1, wt := whole.level(1), whole.level(top.Concurrency); w1 != nil && wt != nil && w1.DecodeRate > 0 && wt.SteadyDecode > 0 {
-						sd += fmt.Sprintf("; the whole model in one process: %.2fx", wt.SteadyDecode/w1.DecodeRate)
-					}
+				sv := top.SteadyDecode / base
+				sd := fmt.Sprintf("%.2fx (%.2f vs %.2f tok/s%s)", sv, top.SteadyDecode, base, of)
+				if w1 != nil && wt != nil && w1.DecodeRate > 0 && wt.SteadyDecode > 0 {
+					sd += fmt.Sprintf("; the whole model in one process: %.2fx", wt.SteadyDecode/w1.DecodeRate)
+				}
+				if sv < goal {
+					sd += batchWhy(one, top, w1, wt, sv/goal)
 				}
 				rep.Targets = append(rep.Targets, Target{Name: fmt.Sprintf("swarm: %d streams vs 1, decode while all %d decode (no prefill between)", top.Concurrency, top.Concurrency),
 					Value: sv, Goal: fmt.Sprintf(">= %.1fx", goal), Met: sv >= goal, Detail: sd})
@@ -488,4 +492,75 @@ func (rep *Report) evaluate() {
 				Detail: fmt.Sprintf("%.2f tok/s vs predicted %.2f (compute %.1f ms + wire %.1f ms): %.2fx", l.DecodeRate, pred, compute*1e3, wire*1e3, v)})
 		}
 	}
+}
+
+// singleStream is the median decode speed over a swarm's 1-stream level and its paired
+// rounds, and how many measurements that is.
+func (l *Level) singleStream() (float64, int) {
+	rs := []float64{l.DecodeRate}
+	for _, r := range l.Paired {
+		if r.Swarm > 0 {
+			rs = append(rs, r.Swarm)
+		}
+	}
+	slices.Sort(rs)
+	n := len(rs)
+	if n%2 == 0 {
+		return (rs[n/2-1] + rs[n/2]) / 2, n
+	}
+	return rs[n/2], n
+}
+
+// splitWhy says why the split missed its goal (got is the fraction of it reached): where the
+// two 1-stream levels' decode steps went, and what else ran on the cores meanwhile.
+func splitWhy(whole, swarm *Level, got float64) string {
+	out := fmt.Sprintf("; missed by %.0f%%", (1-got)*100)
+	wt, wok := whole.stepTime()
+	st, sok := swarm.stepTime()
+	wo, ook := whole.outside(wt)
+	so, sook := swarm.outside(st)
+	if !wok || !sok || !ook || !sook || wt.compute <= 0 {
+		return out
+	}
+	out += fmt.Sprintf(": at the 1-stream levels the stages computed %.1f ms a token against the whole model's %.1f (%.2fx), "+
+		"and %.1f ms a token went outside them (the wire, the CPU lock's handovers, sampling; whole model: %.1f)",
+		st.compute, wt.compute, st.compute/wt.compute, so, wo)
+	if others := max(whole.OtherCores, swarm.OtherCores); others >= 0.2 {
+		// README, "Where the swarm's time goes": a preempted ggml thread stalls its partner at
+		// the next barrier, and the swarm starts three graphs a token where the whole starts one.
+		out += fmt.Sprintf("; other processes kept %.2f cores busy (whole model's level: %.2f), which stalls ggml's threads at their barriers, and the swarm starts three graphs a token to the whole model's one",
+			swarm.OtherCores, whole.OtherCores)
+	}
+	return out
+}
+
+// batchWhy says why batching missed its goal (got is the fraction of it reached): how far the
+// stages' compute per token fell from one stream to many, against the whole model's.
+func batchWhy(one, top, whole1, wholeTop *Level, got float64) string {
+	out := fmt.Sprintf("; missed by %.0f%%", (1-got)*100)
+	t1, ok1 := one.stepTime()
+	tt, okt := top.stepTime()
+	if !ok1 || !okt || tt.perToken <= 0 {
+		return out
+	}
+	steps := make([]string, len(tt.steps))
+	for i, s := range tt.steps {
+		steps[i] = fmt.Sprintf("%.1f", s)
+	}
+	out += fmt.Sprintf(": the stages' compute per token fell from %.1f ms for one stream to %.1f ms (%.2fx), in batches of %s steps of %d",
+		t1.perToken, tt.perToken, t1.perToken/tt.perToken, strings.Join(steps, "/"), top.Concurrency)
+	if whole1 != nil && wholeTop != nil {
+		if w1, ok := whole1.stepTime(); ok && w1.perToken > 0 {
+			if wt, ok := wholeTop.stepTime(); ok && wt.perToken > 0 {
+				out += fmt.Sprintf(" (the whole model's: %.1f to %.1f ms, %.2fx, what batching gives on this machine)", w1.perToken, wt.perToken, w1.perToken/wt.perToken)
+			}
+		}
+	}
+	if o, ok := one.outside(t1); ok {
+		out += fmt.Sprintf("; one stream also spends %.1f ms a token outside the stages, which batches share", o)
+	}
+	if top.OtherCores >= 0.2 {
+		out += fmt.Sprintf("; other processes kept %.2f cores busy", top.OtherCores)
+	}
+	return out
 }

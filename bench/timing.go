@@ -122,3 +122,43 @@ func parseCounters(r io.Reader, want []string) ([]float64, error) {
 	}
 	return out, nil
 }
+
+// stepTime is where one decode batch's time went at a level, over its stages.
+type stepTime struct {
+	compute  float64   // ms of compute a batch, summed over the stages
+	perToken float64   // ms of compute per token: each stage's batch over its steps, summed
+	lock     float64   // ms a batch waiting for the CPU lock, summed
+	batch    float64   // ms a batch holding steps back, summed
+	steps    []float64 // steps a batch, each stage
+	each     []string  // "compute (steps)" each stage, "-" where it decoded nothing
+}
+
+func (l *Level) stepTime() (stepTime, bool) {
+	var t stepTime
+	ok := false
+	for _, st := range l.Stages {
+		if st.DecodeBatches <= 0 {
+			t.each = append(t.each, "-")
+			continue
+		}
+		ok = true
+		c := st.DecodeCompute / st.DecodeBatches * 1e3
+		steps := st.DecodeSteps / st.DecodeBatches
+		t.compute += c
+		t.perToken += c / steps
+		t.lock += st.LockWait / st.DecodeBatches * 1e3
+		t.batch += st.BatchWait / st.DecodeBatches * 1e3
+		t.steps = append(t.steps, steps)
+		t.each = append(t.each, fmt.Sprintf("%.1f (%.1f steps)", c, steps))
+	}
+	return t, ok
+}
+
+// outside is, for one stream, the ms of a decode step spent outside every stage's compute
+// loop: the wire, the lock's handovers, sampling, HTTP.
+func (l *Level) outside(t stepTime) (float64, bool) {
+	if l.Concurrency != 1 || l.DecodeRate <= 0 {
+		return 0, false
+	}
+	return 1e3/l.DecodeRate - t.compute - t.lock - t.batch, true
+}
