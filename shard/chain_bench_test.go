@@ -29,6 +29,11 @@ func BenchmarkChainAB(b *testing.B) {
 	}
 	whole := load(shard.Range{Start: 0, End: 4})
 	chain := []*shard.Stage{load(shard.Range{Start: 0, End: 1}), load(shard.Range{Start: 1, End: 3}), load(shard.Range{Start: 3, End: 4})}
+	if os.Getenv("STRATA_CHAIN_B") == "whole" {
+		// A second copy of the whole model instead of the chain: what two loads of the same
+		// weights differ by, taking turns in one process (where the pages landed).
+		chain = []*shard.Stage{load(shard.Range{Start: 0, End: 4})}
+	}
 	all := append([]*shard.Stage{whole}, chain...)
 	for _, st := range all {
 		if err := st.OpenSession(1); err != nil {
