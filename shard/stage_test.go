@@ -340,3 +340,62 @@ func TestReplayMatchesStepwise(t *testing.T) {
 		})
 	}
 }
+
+// TestStagesOfOneProcessComputeAtOnce: two stages loaded in one process (a node moving
+// between ranges serves with both for a moment; `strata run --split` keeps several) compute
+// at the same time with their own threads, and each gives the logits it gives alone, bit for
+// bit. The pinned engine shared one CPU backend, and so one work buffer, between every model
+// of a process: f16 weights convert each graph's activations into that buffer, so two graphs
+// at once overwrote each other's (NaN in 14-23 of 40 steps) until engine patch 0005.
+func TestStagesOfOneProcessComputeAtOnce(t *testing.T) {
+	path := testkit.Model(t, testkit.SynthOptions{Preset: "tiny", Seed: 1, Type: "f16"})
+	stages := []*shard.Stage{
+		loadStage(t, path, shard.Range{Start: 0, End: 6}, shard.WithThreads(2)),
+		loadStage(t, path, shard.Range{Start: 0, End: 6}, shard.WithThreads(2)),
+	}
+	prompt := []int32{2048, 10, 20, 30}
+	const steps = 24
+	// run decodes steps greedy tokens of one session and keeps every step's logits.
+	run := func(st *shard.Stage, session uint64) ([][]float32, error) {
+		if err := st.OpenSession(session); err != nil {
+			return nil, err
+		}
+		defer st.CloseSession(session)
+		ctx := context.Background()
+		var all [][]float32
+		step := shard.Step{Session: session, Positions: positions(0, len(prompt)), Tokens: prompt}
+		for i := range steps {
+			out, err := st.Forward(ctx, step)
+			if err != nil {
+				return all, err
+			}
+			all = append(all, out.Logits)
+			step = shard.Step{Session: session, Positions: []int32{int32(len(prompt) + i)}, Tokens: []int32{argmax(out.Logits)}}
+		}
+		return all, nil
+	}
+	want, err := run(stages[0], 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for round := range 3 {
+		got := make([][][]float32, len(stages))
+		errs := make([]error, len(stages))
+		var wg sync.WaitGroup
+		for i, st := range stages {
+			wg.Go(func() { got[i], errs[i] = run(st, uint64(10*round+i+2)) })
+		}
+		wg.Wait()
+		for i := range stages {
+			if errs[i] != nil {
+				t.Fatalf("round %d, stage %d: %v", round, i, errs[i])
+			}
+			for s := range want {
+				if !slices.Equal(got[i][s], want[s]) {
+					t.Fatalf("round %d, stage %d, step %d: logits differ from the stage computing alone (first logit %v, want %v)",
+						round, i, s, got[i][s][0], want[s][0])
+				}
+			}
+		}
+	}
+}
