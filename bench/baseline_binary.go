@@ -15,15 +15,26 @@ import (
 // child `bench --whole-only` with this run's settings, and adds its whole run to the report
 // marked Baseline. Its memory rows are dropped: they describe the child process.
 func (b *bench) runBaseline(ctx context.Context, path string) error {
+	b.progress("measuring the whole model with the baseline binary %s", b.cfg.BaselineBinary)
+	r, err := b.baselineRun(ctx, path, b.cfg.Concurrency)
+	if err != nil {
+		return err
+	}
+	b.rep.Runs = append(b.rep.Runs, r)
+	return nil
+}
+
+// baselineRun is one child `bench --whole-only` of the baseline binary at conc.
+func (b *bench) baselineRun(ctx context.Context, path string, concurrency []int) (*RunResult, error) {
 	c := b.cfg
 	out, err := os.CreateTemp("", "strata-baseline-*.json")
 	if err != nil {
-		return fmt.Errorf("bench: baseline binary: %w", err)
+		return nil, fmt.Errorf("bench: baseline binary: %w", err)
 	}
 	out.Close()
 	defer os.Remove(out.Name())
-	conc := make([]string, len(c.Concurrency))
-	for i, n := range c.Concurrency {
+	conc := make([]string, len(concurrency))
+	for i, n := range concurrency {
 		conc[i] = strconv.Itoa(n)
 	}
 	args := []string{"bench", "--whole-only", "--model", path, "--concurrency", strings.Join(conc, ","),
@@ -32,19 +43,18 @@ func (b *bench) runBaseline(ctx context.Context, path string) error {
 	if c.WholeAll {
 		args = append(args, "--whole-all")
 	}
-	b.progress("measuring the whole model with the baseline binary %s", c.BaselineBinary)
 	cmd := exec.CommandContext(ctx, c.BaselineBinary, args...)
 	cmd.Stdout, cmd.Stderr = c.Progress, c.Progress
 	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("bench: baseline binary %s: %w", c.BaselineBinary, err)
+		return nil, fmt.Errorf("bench: baseline binary %s: %w", c.BaselineBinary, err)
 	}
 	data, err := os.ReadFile(out.Name())
 	if err != nil {
-		return fmt.Errorf("bench: baseline binary's report: %w", err)
+		return nil, fmt.Errorf("bench: baseline binary's report: %w", err)
 	}
 	var rep Report
 	if err := json.Unmarshal(data, &rep); err != nil {
-		return fmt.Errorf("bench: baseline binary's report: %w", err)
+		return nil, fmt.Errorf("bench: baseline binary's report: %w", err)
 	}
 	for _, r := range rep.Runs {
 		if r.Swarm {
@@ -53,8 +63,43 @@ func (b *bench) runBaseline(ctx context.Context, path string) error {
 		r.Baseline = true
 		r.Name = fmt.Sprintf("baseline %s: %s", filepath.Base(c.BaselineBinary), r.Name)
 		r.Memory = nil
-		b.rep.Runs = append(b.rep.Runs, r)
-		return nil
+		return r, nil
 	}
-	return fmt.Errorf("bench: baseline binary %s measured no whole model", c.BaselineBinary)
+	return nil, fmt.Errorf("bench: baseline binary %s measured no whole model", c.BaselineBinary)
+}
+
+// baselineRounds measures one stream on this build's whole model (kept loaded) and on the
+// baseline binary in turn, b.cfg.Paired times, alternating which goes first, into l: the two
+// builds' levels run a minute or more apart, and this machine's speed drifts by more than the
+// goals' margins over that.
+func (b *bench) baselineRounds(ctx context.Context, path string, l *Level) error {
+	whole := Client{HTTP: b.client, API: b.live.API()}
+	model, err := whole.Model(ctx)
+	if err != nil {
+		return fmt.Errorf("bench: baseline rounds: %w", err)
+	}
+	for i := range b.cfg.Paired {
+		var r BaselineRound
+		for j := range 2 {
+			if (i+j)%2 == 0 {
+				s, err := whole.Complete(ctx, model, b.prompts[0], b.cfg.Tokens)
+				if err != nil {
+					return fmt.Errorf("bench: baseline round %d, this build: %w", i+1, err)
+				}
+				r.Decode, r.Prefill = s.DecodeRate(), s.prefillRate()
+			} else {
+				run, err := b.baselineRun(ctx, path, []int{1})
+				if err != nil {
+					return err
+				}
+				if one := run.level(1); one != nil {
+					r.BaselineDecode, r.BaselinePrefill = one.DecodeRate, one.PrefillRate
+				}
+			}
+		}
+		l.BaselineRounds = append(l.BaselineRounds, r)
+		b.progress("baseline round %d: decode %.2f vs %.2f tok/s, prefill %.1f vs %.1f tok/s (this build vs the baseline binary)",
+			i+1, r.Decode, r.BaselineDecode, r.Prefill, r.BaselinePrefill)
+	}
+	return nil
 }

@@ -262,6 +262,11 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			return b.rep, err
 		}
 	}
+	if w := b.rep.whole(); cfg.BaselineBinary != "" && b.live != nil && w != nil && w.level(1) != nil {
+		if err := b.baselineRounds(ctx, path, w.level(1)); err != nil {
+			return b.rep, err
+		}
+	}
 	if cfg.WholeOnly {
 		b.rep.evaluate()
 		return b.rep, nil
@@ -329,7 +334,7 @@ func (b *bench) runWhole(ctx context.Context, path string) error {
 	if err != nil {
 		return fmt.Errorf("bench: %w", err)
 	}
-	keep := b.cfg.Paired > 0 && !b.cfg.WholeOnly && slices.Contains(b.cfg.Concurrency, 1)
+	keep := b.cfg.Paired > 0 && (!b.cfg.WholeOnly || b.cfg.BaselineBinary != "") && slices.Contains(b.cfg.Concurrency, 1)
 	if keep {
 		b.live = w
 	} else {

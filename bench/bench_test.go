@@ -356,7 +356,7 @@ func TestBaselineBinary(t *testing.T) {
 	var progress bytes.Buffer
 	rep, err := Run(context.Background(), Config{
 		Model: path, Concurrency: []int{1}, Tokens: 4, PromptTokens: 8, Cores: 2, WholeOnly: true,
-		BaselineBinary: testkit.BuildStrata(t), BaselineFirst: true, DataDir: t.TempDir(), Progress: &progress,
+		BaselineBinary: testkit.BuildStrata(t), BaselineFirst: true, Paired: 2, DataDir: t.TempDir(), Progress: &progress,
 	})
 	t.Log("\n" + progress.String())
 	if err != nil {
@@ -370,5 +370,15 @@ func TestBaselineBinary(t *testing.T) {
 	}
 	if len(rep.Targets) != 2 || rep.Targets[0].Value <= 0 || rep.Targets[1].Value <= 0 {
 		t.Fatalf("targets %+v, want decode and prefill ratios", rep.Targets)
+	}
+	// The ratios are the medians of rounds taken in turn, this build's whole model kept loaded.
+	rounds := rep.Runs[1].level(1).BaselineRounds
+	if len(rounds) != 2 || !strings.Contains(rep.Targets[0].Detail, "median of 2 rounds in turn") {
+		t.Fatalf("baseline rounds %+v, decode target %q: want 2 rounds and their median", rounds, rep.Targets[0].Detail)
+	}
+	for _, r := range rounds {
+		if r.Decode <= 0 || r.Prefill <= 0 || r.BaselineDecode <= 0 || r.BaselinePrefill <= 0 {
+			t.Fatalf("round %+v lacks a speed", r)
+		}
 	}
 }

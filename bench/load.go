@@ -83,6 +83,14 @@ type Stream struct {
 	Chunks []time.Duration `json:"-"`
 }
 
+// prefillRate is the stream's prompt tokens over the time to its first token.
+func (s Stream) prefillRate() float64 {
+	if s.TTFT <= 0 {
+		return 0
+	}
+	return float64(s.PromptTokens) / s.TTFT.Seconds()
+}
+
 // DecodeRate is the stream's decode speed: tokens after the first over the time after it.
 func (s Stream) DecodeRate() float64 {
 	d := (s.Total - s.TTFT).Seconds()

@@ -117,6 +117,38 @@ type Level struct {
 	// Paired are single-stream rounds of the whole model and this swarm taken in turn
 	// (Config.Paired), decode tok/s each.
 	Paired []PairedRound `json:"paired,omitempty"`
+	// BaselineRounds are single streams on this build's whole model and the baseline binary's
+	// taken in turn (Config.Paired with BaselineBinary).
+	BaselineRounds []BaselineRound `json:"baseline_rounds,omitempty"`
+}
+
+// BaselineRound is one stream on this build's whole model and one on the baseline binary's,
+// back to back, tok/s each.
+type BaselineRound struct {
+	Decode          float64 `json:"decode_tok_s"`
+	Prefill         float64 `json:"prefill_tok_s"`
+	BaselineDecode  float64 `json:"baseline_decode_tok_s"`
+	BaselinePrefill float64 `json:"baseline_prefill_tok_s"`
+}
+
+// baselineRatios are the medians over the rounds of this build's decode and prefill speeds
+// against the baseline's, with the rounds as text; ok is false without rounds.
+func (l *Level) baselineRatios() (decode, prefill float64, detail string, ok bool) {
+	var ds, ps []float64
+	var parts []string
+	for _, r := range l.BaselineRounds {
+		if r.BaselineDecode > 0 && r.BaselinePrefill > 0 {
+			ds = append(ds, r.Decode/r.BaselineDecode)
+			ps = append(ps, r.Prefill/r.BaselinePrefill)
+			parts = append(parts, fmt.Sprintf("%.2f/%.2f, %.1f/%.1f", r.Decode, r.BaselineDecode, r.Prefill, r.BaselinePrefill))
+		}
+	}
+	if len(ds) == 0 {
+		return 0, 0, "", false
+	}
+	slices.Sort(ds)
+	slices.Sort(ps)
+	return ds[len(ds)/2], ps[len(ps)/2], strings.Join(parts, "; "), true
 }
 
 // PairedRound is one stream on the whole model and one on the swarm, back to back.
@@ -392,11 +424,24 @@ func (rep *Report) evaluate() {
 		// The issue's goals for the repacked engine against the plain one (issue 20).
 		if w, b := whole.level(1), base.level(1); w != nil && b != nil && b.DecodeRate > 0 && b.PrefillRate > 0 {
 			d, p := w.DecodeRate/b.DecodeRate, w.PrefillRate/b.PrefillRate
+			dd := fmt.Sprintf("%.2fx (%.2f vs %.2f tok/s)", d, w.DecodeRate, b.DecodeRate)
+			pd := fmt.Sprintf("%.2fx (%.1f vs %.1f tok/s)", p, w.PrefillRate, b.PrefillRate)
+			if rd, rp, rounds, ok := w.baselineRatios(); ok {
+				// Rounds in turn see the same machine; the levels ran a minute or more apart.
+				of := fmt.Sprintf("median of %d rounds in turn (this build/baseline decode, prefill tok/s: %s); the levels above, a minute apart: ", len(w.BaselineRounds), rounds)
+				dd = fmt.Sprintf("%.2fx, %s%s", rd, of, dd)
+				pd = fmt.Sprintf("%.2fx, median of the same rounds; the levels above: %s", rp, pd)
+				d, p = rd, rp
+			}
+			if d < 1.5 {
+				dd += fmt.Sprintf("; missed by %.0f%%", (1-d/1.5)*100) + repackWhy(w, b, true)
+			}
+			if p < 2.5 {
+				pd += fmt.Sprintf("; missed by %.0f%%", (1-p/2.5)*100) + repackWhy(w, b, false)
+			}
 			rep.Targets = append(rep.Targets,
-				Target{Name: "whole model, this build vs the baseline binary: decode, 1 stream", Value: d, Goal: ">= 1.5x", Met: d >= 1.5,
-					Detail: fmt.Sprintf("%.2fx (%.2f vs %.2f tok/s)", d, w.DecodeRate, b.DecodeRate)},
-				Target{Name: "whole model, this build vs the baseline binary: prefill, 1 stream", Value: p, Goal: ">= 2.5x", Met: p >= 2.5,
-					Detail: fmt.Sprintf("%.2fx (%.1f vs %.1f tok/s)", p, w.PrefillRate, b.PrefillRate)})
+				Target{Name: "whole model, this build vs the baseline binary: decode, 1 stream", Value: d, Goal: ">= 1.5x", Met: d >= 1.5, Detail: dd},
+				Target{Name: "whole model, this build vs the baseline binary: prefill, 1 stream", Value: p, Goal: ">= 2.5x", Met: p >= 2.5, Detail: pd})
 		}
 	}
 	if whole != nil && swarm != nil {
@@ -563,4 +608,14 @@ func batchWhy(one, top, whole1, wholeTop *Level, got float64) string {
 		out += fmt.Sprintf("; other processes kept %.2f cores busy", top.OtherCores)
 	}
 	return out
+}
+
+// repackWhy says where this build stands against llama.cpp's speed on the CPU issue 20
+// measured (2-core AMD EPYC, AVX-512 and VNNI: 13.2 decode and 82 prefill tok/s, the same
+// ggml kernels): the ratio's ceiling is what ggml's repacked kernels give over the plain ones.
+func repackWhy(build, base *Level, decode bool) string {
+	if decode {
+		return fmt.Sprintf(": this build decoded at %.2f tok/s, the baseline at %.2f; llama.cpp with the same repacked kernels gave 13.2 against its plain 8.3 (1.59x) on the 2-core EPYC issue 20 measured, so the ratio is bounded by ggml's kernels and moves with how fast the plain build ran", build.DecodeRate, base.DecodeRate)
+	}
+	return fmt.Sprintf(": this build prefilled at %.1f tok/s, the baseline at %.1f; llama.cpp with the same repacked kernels gave 82 tok/s on the 2-core EPYC issue 20 measured, against 24-27 for the plain engine then, so the ratio moves with how fast the plain build runs (README, Performance: the rest of the gap is ggml's GEMM kernel)", build.PrefillRate, base.PrefillRate)
 }
