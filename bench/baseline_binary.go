@@ -80,22 +80,25 @@ func (b *bench) baselineRounds(ctx context.Context, path string, l *Level) error
 	}
 	for i := range b.cfg.Paired {
 		var r BaselineRound
-		for j := range 2 {
-			if (i+j)%2 == 0 {
-				s, err := whole.Complete(ctx, model, b.prompts[0], b.cfg.Tokens)
-				if err != nil {
-					return fmt.Errorf("bench: baseline round %d, this build: %w", i+1, err)
-				}
-				r.Decode, r.Prefill = s.DecodeRate(), s.prefillRate()
-			} else {
-				run, err := b.baselineRun(ctx, path, []int{1})
-				if err != nil {
-					return err
-				}
-				if one := run.level(1); one != nil {
-					r.BaselineDecode, r.BaselinePrefill = one.DecodeRate, one.PrefillRate
-				}
+		err := inTurn(i, func() error {
+			s, err := whole.Complete(ctx, model, b.prompts[0], b.cfg.Tokens)
+			if err != nil {
+				return fmt.Errorf("bench: baseline round %d, this build: %w", i+1, err)
 			}
+			r.Decode, r.Prefill = s.DecodeRate(), s.prefillRate()
+			return nil
+		}, func() error {
+			run, err := b.baselineRun(ctx, path, []int{1})
+			if err != nil {
+				return err
+			}
+			if one := run.level(1); one != nil {
+				r.BaselineDecode, r.BaselinePrefill = one.DecodeRate, one.PrefillRate
+			}
+			return nil
+		})
+		if err != nil {
+			return err
 		}
 		l.BaselineRounds = append(l.BaselineRounds, r)
 		b.progress("baseline round %d: decode %.2f vs %.2f tok/s, prefill %.1f vs %.1f tok/s (this build vs the baseline binary)",

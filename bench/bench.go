@@ -631,6 +631,18 @@ func (b *bench) levelsAt(ctx context.Context, run *RunResult, cl Client, wc *wir
 	return nil
 }
 
+// inTurn runs a and b, a first in even rounds and b first in odd ones, so that neither
+// always runs on the machine the other has just warmed or cooled.
+func inTurn(round int, a, b func() error) error {
+	if round%2 == 1 {
+		a, b = b, a
+	}
+	if err := a(); err != nil {
+		return err
+	}
+	return b()
+}
+
 // pairedRounds measures one stream on the whole model and on the swarm in turn, both
 // loaded, b.cfg.Paired times each, alternating which goes first.
 func (b *bench) pairedRounds(ctx context.Context, l *Level, model string, swarm Client) error {
@@ -641,20 +653,23 @@ func (b *bench) pairedRounds(ctx context.Context, l *Level, model string, swarm 
 	}
 	for i := range b.cfg.Paired {
 		var r PairedRound
-		for j := range 2 {
-			if (i+j)%2 == 0 {
-				s, err := whole.Complete(ctx, wholeModel, b.prompts[0], b.cfg.Tokens)
-				if err != nil {
-					return fmt.Errorf("bench: paired round %d, whole model: %w", i+1, err)
-				}
-				r.Whole = s.DecodeRate()
-			} else {
-				s, err := swarm.Complete(ctx, model, b.prompts[0], b.cfg.Tokens)
-				if err != nil {
-					return fmt.Errorf("bench: paired round %d, swarm: %w", i+1, err)
-				}
-				r.Swarm = s.DecodeRate()
+		err := inTurn(i, func() error {
+			s, err := whole.Complete(ctx, wholeModel, b.prompts[0], b.cfg.Tokens)
+			if err != nil {
+				return fmt.Errorf("bench: paired round %d, whole model: %w", i+1, err)
 			}
+			r.Whole = s.DecodeRate()
+			return nil
+		}, func() error {
+			s, err := swarm.Complete(ctx, model, b.prompts[0], b.cfg.Tokens)
+			if err != nil {
+				return fmt.Errorf("bench: paired round %d, swarm: %w", i+1, err)
+			}
+			r.Swarm = s.DecodeRate()
+			return nil
+		})
+		if err != nil {
+			return err
 		}
 		l.Paired = append(l.Paired, r)
 		b.progress("paired round %d: whole %.2f tok/s, swarm %.2f tok/s (%.2fx)", i+1, r.Whole, r.Swarm, r.Swarm/r.Whole)
