@@ -51,7 +51,8 @@ type Config struct {
 	WholeAll     bool          // the baseline at every concurrency, not only the fewest and most streams
 	WholeOnly    bool          // measure the whole model only, no swarm
 	// Paired is how many more single-stream rounds the whole model and the swarm take in
-	// turn, both loaded, after the swarm's 1-stream level (0: none). A memory bus whose
+	// turn, both loaded, after the swarm's 1-stream level, and, with BaselineBinary, this
+	// build's whole model and the baseline binary's (0: none). A memory bus whose
 	// bandwidth drifts by half over minutes (measured here: 28-66 GB/s) moves two runs a
 	// minute apart more than the swarm's cost; rounds a few seconds apart see the same bus.
 	Paired int

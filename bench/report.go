@@ -146,9 +146,17 @@ func (l *Level) baselineRatios() (decode, prefill float64, detail string, ok boo
 	if len(ds) == 0 {
 		return 0, 0, "", false
 	}
-	slices.Sort(ds)
-	slices.Sort(ps)
-	return ds[len(ds)/2], ps[len(ps)/2], strings.Join(parts, "; "), true
+	return median(ds), median(ps), strings.Join(parts, "; "), true
+}
+
+// median is the middle of v, the mean of the middle two for an even count.
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
 // PairedRound is one stream on the whole model and one on the swarm, back to back.
@@ -171,8 +179,7 @@ func (l *Level) pairedRatio() (ratio float64, detail string, ok bool) {
 	if len(rs) == 0 {
 		return 0, "", false
 	}
-	slices.Sort(rs)
-	return rs[len(rs)/2], strings.Join(parts, ", "), true
+	return median(rs), strings.Join(parts, ", "), true
 }
 
 // ProcessMemory is one process's peak memory against what its slice should need.
@@ -548,12 +555,7 @@ func (l *Level) singleStream() (float64, int) {
 			rs = append(rs, r.Swarm)
 		}
 	}
-	slices.Sort(rs)
-	n := len(rs)
-	if n%2 == 0 {
-		return (rs[n/2-1] + rs[n/2]) / 2, n
-	}
-	return rs[n/2], n
+	return median(rs), len(rs)
 }
 
 // splitWhy says why the split missed its goal (got is the fraction of it reached): where the

@@ -27,16 +27,32 @@ type StageTime struct {
 	DecodeCompute float64 `json:"decode_compute_s"`
 }
 
+// stageSeries are the nodes' /metrics series of a StageTime's counters, in values' order.
+var stageSeries = []string{"strata_stage_batches_total", "strata_stage_steps_total",
+	"strata_stage_compute_seconds_total", "strata_stage_lock_wait_seconds_total", "strata_stage_batch_wait_seconds_total",
+	"strata_stage_decode_batches_total", "strata_stage_decode_steps_total", "strata_stage_decode_compute_seconds_total"}
+
+// values are the counters in stageSeries' order; stageTimeFrom makes a StageTime of them.
+func (a StageTime) values() []float64 {
+	return []float64{a.Batches, a.Steps, a.Compute, a.LockWait, a.BatchWait, a.DecodeBatches, a.DecodeSteps, a.DecodeCompute}
+}
+
+func stageTimeFrom(name string, v []float64) StageTime {
+	return StageTime{Name: name, Batches: v[0], Steps: v[1], Compute: v[2], LockWait: v[3], BatchWait: v[4],
+		DecodeBatches: v[5], DecodeSteps: v[6], DecodeCompute: v[7]}
+}
+
 func stageTimeOf(name string, t shard.Timing) StageTime {
-	return StageTime{Name: name, Batches: float64(t.Batches), Steps: float64(t.Steps), Compute: t.Compute.Seconds(),
-		LockWait: t.LockWait.Seconds(), BatchWait: t.BatchWait.Seconds(),
-		DecodeBatches: float64(t.DecodeBatches), DecodeSteps: float64(t.DecodeSteps), DecodeCompute: t.DecodeCompute.Seconds()}
+	return stageTimeFrom(name, []float64{float64(t.Batches), float64(t.Steps), t.Compute.Seconds(), t.LockWait.Seconds(),
+		t.BatchWait.Seconds(), float64(t.DecodeBatches), float64(t.DecodeSteps), t.DecodeCompute.Seconds()})
 }
 
 func (a StageTime) sub(b StageTime) StageTime {
-	return StageTime{Name: a.Name, Batches: a.Batches - b.Batches, Steps: a.Steps - b.Steps, Compute: a.Compute - b.Compute,
-		LockWait: a.LockWait - b.LockWait, BatchWait: a.BatchWait - b.BatchWait,
-		DecodeBatches: a.DecodeBatches - b.DecodeBatches, DecodeSteps: a.DecodeSteps - b.DecodeSteps, DecodeCompute: a.DecodeCompute - b.DecodeCompute}
+	v, w := a.values(), b.values()
+	for i := range v {
+		v[i] -= w[i]
+	}
+	return stageTimeFrom(a.Name, v)
 }
 
 // stageTimes reads the stages' cumulative timing; the level's is the difference of two reads.
@@ -47,14 +63,11 @@ func scrapeStageTimes(client *http.Client, names, apis []string) stageTimes {
 	return func(ctx context.Context) ([]StageTime, error) {
 		var out []StageTime
 		for i, api := range apis {
-			v, err := ScrapeCounters(ctx, client, api, "strata_stage_batches_total", "strata_stage_steps_total",
-				"strata_stage_compute_seconds_total", "strata_stage_lock_wait_seconds_total", "strata_stage_batch_wait_seconds_total",
-				"strata_stage_decode_batches_total", "strata_stage_decode_steps_total", "strata_stage_decode_compute_seconds_total")
+			v, err := ScrapeCounters(ctx, client, api, stageSeries...)
 			if err != nil {
 				return nil, err
 			}
-			out = append(out, StageTime{Name: names[i], Batches: v[0], Steps: v[1], Compute: v[2], LockWait: v[3], BatchWait: v[4],
-				DecodeBatches: v[5], DecodeSteps: v[6], DecodeCompute: v[7]})
+			out = append(out, stageTimeFrom(names[i], v))
 		}
 		return out, nil
 	}

@@ -111,7 +111,7 @@ of layers needs, so the planner forms exactly one K-stage chain.`,
 	f.BoolVar(&cfg.SkipWhole, "no-whole", false, "skip the whole-model baseline")
 	f.BoolVar(&cfg.WholeAll, "whole-all", false, "measure the whole model at every concurrency, not only the fewest and most streams")
 	f.BoolVar(&cfg.WholeOnly, "whole-only", false, "measure the whole model only, no swarm")
-	f.IntVar(&cfg.Paired, "paired", 3, "after the swarm's 1-stream level, this many more single streams on the whole model and the swarm in turn, both loaded, for the ratio (0: none)")
+	f.IntVar(&cfg.Paired, "paired", 3, "after the swarm's 1-stream level, this many more single streams on the whole model and the swarm in turn, both loaded, for the ratio; with --baseline-binary, as many on this build's whole model and the baseline's (0: none)")
 	f.StringVar(&cfg.BaselineBinary, "baseline-binary", "", "also measure the whole model with this strata build (e.g. bin/strata-plain from `make plain`), for the ratio")
 	f.BoolVar(&cfg.BaselineFirst, "baseline-first", false, "measure the --baseline-binary before this build")
 	f.StringVar(&cfg.DataDir, "data-dir", "", "model cache and the nodes' state (default ~/.strata)")

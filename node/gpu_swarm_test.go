@@ -11,10 +11,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/strata-llm/strata/api"
 	"github.com/strata-llm/strata/internal/testkit"
-	"github.com/strata-llm/strata/pipeline"
-	"github.com/strata-llm/strata/shard"
 )
 
 // TestSwarmNodeOnVulkan: a swarm of two nodes, one free to compute its slice on a Vulkan device
@@ -35,20 +32,8 @@ func TestSwarmNodeOnVulkan(t *testing.T) {
 	const maxTokens = 16
 	bin := testkit.BuildStrata(t)
 	model := swarmModel(t)
-	info, err := shard.ReadModelInfo(model)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tok, err := shard.LoadTokenizer(model)
-	if err != nil {
-		t.Fatal(err)
-	}
 	const user = "tell me a story"
-	prompt, err := api.RenderChat(pipeline.ModelCard{ChatTemplate: info.ChatTemplate, BOS: tok.BOS, EOS: tok.EOS},
-		[]map[string]any{{"role": "user", "content": user}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	prompt := chatPrompt(user)
 	// The CPU's text: the test's strata binary lies outside the repository, so it finds no
 	// GPU library of its own.
 	run := exec.Command(bin, "run", "--model", model, "--prompt", prompt, "--max-tokens", fmt.Sprint(maxTokens),
@@ -61,7 +46,7 @@ func TestSwarmNodeOnVulkan(t *testing.T) {
 	want := jsonText(strings.TrimSuffix(string(out), "\n"))
 
 	s := testkit.NewSwarm(t, testkit.SwarmOptions{Binary: bin, Nodes: 1, Model: model,
-		Args: []string{"--max-memory", twoLayers, "--codec", "f32"},
+		Args: exactArgs,
 		// lavapipe is a CPU-type device, which ggml uses only when named; one lavapipe thread
 		// (its threads compute ggml's tiled matmul wrong now and then: README, GPUs).
 		Env: []string{"OLLAMA_LIBRARY_PATH=" + lib, "GGML_VK_VISIBLE_DEVICES=0", "LP_NUM_THREADS=1"}})

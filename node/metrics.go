@@ -171,12 +171,33 @@ func (m *metrics) WireBytes(in, out int) {
 type stageCollector struct {
 	n                                               *Node
 	sessions, opened, steps, refused, layers, ready *prometheus.Desc
-	batches, compute, lockWait, batchWait           *prometheus.Desc
-	decodeBatches, decodeSteps, decodeCompute       *prometheus.Desc
+	timing                                          []*prometheus.Desc // one per stageTimingSeries entry
+}
+
+// stageTimingSeries are the served stage's compute-loop counters (shard.Timing), which say
+// where a slow pipeline's time goes (strata bench reads them).
+var stageTimingSeries = []struct {
+	name, help string
+	value      func(shard.Timing) float64
+}{
+	{"strata_stage_batches_total", "Graphs the stage served now computed (each a batch of sessions' steps).",
+		func(t shard.Timing) float64 { return float64(t.Batches) }},
+	{"strata_stage_compute_seconds_total", "Time the stage served now spent in the engine's forward pass.",
+		func(t shard.Timing) float64 { return t.Compute.Seconds() }},
+	{"strata_stage_lock_wait_seconds_total", "Time the stage served now waited for the machine's shared CPU lock (--cpu-lock).",
+		func(t shard.Timing) float64 { return t.LockWait.Seconds() }},
+	{"strata_stage_batch_wait_seconds_total", "Time the stage served now held steps back for the rest of their batch.",
+		func(t shard.Timing) float64 { return t.BatchWait.Seconds() }},
+	{"strata_stage_decode_batches_total", "Graphs of single-token steps (decoding, no prompt chunk) the stage served now computed.",
+		func(t shard.Timing) float64 { return float64(t.DecodeBatches) }},
+	{"strata_stage_decode_steps_total", "Single-token steps in those graphs (sessions decoding together share one graph).",
+		func(t shard.Timing) float64 { return float64(t.DecodeSteps) }},
+	{"strata_stage_decode_compute_seconds_total", "Time the stage served now spent in the engine's forward pass on graphs of single-token steps.",
+		func(t shard.Timing) float64 { return t.DecodeCompute.Seconds() }},
 }
 
 func newStageCollector(n *Node) *stageCollector {
-	return &stageCollector{
+	c := &stageCollector{
 		n: n,
 		sessions: prometheus.NewDesc("strata_stage_sessions",
 			"Sessions open now on the stages this node serves.", nil, nil),
@@ -190,25 +211,15 @@ func newStageCollector(n *Node) *stageCollector {
 			"Layers this node serves now.", nil, nil),
 		ready: prometheus.NewDesc("strata_swarm_ready",
 			"1 when this node sees a route through every layer of the model.", nil, nil),
-		batches: prometheus.NewDesc("strata_stage_batches_total",
-			"Graphs the stage served now computed (each a batch of sessions' steps).", nil, nil),
-		compute: prometheus.NewDesc("strata_stage_compute_seconds_total",
-			"Time the stage served now spent in the engine's forward pass.", nil, nil),
-		lockWait: prometheus.NewDesc("strata_stage_lock_wait_seconds_total",
-			"Time the stage served now waited for the machine's shared CPU lock (--cpu-lock).", nil, nil),
-		batchWait: prometheus.NewDesc("strata_stage_batch_wait_seconds_total",
-			"Time the stage served now held steps back for the rest of their batch.", nil, nil),
-		decodeBatches: prometheus.NewDesc("strata_stage_decode_batches_total",
-			"Graphs of single-token steps (decoding, no prompt chunk) the stage served now computed.", nil, nil),
-		decodeSteps: prometheus.NewDesc("strata_stage_decode_steps_total",
-			"Single-token steps in those graphs (sessions decoding together share one graph).", nil, nil),
-		decodeCompute: prometheus.NewDesc("strata_stage_decode_compute_seconds_total",
-			"Time the stage served now spent in the engine's forward pass on graphs of single-token steps.", nil, nil),
 	}
+	for _, ts := range stageTimingSeries {
+		c.timing = append(c.timing, prometheus.NewDesc(ts.name, ts.help, nil, nil))
+	}
+	return c
 }
 
 func (c *stageCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.sessions, c.opened, c.steps, c.refused, c.layers, c.ready, c.batches, c.compute, c.lockWait, c.batchWait, c.decodeBatches, c.decodeSteps, c.decodeCompute} {
+	for _, d := range append([]*prometheus.Desc{c.sessions, c.opened, c.steps, c.refused, c.layers, c.ready}, c.timing...) {
 		ch <- d
 	}
 }
@@ -235,13 +246,9 @@ func (c *stageCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	n.mu.Unlock()
 	ch <- prometheus.MustNewConstMetric(c.layers, prometheus.GaugeValue, float64(layers))
-	ch <- prometheus.MustNewConstMetric(c.batches, prometheus.CounterValue, float64(tm.Batches))
-	ch <- prometheus.MustNewConstMetric(c.compute, prometheus.CounterValue, tm.Compute.Seconds())
-	ch <- prometheus.MustNewConstMetric(c.lockWait, prometheus.CounterValue, tm.LockWait.Seconds())
-	ch <- prometheus.MustNewConstMetric(c.batchWait, prometheus.CounterValue, tm.BatchWait.Seconds())
-	ch <- prometheus.MustNewConstMetric(c.decodeBatches, prometheus.CounterValue, float64(tm.DecodeBatches))
-	ch <- prometheus.MustNewConstMetric(c.decodeSteps, prometheus.CounterValue, float64(tm.DecodeSteps))
-	ch <- prometheus.MustNewConstMetric(c.decodeCompute, prometheus.CounterValue, tm.DecodeCompute.Seconds())
+	for i, ts := range stageTimingSeries {
+		ch <- prometheus.MustNewConstMetric(c.timing[i], prometheus.CounterValue, ts.value(tm))
+	}
 	if n.router != nil && n.members != nil {
 		ready := 0.0
 		if _, err := n.router.route(0, nil); err == nil {
